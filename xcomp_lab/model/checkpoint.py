@@ -1,0 +1,150 @@
+"""Synthetic checkpoints of the replica, laid out exactly as the released model's Hugging Face directory.
+
+A checkpoint directory holds safetensors shards with their index, `config.json` with `auto_map`, the
+configuration and modeling source files, and the tokenizer, so `AutoModel.from_pretrained(dir,
+trust_remote_code=True)` and `AutoTokenizer.from_pretrained(dir)` load it as they load the real model.
+Random weights are drawn tensor by tensor and written shard by shard: building the 35 GB FP32 model never
+holds more than one shard in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..dtypes import check_dtype, dtype_name
+from ..scenes import VOCABULARY
+from . import configuration_internlm_xcomposer2, modeling_internlm_xcomposer2
+from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
+from .modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
+from .scales import check_scale, config_for_scale
+from .tokenizer import build_tokenizer
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_internlm_xcomposer2.InternLMXcomposer2Config",
+    "AutoModel": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM",
+    "AutoModelForCausalLM": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM",
+}
+INDEX_NAME = "model.safetensors.index.json"
+DONE_MARKER = ".xcomp-lab-complete"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def cache_root() -> Path:
+    """Where built checkpoints are kept: $XCOMP_LAB_CACHE, else ~/.cache/xcomp-lab."""
+    return Path(os.environ.get("XCOMP_LAB_CACHE", Path.home() / ".cache" / "xcomp-lab"))
+
+
+def course_tokenizer() -> PreTrainedTokenizerBase:
+    """The tokenizer every synthetic checkpoint ships, covering the caption vocabulary."""
+    return build_tokenizer(extra_words=VOCABULARY)
+
+
+def write_model_files(directory: Path, config: InternLMXcomposer2Config, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Write config.json (with auto_map), the two source files and the tokenizer into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config.auto_map = AUTO_MAP
+    config.architectures = [InternLMXComposer2ForCausalLM.__name__]
+    config.save_pretrained(directory)
+    for module in (configuration_internlm_xcomposer2, modeling_internlm_xcomposer2):
+        shutil.copyfile(module.__file__, directory / Path(module.__file__).name)
+    tokenizer.save_pretrained(directory)
+
+
+def _init_tensor(name: str, shape: torch.Size, config: InternLMXcomposer2Config, seed: int, device: str) -> torch.Tensor:
+    """Draw one tensor as the model's own init would, seeded by (seed, name) so shards are reproducible."""
+    leaf = name.rsplit(".", 1)[-1]
+    parent = name.rsplit(".", 2)[-2] if name.count(".") else ""
+    if leaf == "bias":
+        return torch.zeros(shape, device=device)
+    if leaf == "weight" and ("norm" in parent or "layrnorm" in parent):
+        return torch.ones(shape, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator, device=device) * config.initializer_range
+
+
+def _plan_shards(shapes: dict[str, torch.Size], bytes_per_value: int, shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, shape in shapes.items():
+        size = shape.numel() * bytes_per_value
+        if shards[-1] and used + size > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def checkpoint_dir(scale: str, dtype: str | torch.dtype, seed: int) -> Path:
+    """The cache directory of the random checkpoint for (scale, dtype, seed)."""
+    return cache_root() / "checkpoints" / f"random-{check_scale(scale)}-{dtype_name(check_dtype(dtype))}-seed{seed}"
+
+
+def build_checkpoint(
+    scale: str = "tiny",
+    dtype: str | torch.dtype = "float16",
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Build (or reuse) a random-weight checkpoint of the replica and return its directory.
+
+    `dtype` is the storage dtype (the released weights are FP16). `device` is where the random numbers
+    are drawn: "cuda" is much faster for `full`, and gives other (equally random) values than "cpu".
+    """
+    torch_dtype = check_dtype(dtype)
+    if torch_dtype is None:
+        raise ValueError("A checkpoint needs a concrete storage dtype; 'auto' only makes sense when loading.")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}; pass a non-negative integer.")
+    if shard_bytes < 1024**2:
+        raise ValueError(f"shard_bytes={shard_bytes} is below 1 MiB; shards that small only slow loading down.")
+    directory = Path(out_dir) if out_dir is not None else checkpoint_dir(scale, torch_dtype, seed)
+    if (directory / DONE_MARKER).exists() and not overwrite:
+        return directory
+    if directory.exists():
+        shutil.rmtree(directory)
+
+    config = config_for_scale(scale)
+    config.dtype = dtype_name(torch_dtype)
+    with torch.device("meta"):
+        shapes = {name: tensor.shape for name, tensor in InternLMXComposer2ForCausalLM(config).state_dict().items()}
+    write_model_files(directory, config, course_tokenizer())
+
+    bytes_per_value = torch.empty((), dtype=torch_dtype).element_size()
+    shards = _plan_shards(shapes, bytes_per_value, shard_bytes)
+    total_bytes = sum(shape.numel() for shape in shapes.values()) * bytes_per_value
+    weight_map: dict[str, str] = {}
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"writing {scale} checkpoint", disable=not progress)
+    for index, names in enumerate(shards, start=1):
+        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            tensors[name] = _init_tensor(name, shapes[name], config, seed, device).to(torch_dtype).cpu()
+            weight_map[name] = filename
+        save_file(tensors, directory / filename, metadata={"format": "pt"})
+        bar.update(sum(t.numel() for t in tensors.values()) * bytes_per_value)
+        del tensors
+    bar.close()
+    index_file = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index_file, indent=2))
+    (directory / DONE_MARKER).write_text(json.dumps({"scale": scale, "dtype": dtype_name(torch_dtype), "seed": seed}))
+    return directory
+
+
+def default_checkpoint(scale: str) -> Path:
+    """The checkpoint the course loads when no model_name_or_path is given: released-style FP16 random weights."""
+    return build_checkpoint(scale, "float16", seed=0)

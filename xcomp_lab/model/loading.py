@@ -1,0 +1,105 @@
+"""One loading path for the replica and for real weights: `AutoModel.from_pretrained(..., trust_remote_code=True)`.
+
+`load_model()` checks every argument first, so a typo fails with a message instead of deep inside
+transformers, then loads exactly as the model card says. With `model_name_or_path=None` it loads the
+course's own checkpoint for `scale` (building it on first use).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..dtypes import check_dtype
+from .checkpoint import default_checkpoint
+from .modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
+from .scales import check_scale
+
+QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
+
+
+def check_attn_implementation(attn_implementation: str | None) -> str | None:
+    """None (the checkpoint's default, eager) or one of the supported kinds."""
+    if attn_implementation is not None and attn_implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"Unsupported attn_implementation {attn_implementation!r}; the replica supports "
+            f"{list(SUPPORTED_ATTENTION)} (eager materialises the attention scores, sdpa uses PyTorch's fused kernel)."
+        )
+    return attn_implementation
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.float16) -> BitsAndBytesConfig | None:
+    """A bitsandbytes config for "int8" (LLM.int8()), "nf4" or "fp4" (4-bit, double quantization), or None."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"Unknown quantization {quantization!r}; choose one of {list(QUANTIZATIONS)}.")
+    if quantization == "none":
+        return None
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def resolve_checkpoint(model_name_or_path: str | os.PathLike | None, scale: str = "tiny") -> str:
+    """The directory (or hub id) to load: the course checkpoint for `scale` when none is given."""
+    if model_name_or_path is None:
+        return str(default_checkpoint(check_scale(scale)))
+    path = Path(model_name_or_path)
+    looks_like_hub_id = not path.is_absolute() and len(path.parts) == 2 and not str(model_name_or_path).startswith(".")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{os.fspath(path)!r} exists but has no config.json; point model_name_or_path at a checkpoint "
+                "directory (xcomp_lab.build_checkpoint() makes one)."
+            )
+        return os.fspath(path)
+    if looks_like_hub_id:
+        return os.fspath(model_name_or_path)
+    raise FileNotFoundError(
+        f"No checkpoint at {os.fspath(model_name_or_path)!r}; pass an existing directory, a hub id such as "
+        "'internlm/internlm-xcomposer2-vl-7b', or None to use the course's synthetic checkpoint."
+    )
+
+
+def load_model(
+    model_name_or_path: str | os.PathLike | None = None,
+    *,
+    scale: str = "tiny",
+    dtype: str | torch.dtype = "auto",
+    device_map: str | dict[str, Any] | None = None,
+    quantization_config: BitsAndBytesConfig | None = None,
+    attn_implementation: str | None = None,
+    **kwargs: Any,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer as the model card does, after checking every argument.
+
+    `dtype="auto"` keeps the checkpoint's own dtype (transformers 5's default); pass "float32" to get the
+    FP32 model older transformers gave by default.
+    """
+    torch_dtype = check_dtype(dtype)
+    check_attn_implementation(attn_implementation)
+    if quantization_config is not None and not isinstance(quantization_config, BitsAndBytesConfig):
+        raise TypeError(
+            f"quantization_config must be a transformers.BitsAndBytesConfig, got {type(quantization_config).__name__}; "
+            "xcomp_lab.model.loading.quantization_config('int8' | 'nf4') builds one."
+        )
+    path = resolve_checkpoint(model_name_or_path, scale)
+    options: dict[str, Any] = dict(trust_remote_code=True, dtype=torch_dtype or "auto", **kwargs)
+    if device_map is not None:
+        options["device_map"] = device_map
+    if quantization_config is not None:
+        options["quantization_config"] = quantization_config
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    model = AutoModel.from_pretrained(path, **options)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    return model.eval(), tokenizer
+
