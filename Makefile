@@ -1,0 +1,29 @@
+# Two entry points, each creating (once) and reusing the virtual environment in $(VENV):
+#   make course   runs every notebook in order and renders the summary (SCALE=full DEVICE=cuda for a GPU)
+#   make test     runs the package tests, nbval and the papermill runs
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.xcomp-lab-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup course test lab
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(STAMP)
+
+course: setup
+	$(BIN)/python -m xcomp_lab.course
+
+test: setup
+	$(BIN)/python -m pytest
+
+lab: setup
+	$(BIN)/python -m jupyter lab notebooks
