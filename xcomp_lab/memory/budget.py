@@ -1,0 +1,174 @@
+"""The memory limit in force: a real allocator limit on CUDA, a scaled tensor-accounting limit on CPU.
+
+On a GPU a smaller card is emulated with `torch.cuda.set_per_process_memory_fraction`, so the caching
+allocator itself raises `torch.OutOfMemoryError`. On CPU there is no allocator limit to set: the budget is
+enforced by `measure`'s tensor accounting, which raises `BudgetExceededError` (a `torch.OutOfMemoryError`)
+with a message shaped like CUDA's.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from xcomp_lab.units import GB, fmt_bytes, gb_to_bytes
+
+# InternLM-XComposer2-VL-7B as the original remote code builds it: 8,666,840,064 parameters in FP32.
+FULL_MODEL_PARAMS = 8_666_840_064
+FULL_FP32_WEIGHT_BYTES = FULL_MODEL_PARAMS * 4
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+
+
+def resolve_device(device: str | torch.device) -> str:
+    """Normalise a device to "cpu" or "cuda:N" (a bare "cuda" means the current CUDA device)."""
+    text = str(device)
+    match = _DEVICE_RE.match(text)
+    if match is None or (match.group(1) == "cpu" and match.group(2) not in (None, "0")):
+        raise ValueError(
+            f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N' (N a GPU index, e.g. 'cuda:0')"
+        )
+    if match.group(1) == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU: use 'cpu' here")
+    index = int(match.group(2)) if match.group(2) is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist: "
+            f"use an index from 0 to {torch.cuda.device_count() - 1}"
+        )
+    return f"cuda:{index}"
+
+
+class BudgetExceededError(torch.OutOfMemoryError):
+    """Raised by the CPU tensor accounting when an op's outputs would exceed the budget."""
+
+    def __init__(self, message: str, *, op: str, shape: tuple[int, ...], dtype: str,
+                 requested_bytes: int, in_use_bytes: int, budget_bytes: int) -> None:
+        super().__init__(message)
+        self.op = op
+        self.shape = shape
+        self.dtype = dtype
+        self.requested_bytes = requested_bytes
+        self.in_use_bytes = in_use_bytes
+        self.budget_bytes = budget_bytes
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}: give e.g. {name}=48")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A memory limit on one device, stated as the card it emulates.
+
+    `limit_bytes` is what may be allocated. `reference_fp32_weight_bytes` is set when the limit was scaled
+    from a full-size card to a small model (`scaled_to`), and None for a card's own size (`for_card`).
+    """
+
+    device: str
+    limit_bytes: int
+    card_gb: float
+    reference_fp32_weight_bytes: int | None = None
+    full_fp32_weight_bytes: int | None = None
+
+    @classmethod
+    def for_card(cls, gb: float = 48.0, device: str | torch.device = "cuda") -> Budget:
+        """The whole of a card of `gb` GB (10**9 bytes), e.g. a 48 GB card allows 44.70 GiB.
+
+        On CUDA this becomes a real allocator limit; on CPU it is enforced by tensor accounting, unscaled.
+        """
+        _check_positive("gb", gb)
+        dev = resolve_device(device)
+        limit = gb_to_bytes(gb)
+        if dev != "cpu":
+            total = torch.cuda.get_device_properties(dev).total_memory
+            if limit > total:
+                raise ValueError(
+                    f"a {gb:g} GB card ({fmt_bytes(limit)}) is larger than {dev}'s {fmt_bytes(total)}: "
+                    f"choose gb <= {total / GB:.1f}"
+                )
+        return cls(device=dev, limit_bytes=limit, card_gb=float(gb))
+
+    @classmethod
+    def scaled_to(cls, fp32_weight_bytes: int, gb: float = 48.0,
+                  full_fp32_weight_bytes: int = FULL_FP32_WEIGHT_BYTES,
+                  device: str | torch.device = "cpu") -> Budget:
+        """A `gb` GB card scaled to a small model: same ratio of budget to FP32 weights as for the full model.
+
+        `fp32_weight_bytes` is the small model's parameters+buffers in FP32; `full_fp32_weight_bytes` defaults
+        to the full InternLM-XComposer2-VL-7B (8,666,840,064 parameters x 4 bytes).
+        """
+        _check_positive("gb", gb)
+        for name, value in (("fp32_weight_bytes", fp32_weight_bytes),
+                            ("full_fp32_weight_bytes", full_fp32_weight_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"{name} must be a positive integer number of bytes, got {value!r}: "
+                    f"sum p.numel() * 4 over the model's parameters and buffers"
+                )
+        limit = round(gb_to_bytes(gb) * fp32_weight_bytes / full_fp32_weight_bytes)
+        return cls(device=resolve_device(device), limit_bytes=limit, card_gb=float(gb),
+                   reference_fp32_weight_bytes=fp32_weight_bytes,
+                   full_fp32_weight_bytes=full_fp32_weight_bytes)
+
+    @property
+    def is_allocator_limit(self) -> bool:
+        """True on CUDA (the allocator enforces it), False on CPU (tensor accounting enforces it)."""
+        return self.device != "cpu"
+
+    def fraction(self) -> float:
+        """The share of the CUDA card's total memory that this budget allows."""
+        self._require_cuda("fraction()")
+        return self.limit_bytes / torch.cuda.get_device_properties(self.device).total_memory
+
+    def apply(self) -> None:
+        """Set the CUDA allocator limit; undo with `restore()` (or use `applied()`)."""
+        self._require_cuda("apply()")
+        torch.cuda.set_per_process_memory_fraction(self.fraction(), self.device)
+
+    def restore(self) -> None:
+        """Give the CUDA allocator the whole card back (fraction 1.0)."""
+        self._require_cuda("restore()")
+        torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+
+    @contextmanager
+    def applied(self) -> Iterator[Budget]:
+        """Apply the CUDA allocator limit for the block, and restore the whole card afterwards."""
+        self.apply()
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    def describe(self) -> str:
+        """One sentence saying which kind of budget is in force, with its numbers."""
+        card_bytes = gb_to_bytes(self.card_gb)
+        card = f"a {self.card_gb:g} GB card ({card_bytes:,} bytes = {fmt_bytes(card_bytes)})"
+        if self.reference_fp32_weight_bytes is not None:
+            scale = (f" scaled to this model's {fmt_bytes(self.reference_fp32_weight_bytes)} of FP32 weights "
+                     f"(budget = {self.limit_bytes / self.reference_fp32_weight_bytes:.3f} x FP32 weights, as the "
+                     f"card is to the full model's {fmt_bytes(self.full_fp32_weight_bytes)})")
+        else:
+            scale = ""
+        if self.is_allocator_limit:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            return (f"Real allocator limit on {self.device}: emulating {card}{scale}, "
+                    f"{fmt_bytes(self.limit_bytes)} allowed = fraction {self.limit_bytes / total:.4f} of the "
+                    f"card's {fmt_bytes(total)}; the CUDA caching allocator raises torch.OutOfMemoryError "
+                    f"beyond it.")
+        return (f"Tensor accounting on CPU: emulating {card}{scale}, {fmt_bytes(self.limit_bytes)} allowed; "
+                f"every tensor allocation is counted and torch.OutOfMemoryError is raised beyond it.")
+
+    def _require_cuda(self, what: str) -> None:
+        if not self.is_allocator_limit:
+            raise ValueError(
+                f"{what} sets the CUDA allocator limit, but this budget is for {self.device!r}: a CPU budget is "
+                f"enforced by tensor accounting, so pass it to measure(..., budget=...) or run_guarded(...)"
+            )
