@@ -19,7 +19,7 @@ from typing import Callable, Generic, TypeVar
 import torch
 
 from xcomp_lab.memory.budget import Budget
-from xcomp_lab.memory.measure import MemoryResult, OomEvent, measure
+from xcomp_lab.memory.measure import Measurement, MemoryResult, OomEvent, measure
 from xcomp_lab.units import fmt_bytes
 
 T = TypeVar("T")
@@ -116,8 +116,12 @@ def _describe_failure(event: OomEvent) -> tuple[str | None, str | None, int | No
 
 
 def run_guarded(step: Callable[[], T], device: str | torch.device, *, model: torch.nn.Module | None = None,
-                budget: Budget | None = None, label: str = "") -> GuardedResult[T]:
+                budget: Budget | None = None, label: str = "",
+                on_start: Callable[[Measurement], None] | None = None) -> GuardedResult[T]:
     """Run `step()` under `measure` and `budget`; on `torch.OutOfMemoryError` report it and release its memory.
+
+    `on_start(measurement)` is called inside the measured block before the step, so a caller can keep the
+    measurement to mark phases (`m.mark("prefill")`) or report KV cache bytes from inside the step.
 
     Other exceptions propagate. `after_release_bytes` is measured after the failed step's frames are dropped
     and garbage collected (and, on CUDA, the cache emptied).
@@ -128,6 +132,8 @@ def run_guarded(step: Callable[[], T], device: str | torch.device, *, model: tor
     guard = measure(device, model=model, budget=budget, label=label, raise_oom=False)
     value = None
     with guard:
+        if on_start is not None:
+            on_start(guard)
         value = step()
     # measure dropped the traceback; frames in reference cycles still need a collection to go.
     gc.collect()
