@@ -35,11 +35,10 @@ def grad_mode(mode: str) -> contextlib.AbstractContextManager:
 
 
 def autocast(device: str, enabled: bool) -> contextlib.AbstractContextManager:
-    """`torch.cuda.amp.autocast()` as the quick start uses it (FP16 on CUDA); bfloat16 on CPU, autocast's CPU default."""
+    """`torch.cuda.amp.autocast()` as the quick start uses it: FP16 compute, on CUDA or (same dtype) on CPU."""
     if not enabled:
         return contextlib.nullcontext()
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+    return torch.autocast(torch.device(device).type, dtype=torch.float16)
 
 
 def cache_bytes(cache: Any) -> int:

@@ -9,6 +9,7 @@ holds more than one shard in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -85,8 +86,14 @@ def _plan_shards(shapes: dict[str, torch.Size], bytes_per_value: int, shard_byte
 
 
 def checkpoint_dir(scale: str, dtype: str | torch.dtype, seed: int) -> Path:
-    """The cache directory of the random checkpoint for (scale, dtype, seed)."""
-    return cache_root() / "checkpoints" / f"random-{check_scale(scale)}-{dtype_name(check_dtype(dtype))}-seed{seed}"
+    """The cache directory of the random checkpoint for (scale, dtype, seed), keyed by the scale's config.
+
+    The key changes whenever the configuration or the modeling code changes, so a stale build is never reused.
+    """
+    config = json.dumps(config_for_scale(scale).to_dict(), sort_keys=True, default=str)
+    code = Path(modeling_internlm_xcomposer2.__file__).read_bytes()
+    key = hashlib.sha256(config.encode() + code).hexdigest()[:10]
+    return cache_root() / "checkpoints" / f"random-{check_scale(scale)}-{dtype_name(check_dtype(dtype))}-seed{seed}-{key}"
 
 
 def build_checkpoint(

@@ -154,7 +154,8 @@ class PLoRA(nn.Module):
             return out
         lora = self.Plora_B(self.Plora_A(self.lora_dropout(x)))  # (B, T, out)
         gate = im_mask.unsqueeze(-1).to(lora.dtype) * self.lora_scaling  # (B, T, 1)
-        return out + (lora * gate).to(out.dtype)
+        # In place, like the original's `res[im_mask] += ...`: no third (B, T, out) tensor at the peak.
+        return out.add_(lora.mul_(gate).to(out.dtype))
 
 
 class InternLM2MLP(nn.Module):
