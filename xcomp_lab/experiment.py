@@ -85,6 +85,7 @@ class CaptionRun:
     seconds: float
     memory: MemoryResult
     oom_report: str | None
+    after_release_bytes: int  # memory in use once the call (or its failure) was cleaned up
 
     @property
     def ok(self) -> bool:
@@ -146,4 +147,19 @@ def run_caption(
         seconds=seconds,
         memory=result.memory,
         oom_report=None if result.ok else result.report(),
+        after_release_bytes=result.after_release_bytes,
     )
+
+
+def autocast_copy_bytes(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes of the `dtype` copies autocast makes of every linear and convolution weight (and bias).
+
+    Autocast keeps these copies for as long as the autocast block lasts whenever the weight requires grad,
+    which parameters do even under `no_grad`: this is what the FP32 quick start pays on top of its weights.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for module in model.modules():
+        if type(module) in (torch.nn.Linear, torch.nn.Conv2d):
+            total += sum(p.numel() for p in module.parameters(recurse=False)) * size
+    return total
