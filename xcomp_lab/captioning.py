@@ -1,0 +1,133 @@
+"""Caption many images at once through the same prompt path as `chat()`, and score the captions.
+
+Every caption prompt has the same length (one image, the same query), so a batch needs no padding:
+each image is embedded and spliced in by the model's own `encode_img` / `interleav_wrap_chat`, the rows
+are stacked, and `generate` decodes greedily (do_sample=False, repetition_penalty=1.0) until the
+end-of-turn token `[UNUSED_TOKEN_145]`, as `chat()` does. Inputs follow the model's embedding device and
+dtype, so the same calls serve FP32, FP16, BF16 and bitsandbytes INT8/NF4 models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import scenes
+from .model.modeling_internlm_xcomposer2 import IM_END, IMAGE_PLACEHOLDER, ImageInput
+from .model.tokenizer import CAPTION_QUERY
+from .quality import QualityReport, quality_report
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}; pass a positive int.")
+
+
+def _images(images: Sequence[ImageInput]) -> list[ImageInput]:
+    if isinstance(images, (str, torch.Tensor)) or not isinstance(images, Sequence):
+        raise TypeError(f"images must be a list of images (paths, PIL images or tensors), got {type(images).__name__}; wrap one image in a list.")
+    if len(images) == 0:
+        raise ValueError("images is empty; pass at least one image.")
+    return list(images)
+
+
+def prompt_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    images: Sequence[ImageInput],
+    query: str = CAPTION_QUERY,
+    image_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caption prompt for each image, as `chat()` embeds it: inputs_embeds (N, T, C) and im_mask (N, T)."""
+    image_embeds = model.encode_img(list(images), image_size)  # (N, P, C)
+    rows = [model.interleav_wrap_chat(tokenizer, IMAGE_PLACEHOLDER + query, image_embeds[i : i + 1]) for i in range(len(images))]
+    return torch.cat([embeds for embeds, _ in rows]), torch.cat([mask for _, mask in rows])
+
+
+def _cut_at_end_of_turn(ids: list[int], stops: set[int]) -> list[int]:
+    for position, token in enumerate(ids):
+        if token in stops:
+            return ids[:position]
+    return ids
+
+
+@torch.inference_mode()
+def caption_images(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    images: Sequence[ImageInput],
+    *,
+    query: str = CAPTION_QUERY,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    image_size: int | None = None,
+) -> list[str]:
+    """Greedy captions of `images`, `batch_size` at a time; each is what `chat(do_sample=False)` would answer.
+
+    `image_size` is the side the model sees (default: its vision tower's own size), as in `chat()`.
+    """
+    images = _images(images)
+    _check_positive("max_new_tokens", max_new_tokens)
+    _check_positive("batch_size", batch_size)
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
+    captions: list[str] = []
+    for start in range(0, len(images), batch_size):
+        inputs_embeds, im_mask = prompt_batch(model, tokenizer, images[start : start + batch_size], query, image_size)
+        generated = model.generate(
+            inputs_embeds=inputs_embeds,
+            im_mask=im_mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=1,
+            do_sample=False,
+            repetition_penalty=1.0,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # (n, new tokens): with inputs_embeds only, generate returns just the new tokens
+        for row in generated.tolist():
+            text = tokenizer.decode(_cut_at_end_of_turn(row, set(stops)), skip_special_tokens=True)
+            captions.append(text.strip())
+    return captions
+
+
+@torch.inference_mode()
+def reference_logits(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    images: Sequence[ImageInput],
+    *,
+    query: str = CAPTION_QUERY,
+    batch_size: int = 8,
+    image_size: int | None = None,
+) -> torch.Tensor:
+    """Prefill logits of the caption prompt, (N, T, vocab) in FP32 on the CPU, to compare precisions with `logit_stats`."""
+    images = _images(images)
+    _check_positive("batch_size", batch_size)
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        inputs_embeds, im_mask = prompt_batch(model, tokenizer, images[start : start + batch_size], query, image_size)
+        logits = model(inputs_embeds=inputs_embeds, im_mask=im_mask, use_cache=False).logits  # (n, T, vocab)
+        chunks.append(logits.float().cpu())
+    return torch.cat(chunks)
+
+
+def evaluate_captioner(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    n: int = 200,
+    image_size: int | None = None,
+    *,
+    batch_size: int = 8,
+) -> QualityReport:
+    """Exact match and word accuracy of greedy captions on the first `n` held-out scenes.
+
+    The scenes are drawn at `image_size` and the model sees them at that size; the default is the
+    vision tower's own size (112 px at tiny scale, 490 at full).
+    """
+    _check_positive("n", n)
+    size = image_size or model.config.image_size
+    data = scenes.held_out_dataset(n, image_size=size)
+    images = [image for image, _ in data]
+    predictions = caption_images(model, tokenizer, images, batch_size=batch_size, image_size=size)
+    return quality_report(predictions, [text for _, text in data])
