@@ -1,0 +1,79 @@
+"""The course run end to end with papermill, twice with different parameters, asserting on the recorded results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import papermill
+import pytest
+
+from xcomp_lab.course import notebooks, run_course
+from xcomp_lab.results import latest_by_step, read_results
+
+FIXES = ("fp32-no-autocast", "fp32-inference-mode", "fp16-half", "fp16", "bf16", "int8", "nf4")
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
+    out = run_course(tmp_path_factory.mktemp("course-default"), scale="tiny", device="cpu", progress=False)
+    return out, latest_by_step(read_results(out / "results.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def big_card_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    out = run_course(
+        tmp_path_factory.mktemp("course-80gb"),
+        scale="tiny",
+        device="cpu",
+        budget_gb=80,
+        max_new_tokens=4,
+        attn_implementation="sdpa",
+        progress=False,
+    )
+    return latest_by_step(read_results(out / "results.jsonl"))
+
+
+def test_course_writes_every_executed_notebook_and_a_summary(default_run):
+    out, _ = default_run
+    for notebook in notebooks():
+        assert (out / notebook.name).is_file(), notebook.name
+    assert (out / "summary.html").stat().st_size > 10_000
+    assert (out / "timings.json").is_file()
+
+
+def test_fp32_quickstart_runs_out_of_memory_and_every_fix_fits(default_run):
+    _, steps = default_run
+    assert steps["fp32-quickstart"]["oom"] is True
+    for name in FIXES:
+        assert steps[name]["oom"] is False, name
+        assert steps[name]["peak_bytes"] <= steps[name]["budget_bytes"], name
+
+
+def test_weight_footprints_order_as_the_dtypes_predict(default_run):
+    _, steps = default_run
+    weights = {name: steps[name]["weights_bytes"] for name in ("fp32-no-autocast", "fp16", "bf16", "int8", "nf4")}
+    assert weights["fp16"] == weights["bf16"]
+    assert weights["fp16"] / weights["fp32-no-autocast"] == pytest.approx(0.5, rel=0.05)
+    assert weights["fp32-no-autocast"] > weights["fp16"] > weights["int8"] > weights["nf4"]
+
+
+def test_a_80gb_card_fits_the_fp32_quick_start(big_card_run):
+    assert big_card_run["fp32-quickstart"]["oom"] is False
+    assert big_card_run["fp32-quickstart"]["params"]["attn_implementation"] == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "parameters, words",
+    [
+        (dict(scale="huge"), "Unknown scale 'huge'"),
+        (dict(device="tpu"), "device='tpu'"),
+        (dict(batch_size=0), "batch_size=0"),
+        (dict(image_size=100), "multiple of the 14 px patch size"),
+    ],
+)
+def test_bad_parameters_fail_in_the_first_cell_with_a_clear_message(tmp_path: Path, parameters, words):
+    first = notebooks()[0]
+    with pytest.raises(papermill.PapermillExecutionError, match=words):
+        papermill.execute_notebook(
+            str(first), str(tmp_path / first.name), parameters=parameters, cwd=str(first.parent), progress_bar=False
+        )
