@@ -463,15 +463,18 @@ def _parameter_count(p: torch.Tensor) -> int:
     return math.prod(shape) if shape is not None else p.numel()
 
 
-def _stored_bytes(p: torch.Tensor) -> int:
+def _stored_bytes(p: torch.Tensor, owner: torch.nn.Module | None = None) -> int:
     """Bytes of the tensor's own storage plus bitsandbytes' scaling statistics when the parameter carries them.
 
     Counted: the 4-bit `quant_state.absmax` (and, with double quantization, `quant_state.state2.absmax`) and the
-    8-bit per-row scales `SCB`. Not counted: the 16- or 256-entry code tables (under 1 KiB per layer).
+    8-bit per-row scales `SCB`, on the weight or, once `Linear8bitLt` has moved them there (as a transformers
+    load does), on its owner's `state`. Not counted: the 16- or 256-entry code tables (under 1 KiB per layer).
     """
     quant_state = getattr(p, "quant_state", None)
-    stats = [getattr(quant_state, "absmax", None), getattr(getattr(quant_state, "state2", None), "absmax", None),
-             getattr(p, "SCB", None)]
+    scb = getattr(p, "SCB", None)
+    if scb is None and p is getattr(owner, "weight", None):
+        scb = getattr(getattr(owner, "state", None), "SCB", None)
+    stats = [getattr(quant_state, "absmax", None), getattr(getattr(quant_state, "state2", None), "absmax", None), scb]
     stats_bytes = sum(t.numel() * t.element_size() for t in stats if isinstance(t, torch.Tensor))
     return p.numel() * p.element_size() + stats_bytes
 
@@ -487,13 +490,14 @@ def weight_breakdown(model: torch.nn.Module) -> list[BreakdownRow]:
         raise TypeError(f"weight_breakdown needs the model (a torch.nn.Module), got {type(model).__name__}")
     counts = {part: [0, 0] for part in PARTS}
     unknown = []
+    modules = dict(model.named_modules())
     for name, p in model.named_parameters():
         part = _part_of(name)
         if part is None:
             unknown.append(name)
             continue
         counts[part][0] += _parameter_count(p)
-        counts[part][1] += _stored_bytes(p)
+        counts[part][1] += _stored_bytes(p, modules.get(name.rpartition(".")[0]))
     for name, b in model.named_buffers():
         part = ROTARY if ".rotary_emb." in name else _part_of(name)
         if part is None:

@@ -109,8 +109,13 @@ def run_caption(
     image_size: int | None = None,
     query: str = CAPTION_QUERY,
     label: str = "",
+    sample_every: int = 256,
 ) -> CaptionRun:
-    """Caption `images` (one prompt each, greedy) as one measured call; OOM is caught and reported."""
+    """Caption `images` (one prompt each, greedy) as one measured call; OOM is caught and reported.
+
+    `sample_every`: on CPU, one timeline sample every that many allocations (1 catches every spike; on CUDA
+    the timeline holds the phase markers only, the peak comes from the allocator).
+    """
     if not images:
         raise ValueError("images is empty; pass at least one image to caption.")
     shapes: dict[str, int] = {}
@@ -138,7 +143,8 @@ def run_caption(
             return [t.split(IM_END)[0].strip() for t in texts]
 
     start = perf_counter()
-    result: GuardedResult = run_guarded(step, device, model=model, budget=budget, label=label, on_start=meters.append)
+    result: GuardedResult = run_guarded(step, device, model=model, budget=budget, label=label, on_start=meters.append,
+                                        sample_every=sample_every)
     seconds = perf_counter() - start
     return CaptionRun(
         captions=result.value,

@@ -76,6 +76,14 @@ print(f"a {params.budget_gb:g} GB card allows {params.budget_gb * GB / GIB:.2f} 
 # CPU in seconds and trained to caption simple scenes; with `model_name_or_path` it loads real weights the
 # same way. Its own breakdown, loaded in FP32:
 
+# %% [markdown]
+# **Safety: what loading a model runs.** `trust_remote_code=True` executes the Python files shipped inside the
+# checkpoint (`modeling_internlm_xcomposer2.py` here, the original's own code for real weights): read them
+# first, and pin the exact version you read with `revision="<commit hash>"` when loading from a hub. Load weights
+# from `safetensors` files, which hold only tensors; a pickled `.bin` checkpoint can run arbitrary code when
+# unpickled, so if you must read one, use `torch.load(path, weights_only=True)`. The course's checkpoints are
+# safetensors only.
+
 # %%
 from xcomp_lab.model.loading import load_model
 

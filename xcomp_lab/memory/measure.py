@@ -209,7 +209,7 @@ class _CpuAccounting(TorchDispatchMode):
                 continue
             storage = tensor.untyped_storage()
             key = storage._cdata
-            nbytes = storage.nbytes()
+            nbytes = self.storage_bytes(storage)
             if key in self._live or key in refs or nbytes == 0:
                 continue
             refs[key] = weakref.ref(storage, partial(self._freed, key, nbytes))
@@ -224,6 +224,15 @@ class _CpuAccounting(TorchDispatchMode):
             raise self._over_budget(func, shape, dtype, total)
         self._live.update(refs)
         self._count(total)
+
+    @staticmethod
+    def storage_bytes(storage: torch.UntypedStorage) -> int:
+        """What a new storage costs on the general path (a hook for `xcomp_lab.estimate`).
+
+        The estimator's fake tensors always take this path, and it rounds sizes as the CUDA caching allocator
+        does; plain tensors take the fast path in `__torch_dispatch__`, which reads `nbytes()` itself.
+        """
+        return storage.nbytes()
 
     def _count(self, nbytes: int) -> None:
         self.current += nbytes

@@ -117,11 +117,12 @@ def _describe_failure(event: OomEvent) -> tuple[str | None, str | None, int | No
 
 def run_guarded(step: Callable[[], T], device: str | torch.device, *, model: torch.nn.Module | None = None,
                 budget: Budget | None = None, label: str = "",
-                on_start: Callable[[Measurement], None] | None = None) -> GuardedResult[T]:
+                on_start: Callable[[Measurement], None] | None = None, sample_every: int = 256) -> GuardedResult[T]:
     """Run `step()` under `measure` and `budget`; on `torch.OutOfMemoryError` report it and release its memory.
 
     `on_start(measurement)` is called inside the measured block before the step, so a caller can keep the
     measurement to mark phases (`m.mark("prefill")`) or report KV cache bytes from inside the step.
+    `sample_every`: on CPU, one timeline sample every that many allocations (1: every allocation).
 
     Other exceptions propagate. `after_release_bytes` is measured after the failed step's frames are dropped
     and garbage collected (and, on CUDA, the cache emptied).
@@ -129,7 +130,7 @@ def run_guarded(step: Callable[[], T], device: str | torch.device, *, model: tor
     if not callable(step):
         raise ValueError(f"step must be a callable taking no arguments, got {type(step).__name__}: "
                          f"wrap the call, e.g. run_guarded(lambda: model(**inputs), 'cpu')")
-    guard = measure(device, model=model, budget=budget, label=label, raise_oom=False)
+    guard = measure(device, model=model, budget=budget, label=label, raise_oom=False, sample_every=sample_every)
     value = None
     with guard:
         if on_start is not None:
