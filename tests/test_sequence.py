@@ -1,0 +1,88 @@
+"""The sequence-memory formulas against real tensors of the tiny replica, the kernel lister and the chart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from xcomp_lab.experiment import cache_bytes
+from xcomp_lab.model.scales import config_for_scale
+from xcomp_lab.sequence import (
+    eager_scores_bytes,
+    image_tokens,
+    kv_cache_formula,
+    leaf_ops,
+    peak_vs_tokens_chart,
+    prefill_logits_bytes,
+)
+
+
+def test_image_tokens_tiny_and_full():
+    tiny, full = config_for_scale("tiny"), config_for_scale("full")
+    assert [image_tokens(tiny, s) for s in (112, 224, 336)] == [64, 256, 576]
+    assert image_tokens(tiny) == 64  # the tower's own 112 px
+    assert image_tokens(full) == 1225  # 490 px, 35 x 35 patches
+    with pytest.raises(ValueError, match="multiple of the 14 px patch"):
+        image_tokens(full, 500)
+
+
+def test_eager_scores_bytes_is_batch_heads_t_t():
+    full = config_for_scale("full")
+    assert eager_scores_bytes(full, 1, 1387, "float16") == 32 * 1387 * 1387 * 2
+    assert eager_scores_bytes(full, 2, 1387, torch.float32) == 2 * 32 * 1387 * 1387 * 4
+    q = torch.zeros(2, full.num_attention_heads, 5, 8)
+    scores = torch.matmul(q, q.transpose(2, 3))  # what eager attention materialises: (B, H, T, T)
+    assert eager_scores_bytes(full, 2, 5, "float32") == scores.numel() * scores.element_size()
+    with pytest.raises(ValueError, match="tokens"):
+        eager_scores_bytes(full, 1, 0)
+
+
+def test_kv_cache_formula_matches_the_cache_the_model_builds(tiny_model):
+    model, _ = tiny_model
+    cfg = model.config
+    batch, tokens = 2, 7
+    embeds = torch.randn(batch, tokens, cfg.hidden_size)
+    with torch.inference_mode():
+        out = model(inputs_embeds=embeds, use_cache=True)
+    assert cache_bytes(out.cache) == kv_cache_formula(cfg, batch, tokens, model.dtype)
+    assert kv_cache_formula(config_for_scale("full"), 1, 1000, "float16") == 2 * 32 * 8 * 128 * 1000 * 2
+
+
+def test_prefill_logits_bytes_matches_the_logits(tiny_model):
+    model, _ = tiny_model
+    cfg = model.config
+    with torch.inference_mode():
+        logits = model(inputs_embeds=torch.randn(1, 9, cfg.hidden_size), use_cache=False).logits
+    assert logits.dtype == torch.float32
+    assert prefill_logits_bytes(cfg, 1, 9) == logits.numel() * logits.element_size()
+
+
+def test_leaf_ops_shows_the_attention_kernels():
+    q = torch.randn(1, 2, 16, 8)
+    fused = leaf_ops(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), contains=("attention", "bmm"))
+    assert fused and all("scaled_dot_product" in name for name in fused)  # a fused kernel, no bmm
+
+    def eager():
+        scores = torch.matmul(q, q.transpose(2, 3))
+        return torch.matmul(F.softmax(scores, dim=-1), q)
+
+    ops = leaf_ops(eager, contains=("attention", "softmax", "bmm"))
+    assert ops.get("aten::bmm") == 2 and "aten::_softmax" in ops
+    with pytest.raises(ValueError, match="callable"):
+        leaf_ops(42)
+
+
+def test_peak_vs_tokens_chart():
+    fig = peak_vs_tokens_chart({"eager": [(196, 12 * 2**20), (708, 34 * 2**20)], "sdpa": [(196, 11 * 2**20)]},
+                               budget_bytes=25 * 2**20, weights_bytes=10 * 2**20)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert "MiB" in ax.get_ylabel()  # small figures read in MiB
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels[:2] == ["eager", "sdpa"] and any(label.startswith("budget") for label in labels)
+    big = peak_vs_tokens_chart({"eager": [(1387, 17 * 2**30)]})
+    assert "GiB" in big.axes[0].get_ylabel()
+    with pytest.raises(ValueError, match="at least one"):
+        peak_vs_tokens_chart({"eager": []})
