@@ -7,6 +7,7 @@ to the results file and prints the one line a learner reads.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import warnings
@@ -33,6 +34,10 @@ def start(**parameters: Any) -> CourseParams:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     params.results_path.parent.mkdir(parents=True, exist_ok=True)
+    # Everything imported so far lives for the whole notebook: keep it out of the collections that every
+    # measurement runs to release memory (they would otherwise rescan it each time).
+    gc.collect()
+    gc.freeze()
     device = torch.cuda.get_device_name(0) if params.device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     print(f"torch {torch.__version__} | transformers {transformers.__version__} | python {platform.python_version()}")
     print(f"device: {device}")
