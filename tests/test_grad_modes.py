@@ -1,0 +1,81 @@
+"""What .eval(), no_grad and inference_mode change (xcomp_lab.grad_modes), tiny model, exact CPU accounting."""
+
+import pytest
+import torch
+
+from xcomp_lab.captioning import prompt_batch, reference_logits
+from xcomp_lab.grad_modes import dropout_modules, grad_enabled_by_part, run_prefill, run_prompt
+from xcomp_lab.memory import Budget
+
+FP32 = 4
+
+
+def test_dropout_is_plora_only(tiny_model):
+    model, _ = tiny_model
+    layers = model.config.num_hidden_layers
+    assert dropout_modules(model) == {model.config.plora_dropout: 5 * layers}
+
+
+def test_train_mode_changes_logits_and_eval_mode_does_not(tiny_model, scene_image):
+    model, tokenizer = tiny_model
+    try:
+        model.train()
+        a, b = (reference_logits(model, tokenizer, [scene_image]) for _ in range(2))
+        assert not torch.equal(a, b)  # inference_mode does not turn dropout off
+    finally:
+        model.eval()
+    c, d = (reference_logits(model, tokenizer, [scene_image]) for _ in range(2))
+    assert torch.equal(c, d)
+
+
+def test_prefill_keeps_activations_only_with_gradients(tiny_model, scene_image):
+    model, tokenizer = tiny_model
+    runs = {mode: run_prefill(model, tokenizer, [scene_image], device="cpu", grad=mode)
+            for mode in ("enabled", "no_grad", "inference_mode")}
+    logits_bytes = runs["no_grad"].tokens * model.config.vocab_size * FP32
+    for mode in ("no_grad", "inference_mode"):
+        assert runs[mode].ok and runs[mode].output_requires_grad is False
+        assert runs[mode].held_bytes == logits_bytes  # only the logits outlive the pass
+    enabled = runs["enabled"]
+    assert enabled.output_requires_grad is True
+    assert enabled.held_bytes > 5 * logits_bytes
+    # The graph is complete only at the end of the pass: nearly all of the peak is still held then.
+    rise = enabled.memory.peak_bytes - enabled.memory.start_bytes
+    assert 0.99 * rise <= enabled.held_bytes <= rise
+    assert runs["inference_mode"].memory.peak_bytes == runs["no_grad"].memory.peak_bytes
+
+
+def test_prefill_with_gradients_runs_out_of_a_tight_budget_and_releases(tiny_model, scene_image):
+    model, tokenizer = tiny_model
+    fits = run_prefill(model, tokenizer, [scene_image], device="cpu", grad="no_grad")
+    budget = Budget(device="cpu", limit_bytes=fits.memory.peak_bytes + 1024, card_gb=48.0)
+    assert run_prefill(model, tokenizer, [scene_image], device="cpu", grad="no_grad", budget=budget).ok
+    failed = run_prefill(model, tokenizer, [scene_image], device="cpu", grad="enabled", budget=budget, label="x")
+    assert not failed.ok and "OOM in step 'x'" in failed.oom_report
+    assert failed.output_requires_grad is None
+    assert failed.after_release_bytes == failed.memory.start_bytes
+
+
+def test_prompt_graph_is_what_gradients_add(tiny_model, scene_image):
+    model, tokenizer = tiny_model
+    no_grad = run_prompt(model, tokenizer, [scene_image], device="cpu", grad="no_grad")
+    enabled = run_prompt(model, tokenizer, [scene_image], device="cpu", grad="enabled")
+    assert no_grad.held_bytes == no_grad.tokens * model.config.hidden_size * FP32  # the embeddings alone
+    assert enabled.output_requires_grad and enabled.held_bytes > no_grad.held_bytes
+
+
+def test_generate_runs_the_decoder_without_gradients(tiny_model, scene_image):
+    model, tokenizer = tiny_model
+    assert torch.is_grad_enabled()
+    with grad_enabled_by_part(model) as seen:
+        embeds, im_mask = prompt_batch(model, tokenizer, [scene_image])
+        model.generate(inputs_embeds=embeds, im_mask=im_mask, max_new_tokens=2, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)
+    assert seen == {"vision tower": {True}, "projector": {True}, "decoder": {False}, "output head": {False}}
+
+
+@pytest.mark.parametrize("grad", ["off", "eval"])
+def test_unknown_grad_mode_is_refused(tiny_model, scene_image, grad):
+    model, tokenizer = tiny_model
+    with pytest.raises(ValueError, match="grad mode"):
+        run_prefill(model, tokenizer, [scene_image], device="cpu", grad=grad)
