@@ -227,7 +227,8 @@ no_grad_peak = captions["fp32-no-autocast"][0].memory.peak_bytes
 for step in caption_steps:
     run = captions[step.name][0]
     print(f"{step.name:36s} peak {fmt_bytes(run.memory.peak_bytes):>10s} | vs no_grad "
-          f"{fmt_bytes(run.memory.peak_bytes - no_grad_peak):>9s} | caption {run.captions[0]!r:.40}")
+          f"{fmt_bytes(run.memory.peak_bytes - no_grad_peak):>9s} | "
+          + (f"caption {run.captions[0]!r:.40}" if run.ok else "OOM under the budget"))
 graph_bytes = prompt["enabled"].held_bytes - prompt["no_grad"].held_bytes
 print(f"vision + projector + splice: output held {fmt_bytes(prompt['no_grad'].held_bytes)} under no_grad, "
       f"{fmt_bytes(prompt['enabled'].held_bytes)} with gradients enabled: a graph of {fmt_bytes(graph_bytes)}")
@@ -253,7 +254,7 @@ steps_chart(prefill_records + caption_records, budget_bytes=budget.limit_bytes,
 # %%
 enabled, no_grad = prefill["enabled"], prefill["no_grad"]
 grad_extra = grad_caption.memory.peak_bytes - no_grad_peak
-same_captions = len({tuple(run.captions) for run, _ in captions.values()}) == 1
+same_captions = len({tuple(run.captions or ()) for run, _ in captions.values()}) == 1
 print(f"- from_pretrained returned model.training = {training_at_load}: the quick start's .eval() changes nothing.")
 print(f"- In training mode dropout (p = 0.05 in {sum(dropout_modules(model).values())} PLoRA layers) moved the logits "
       f"by up to {train_diff:.3g} between two identical calls and changed {changed} of {len(eval_captions)} captions; "
@@ -263,7 +264,8 @@ print(f"- A scoring pass with gradients enabled {'fits' if enabled.ok else 'runs
       f"and needs {'' if needed.ok else 'more than '}{fmt_bytes(needed.memory.peak_bytes)} against "
       f"{fmt_bytes(no_grad.memory.peak_bytes)} under no_grad (inference_mode "
       f"{fmt_bytes(prefill['inference_mode'].memory.peak_bytes)}).")
-print(f"- A captioning call with gradients enabled peaks {fmt_bytes(grad_extra)} above no_grad "
+outcome = "peaks" if grad_caption.ok else "runs out of memory under the budget, having reached"
+print(f"- A captioning call with gradients enabled {outcome} {fmt_bytes(grad_extra)} above no_grad "
       f"({grad_extra / no_grad_peak:.1%}), about the {fmt_bytes(graph_bytes)} graph of the vision tower and "
       f"projector: generate() disables gradients itself. Same captions in every mode: {same_captions}.")
 
