@@ -27,6 +27,7 @@ from time import perf_counter
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from xcomp_lab.memory.budget import Budget, BudgetExceededError, resolve_device
@@ -114,6 +115,8 @@ Plan = str | tuple[bool, ...] | _Decompose
 
 def _plan_for(func: torch._ops.OpOverload) -> Plan:
     """Which of an op's returns may be new storage, from its schema's alias annotations."""
+    if func.namespace == "prim":  # fake tensors answer `.device` through prim ops, unknown to the dispatcher
+        return _NOTHING
     # Composite ops reach this mode whole when autograd is off (inference_mode). Their schema cannot say
     # whether they copy (`to`, `reshape`, `contiguous` may or may not) nor show their temporaries (`matmul`).
     if _COMPOSITE in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
@@ -133,6 +136,10 @@ class _CpuAccounting(TorchDispatchMode):
     Keyed by the C++ StorageImpl address (`_cdata`), so views and in-place results, which share a storage,
     are never counted twice. The per-op path is kept short because it runs for every aten op.
     """
+
+    # Fake tensors (FakeTensorMode) hold no memory, so a measured block that makes some ignores them; the
+    # estimator's subclass counts them, as the memory they stand for.
+    counts_fake = False
 
     def __init__(self, start_bytes: int, budget: Budget | None, sample_every: int, max_samples: int) -> None:
         super().__init__()
@@ -206,6 +213,8 @@ class _CpuAccounting(TorchDispatchMode):
         largest = None
         for tensor in items:
             if not isinstance(tensor, torch.Tensor) or not tensor.is_cpu:
+                continue
+            if isinstance(tensor, FakeTensor) and not self.counts_fake:
                 continue
             storage = tensor.untyped_storage()
             key = storage._cdata
