@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded_as = load_key
             print(f"loaded {load_key} in {time.perf_counter() - t:.0f} s", flush=True)
         if budget is None:
-            fp32 = sum(p.numel() for p in model.parameters()) * 4
-            budget = course_budget(params, fp32)
+            budget = course_budget(params, model.config)
             print(budget.describe(), flush=True)
         model.config._attn_implementation = step.attn_implementation or params.attn_implementation
         run, rec = run_step(step, model, tokenizer, images, params, budget)

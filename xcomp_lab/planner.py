@@ -57,9 +57,9 @@ def card_budget_bytes(card_gb: float, scale: str) -> int:
     """A card's bytes at full scale; at tiny scale the same ratio to the FP32 weights, as the course's CPU budget."""
     if check_scale(scale) == "full":
         return gb_to_bytes(card_gb)
-    from .estimate import weights_only
+    from .estimate import parameter_count
 
-    tiny_fp32 = weights_only("tiny", "float32", "none")
+    tiny_fp32 = parameter_count("tiny") * 4
     return Budget.scaled_to(tiny_fp32, gb=card_gb, full_fp32_weight_bytes=FULL_FP32_WEIGHT_BYTES).limit_bytes
 
 

@@ -67,11 +67,24 @@ def get_step(name: str) -> Step:
     return STEPS[name]
 
 
-def course_budget(params: CourseParams, fp32_weight_bytes: int) -> Budget:
-    """The budget in force: the real card on CUDA, or the same ratio to the FP32 weights on CPU."""
+def fp32_parameter_bytes(config: Any) -> int:
+    """FP32 bytes of the parameters of the replica with `config`, counted on the meta device (buffers excluded)."""
+    from .model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in InternLMXComposer2ForCausalLM(config).parameters()) * 4
+
+
+def course_budget(params: CourseParams, model_config: Any) -> Budget:
+    """The budget in force: the real card on CUDA, or on CPU the card scaled to this model's FP32 parameters.
+
+    `model_config` is the model's config (so the budget is the same whatever dtype or quantization the model
+    was loaded in), or FP32 parameter bytes directly.
+    """
     if params.device == "cuda":
         return Budget.for_card(params.budget_gb, device="cuda")
-    return Budget.scaled_to(fp32_weight_bytes, gb=params.budget_gb, full_fp32_weight_bytes=FULL_FP32_WEIGHT_BYTES)
+    fp32 = model_config if isinstance(model_config, int) else fp32_parameter_bytes(model_config)
+    return Budget.scaled_to(fp32, gb=params.budget_gb, full_fp32_weight_bytes=FULL_FP32_WEIGHT_BYTES)
 
 
 def load_for_step(step: Step, params: CourseParams) -> tuple[Any, Any]:

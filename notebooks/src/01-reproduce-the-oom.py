@@ -51,7 +51,7 @@ print(f"parameters in {model.dtype}: {fmt_bytes(fp32_weights)}")
 # counted, with the budget scaled to this model as 48 GB is to the full FP32 model.
 
 # %%
-budget = course_budget(params, fp32_weights)
+budget = course_budget(params, model.config)
 print(budget.describe())
 
 # %% [markdown]

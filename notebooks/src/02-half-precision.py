@@ -50,7 +50,7 @@ fp32_step = STEPS["fp32-no-autocast"]
                                              label="dtype=torch.float32 at load")
 n_params = sum(p.numel() for p in model.parameters())
 fp32_params = sum(p.numel() * p.element_size() for p in model.parameters())
-budget = course_budget(params, fp32_params)
+budget = course_budget(params, model.config)
 print(fp32_load)
 print(f"{n_params:,} parameters x 4 bytes = {fmt_bytes(n_params * 4)} | parameters measured {fmt_bytes(fp32_params)} "
       f"| buffers (rotary tables) {fmt_bytes(fp32_load.after_bytes - fp32_params)}")

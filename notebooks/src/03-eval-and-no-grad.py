@@ -46,7 +46,7 @@ training_at_load = model.training
 modules_training = sum(m.training for m in model.modules())
 print(f"model.training after from_pretrained: {training_at_load} | modules in training mode: "
       f"{modules_training} of {sum(1 for _ in model.modules())}")
-budget = course_budget(params, sum(p.numel() * p.element_size() for p in model.parameters()))
+budget = course_budget(params, model.config)
 print(budget.describe())
 
 # %% [markdown]

@@ -49,7 +49,7 @@ print(step.describe())
 model, tokenizer = load_for_step(step, params)
 cfg = model.config
 first_kind = cfg._attn_implementation
-budget = course_budget(params, sum(p.numel() * 4 for p in model.parameters()))
+budget = course_budget(params, model.config)
 images = batch_of_images(params)
 first_run, first_record = run_step(step, model, tokenizer, images, params, budget)
 record(params, first_record)

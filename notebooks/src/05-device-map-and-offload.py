@@ -117,7 +117,7 @@ step = STEPS["fp16"]
 print(step.describe())
 model, tokenizer = load_for_step(step, params)
 cfg = model.config
-budget = course_budget(params, sum(p.numel() * 4 for p in model.parameters()))
+budget = course_budget(params, model.config)
 images = batch_of_images(params)
 reference, reference_record = run_step(step, model, tokenizer, images, params, budget)
 record(params, reference_record)

@@ -48,7 +48,7 @@ from xcomp_lab.units import fmt_bytes
 
 (model, tokenizer), fp32_load = measure_load(lambda: load_for_step(STEPS["fp32-no-autocast"], params), params.device,
                                              label="dtype=torch.float32 at load")
-budget = course_budget(params, sum(p.numel() * p.element_size() for p in model.parameters()))
+budget = course_budget(params, model.config)
 n_eval, n_logits = 4, 2  # held-out scenes captioned by every model (few: 16-bit products are slow on a CPU); prompts whose logits are compared
 reference = fp32_reference(model, tokenizer, n=n_eval, n_logits=n_logits, max_new_tokens=params.max_new_tokens,
                            image_size=params.image_size)

@@ -42,7 +42,7 @@ step = STEPS["fp16"]
 print(step.describe())
 (model, tokenizer), load = measure_load(lambda: load_for_step(step, params), params.device, label="load")
 weights = load.after_bytes
-budget = course_budget(params, sum(p.numel() * 4 for p in model.parameters()))
+budget = course_budget(params, model.config)
 print(load)
 print(budget.describe())
 
