@@ -22,8 +22,9 @@ setup: $(STAMP)
 course: setup
 	$(BIN)/python -m xcomp_lab.course
 
+# Two workers, one thread each: notebooks and the two course runs are spread over the cores.
 test: setup
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 lab: setup
 	$(BIN)/python -m jupyter lab notebooks

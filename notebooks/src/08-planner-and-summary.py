@@ -31,7 +31,7 @@ print(params)
 # The last record of each course step (notebooks 01 to 06 wrote them), with the estimator's prediction for the
 # same step made now, without loading anything.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 from xcomp_lab.estimate import estimate_step
 from xcomp_lab.results import latest_by_step, read_results
 from xcomp_lab.steps import STEPS
@@ -54,7 +54,7 @@ for name, step in STEPS.items():
 # measurement and prediction agree closely because the estimator replays the very same computation on fake
 # tensors and counts it the same way.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 from pathlib import Path
 
 from xcomp_lab.charts import quality_memory_chart, steps_chart
@@ -64,7 +64,7 @@ budget_bytes = course[0]["budget_bytes"] if course else None
 steps_chart(course, budget_bytes=budget_bytes, path=charts / "steps.png",
             title=f"Every step under a {params.budget_gb:g} GB budget ({params.scale}, {params.device})")
 
-# %%
+# %% tags=["nbval-ignore-output"]
 quality_memory_chart([r for r in course if not r["oom"]], budget_bytes=budget_bytes, quality_key="exact_match",
                      path=charts / "quality-vs-memory.png", title="Caption quality against peak memory")
 
@@ -90,7 +90,7 @@ planner(scale=params.scale, device=params.device)
 # %% [markdown]
 # ## What we learned
 
-# %%
+# %% tags=["nbval-ignore-output"]
 by_name = {r["step"]: r for r in course}
 if "fp32-quickstart" in by_name and "nf4" in by_name:
     fp32, nf4 = by_name["fp32-no-autocast"], by_name["nf4"]

@@ -1,0 +1,28 @@
+"""The course run with a second parameter set: an 80 GB card, sdpa attention, 4 new tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from xcomp_lab.course import run_course
+from xcomp_lab.results import latest_by_step, read_results
+
+
+@pytest.fixture(scope="module")
+def big_card_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    out = run_course(
+        tmp_path_factory.mktemp("course-80gb"),
+        scale="tiny",
+        device="cpu",
+        budget_gb=80,
+        max_new_tokens=4,
+        attn_implementation="sdpa",
+        progress=False,
+    )
+    return latest_by_step(read_results(out / "results.jsonl"))
+
+
+def test_a_80gb_card_fits_the_fp32_quick_start_and_every_step(big_card_run):
+    assert big_card_run["fp32-quickstart"]["oom"] is False
+    assert big_card_run["fp32-quickstart"]["params"]["attn_implementation"] == "sdpa"
+    assert not [name for name, record in big_card_run.items() if record["oom"] and not name.startswith("03-prefill-grad")]
