@@ -109,6 +109,8 @@ print(f"caption: {inference_run.captions[0]!r}")
 # ## Step 6: the kernel is still alive
 #
 # `run_step` caught the `torch.OutOfMemoryError`, dropped the failed call's frames and measured memory again:
+# on CPU it is back to the byte. On a GPU it can end a few MiB higher when the failed call was the process's first
+# matrix multiply: cuBLAS allocates its workspace then and keeps it (33 MiB on an H100).
 
 # %%
 print(f"before the failed call {fmt_bytes(quickstart.memory.start_bytes)} | after release "
