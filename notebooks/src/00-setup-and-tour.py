@@ -73,7 +73,7 @@ print(f"a {params.budget_gb:g} GB card allows {params.budget_gb * GB / GIB:.2f} 
 # ## The model we run here
 #
 # At `scale="tiny"` the course runs a replica with every part of the real model, shrunk so it runs on a laptop
-# CPU in seconds and trained to caption simple scenes; with `model_name_or_path` it loads real weights the
+# CPU in seconds (with random weights for now, so its captions are noise: a trained tiny captioner is in the works); with `model_name_or_path` it loads real weights the
 # same way. Its own breakdown, loaded in FP32:
 
 # %% [markdown]
