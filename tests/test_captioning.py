@@ -13,6 +13,8 @@ from xcomp_lab.model.tokenizer import CAPTION_QUERY
 from xcomp_lab.quality import QualityReport, quality_report
 from xcomp_lab.scenes import held_out_dataset, make_dataset
 
+QUERY = "<ImageHere>" + CAPTION_QUERY
+
 
 @pytest.fixture(scope="module")
 def images():
@@ -23,7 +25,7 @@ def test_prompt_batch_stacks_the_chat_prompt_of_each_image(tiny_model, images):
     model, tokenizer = tiny_model
     with torch.no_grad():
         embeds, im_mask = prompt_batch(model, tokenizer, images[:3])
-        single, single_mask = model.interleav_wrap_chat(tokenizer, "<ImageHere>" + CAPTION_QUERY, model.encode_img([images[1]]))
+        single, single_mask = model.interleav_wrap_chat(tokenizer, QUERY, model.encode_img([images[1]]))
     assert embeds.shape == (3, single.shape[1], model.config.hidden_size)
     assert im_mask.sum(dim=1).tolist() == [model.config.image_tokens] * 3
     torch.testing.assert_close(embeds[1:2], single)
@@ -43,7 +45,7 @@ def test_captions_equal_greedy_chat(tiny_model, images):
     model, tokenizer = tiny_model
     with torch.no_grad():
         expected, _ = model.chat(
-            tokenizer, "<ImageHere>" + CAPTION_QUERY, image=images[0], max_new_tokens=6, do_sample=False, repetition_penalty=1.0
+            tokenizer, QUERY, image=images[0], max_new_tokens=6, do_sample=False, repetition_penalty=1.0
         )
     assert caption_images(model, tokenizer, images[:1], max_new_tokens=6) == [expected]
 
@@ -63,7 +65,8 @@ def test_evaluate_scores_greedy_captions_of_the_held_out_scenes(tiny_model):
     model, tokenizer = tiny_model
     report = evaluate_captioner(model, tokenizer, n=4)
     data = held_out_dataset(4, image_size=model.config.image_size)
-    expected = quality_report(caption_images(model, tokenizer, [image for image, _ in data]), [text for _, text in data])
+    captions = caption_images(model, tokenizer, [image for image, _ in data])
+    expected = quality_report(captions, [text for _, text in data])
     assert isinstance(report, QualityReport)
     assert report == expected and report.n == 4
     assert 0.0 <= report.exact_match <= report.token_accuracy <= 1.0

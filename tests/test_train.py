@@ -1,4 +1,4 @@
-"""Training the tiny captioner: the chat prompt layout, a falling loss, determinism, the saved checkpoint and its cache."""
+"""Training the tiny captioner: chat prompt layout, falling loss, determinism, the saved checkpoint and its cache."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from xcomp_lab.model.tokenizer import CAPTION_QUERY
 from xcomp_lab.scenes import make_dataset
 from xcomp_lab.train import CaptionPrompt, TrainSettings, answer_batch, caption_loss, train_captioner
 
+QUERY = "<ImageHere>" + CAPTION_QUERY
+
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory: pytest.TempPathFactory) -> train.TrainResult:
@@ -30,7 +32,7 @@ def chat_layout_loss(model, tokenizer, data) -> float:
     """The loss over answer tokens, each example embedded alone exactly as chat() embeds its prompt."""
     total, count = 0.0, 0
     for image, text in data:
-        embeds, im_mask = model.interleav_wrap_chat(tokenizer, "<ImageHere>" + CAPTION_QUERY, model.encode_img([image]))
+        embeds, im_mask = model.interleav_wrap_chat(tokenizer, QUERY, model.encode_img([image]))
         answer, _ = answer_batch(tokenizer, [text])
         inputs = torch.cat([embeds, model.get_input_embeddings()(answer)], dim=1)
         im_mask = torch.cat([im_mask, torch.zeros_like(answer, dtype=torch.bool)], dim=1)
@@ -39,6 +41,12 @@ def chat_layout_loss(model, tokenizer, data) -> float:
         total += F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum").item()
         count += answer.shape[1]
     return total / count
+
+
+@torch.no_grad()
+def prefill_logits(model, tokenizer, image) -> torch.Tensor:
+    embeds, im_mask = model.interleav_wrap_chat(tokenizer, QUERY, model.encode_img([image]))
+    return model(inputs_embeds=embeds, im_mask=im_mask).logits
 
 
 def test_answers_end_the_turn_and_are_right_padded():
@@ -93,12 +101,7 @@ def test_checkpoint_is_fp16_and_round_trips_through_load_model(short_run: train.
     rounded = InternLMXComposer2ForCausalLM(config_for_scale("tiny")).eval()
     rounded.load_state_dict({name: tensor.half().float() for name, tensor in short_run.model.state_dict().items()})
     image, _ = make_dataset(1, seed=1000, image_size=112)[0]
-    with torch.no_grad():
-        embeds, im_mask = rounded.interleav_wrap_chat(tokenizer, "<ImageHere>" + CAPTION_QUERY, rounded.encode_img([image]))
-        expected = rounded(inputs_embeds=embeds, im_mask=im_mask).logits
-        embeds, im_mask = loaded.interleav_wrap_chat(tokenizer, "<ImageHere>" + CAPTION_QUERY, loaded.encode_img([image]))
-        got = loaded(inputs_embeds=embeds, im_mask=im_mask).logits
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefill_logits(loaded, tokenizer, image), prefill_logits(rounded, tokenizer, image))
     as_released, _ = load_model(directory)
     assert next(as_released.parameters()).dtype == torch.float16
 

@@ -27,7 +27,10 @@ def _check_positive(name: str, value: int) -> None:
 
 def _images(images: Sequence[ImageInput]) -> list[ImageInput]:
     if isinstance(images, (str, torch.Tensor)) or not isinstance(images, Sequence):
-        raise TypeError(f"images must be a list of images (paths, PIL images or tensors), got {type(images).__name__}; wrap one image in a list.")
+        raise TypeError(
+            f"images must be a list of images (paths, PIL images or tensors), got {type(images).__name__}; "
+            "wrap one image in a list."
+        )
     if len(images) == 0:
         raise ValueError("images is empty; pass at least one image.")
     return list(images)
@@ -42,7 +45,8 @@ def prompt_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The caption prompt for each image, as `chat()` embeds it: inputs_embeds (N, T, C) and im_mask (N, T)."""
     image_embeds = model.encode_img(list(images), image_size)  # (N, P, C)
-    rows = [model.interleav_wrap_chat(tokenizer, IMAGE_PLACEHOLDER + query, image_embeds[i : i + 1]) for i in range(len(images))]
+    query = IMAGE_PLACEHOLDER + query
+    rows = [model.interleav_wrap_chat(tokenizer, query, image_embeds[i : i + 1]) for i in range(len(images))]
     return torch.cat([embeds for embeds, _ in rows]), torch.cat([mask for _, mask in rows])
 
 
@@ -101,7 +105,7 @@ def reference_logits(
     batch_size: int = 8,
     image_size: int | None = None,
 ) -> torch.Tensor:
-    """Prefill logits of the caption prompt, (N, T, vocab) in FP32 on the CPU, to compare precisions with `logit_stats`."""
+    """Prefill logits of the caption prompt, (N, T, vocab) in FP32 on the CPU, for `quality.logit_stats`."""
     images = _images(images)
     _check_positive("batch_size", batch_size)
     chunks = []

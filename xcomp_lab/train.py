@@ -1,11 +1,11 @@
-"""Train the tiny replica into a real captioner of the synthetic scenes, in a few minutes on a 2-core CPU.
+"""Train the tiny replica to caption the synthetic scenes, on a CPU.
 
 A random-weight replica answers with word salad, so caption quality after FP16, INT8 or NF4 would mean
 nothing. Here the tiny scale (exactly `config_for_scale("tiny")`, PLoRA included) learns to caption the
 scenes of `xcomp_lab.scenes` through the very prompt `chat()` builds, image tokens spliced in at
 `<ImageHere>` as `interleav_wrap_chat` does, each text part tokenized on its own with BOS:
 
-    <s> system prompt ... user\\n | image tokens (im_mask True) | <s> Describe ... assistant\\n | caption [UNUSED_TOKEN_145]
+    <s> system ... user\\n | image tokens (im_mask True) | <s> Describe ... assistant\\n | caption [UNUSED_TOKEN_145]
 
 The loss covers only the caption and the end-of-turn token that makes `chat()` stop. Two things keep a
 step cheap: the system prompt before the image is the same for every example and sees no image, so it
@@ -15,6 +15,9 @@ in memory and no image is seen twice.
 
 `trained_checkpoint()` trains once and caches the result as a released-style FP16 checkpoint directory
 keyed by a hash of everything that shapes it, so a change of settings never reuses a stale one.
+
+The default settings are sized for the CPU budget of the course's CI (minutes). They learn the caption
+grammar and part of the scenes, not every caption: issue 6 records what the full target takes.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from . import scenes
-from .model.checkpoint import DONE_MARKER, cache_root, course_tokenizer, write_model_files
 from .model import configuration_internlm_xcomposer2, modeling_internlm_xcomposer2
+from .model.checkpoint import DONE_MARKER, cache_root, course_tokenizer, write_model_files
 from .model.modeling_internlm_xcomposer2 import (
     DEFAULT_META_INSTRUCTION,
     IM_END,
@@ -84,7 +87,7 @@ DEFAULT = TrainSettings()
 
 @dataclass
 class TrainResult:
-    """The trained model (FP32, eval mode, on the training device), its tokenizer, the loss of every step and where it was saved."""
+    """The trained model (FP32, eval mode, on the training device), its tokenizer, every step's loss, the checkpoint."""
 
     model: InternLMXComposer2ForCausalLM
     tokenizer: PreTrainedTokenizerBase
@@ -112,8 +115,8 @@ class CaptionPrompt:
         cls, tokenizer: PreTrainedTokenizerBase, query: str = CAPTION_QUERY, device: str | torch.device = "cpu"
     ) -> CaptionPrompt:
         prompt = InternLMXComposer2ForCausalLM.build_prompt(IMAGE_PLACEHOLDER + query, (), DEFAULT_META_INSTRUCTION)
-        before, after = (tokenizer(part, return_tensors="pt").input_ids.to(device) for part in prompt.split(IMAGE_PLACEHOLDER))
-        return cls(before, after)
+        before, after = prompt.split(IMAGE_PLACEHOLDER)
+        return cls(*(tokenizer(part, return_tensors="pt").input_ids.to(device) for part in (before, after)))
 
 
 def answer_batch(tokenizer: PreTrainedTokenizerBase, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +162,9 @@ def caption_loss(
     return out.loss
 
 
-def _batch(model: InternLMXComposer2ForCausalLM, tokenizer: PreTrainedTokenizerBase, step: int, settings: TrainSettings):
+def _batch(
+    model: InternLMXComposer2ForCausalLM, tokenizer: PreTrainedTokenizerBase, step: int, settings: TrainSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The step's own fresh scenes (data seed 1000 + step): pixels as `chat()` preprocesses them, answers."""
     data = scenes.make_dataset(settings.batch_size, scenes.TRAIN_SEED_START + step, image_size=model.config.image_size)
     pixels = torch.stack([model.vis_processor(image) for image, _ in data])  # (B, 3, S, S)
@@ -195,7 +200,8 @@ def train_captioner(
     """
     unknown = set(settings) - set(TrainSettings.__dataclass_fields__)
     if unknown:
-        raise TypeError(f"Unknown training settings {sorted(unknown)}; TrainSettings has {sorted(TrainSettings.__dataclass_fields__)}.")
+        known = sorted(TrainSettings.__dataclass_fields__)
+        raise TypeError(f"Unknown training settings {sorted(unknown)}; pass fields of TrainSettings: {known}.")
     plan = TrainSettings(steps=steps, batch_size=batch_size, seed=seed, **settings)
     started = time.perf_counter()
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -228,8 +234,8 @@ def train_captioner(
     model.eval()
     result.wall_s = time.perf_counter() - started
     if out_dir is not None:
-        result.checkpoint = save_checkpoint(model, tokenizer, Path(out_dir), {**asdict(plan), "wall_s": result.wall_s,
-                                                                              "final_loss": result.final_loss})
+        record = {**asdict(plan), "wall_s": result.wall_s, "final_loss": result.final_loss}
+        result.checkpoint = save_checkpoint(model, tokenizer, Path(out_dir), record)
     return result
 
 
@@ -245,7 +251,7 @@ def save_checkpoint(
     config = config_for_scale("tiny")
     config.dtype = "float16"  # released weights are FP16; dtype=float32 at load upcasts them
     write_model_files(staging, config, tokenizer)
-    weights = {name: tensor.detach().to("cpu", torch.float16).contiguous() for name, tensor in model.state_dict().items()}
+    weights = {name: t.detach().to("cpu", torch.float16).contiguous() for name, t in model.state_dict().items()}
     save_file(weights, staging / WEIGHTS_NAME, metadata={"format": "pt"})
     (staging / DONE_MARKER).write_text(json.dumps({"trained": True, **record}, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
