@@ -1,6 +1,7 @@
 # Two entry points, each creating (once) and reusing the virtual environment in $(VENV):
 #   make course   runs every notebook in order and renders the summary (SCALE=full DEVICE=cuda for a GPU)
 #   make test     runs the package tests, nbval and the papermill runs
+# and two for instructors: make site (the static HTML edition), make guide (re-measure the instructor guide)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.xcomp-lab-$(shell cat requirements.txt pyproject.toml | sha1su
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup course test lab
+.PHONY: setup course test lab site guide
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,3 +29,14 @@ test: setup
 
 lab: setup
 	$(BIN)/python -m jupyter lab notebooks
+
+# The static HTML edition: tiny-scale notebooks, the full-scale GPU ones and the instructor guide -> site/index.html
+site: setup
+	$(BIN)/python -m xcomp_lab.site --out site --extra results/full-h100
+
+# Run the course at tiny scale, record its timings and results in docs/ and regenerate docs/instructor-guide.md.
+# NOTE="..." says what else ran on the machine (it is printed under the timings).
+NOTE ?=
+guide: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m xcomp_lab.course --output course-output/guide
+	OMP_NUM_THREADS=1 $(BIN)/python -m xcomp_lab.guide --timings course-output/guide/timings.json --note "$(NOTE)"
