@@ -9,7 +9,7 @@ STAMP := $(VENV)/.xcomp-lab-$(shell cat requirements.txt pyproject.toml | sha1su
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup course test lab site guide
+.PHONY: setup course test lab browser-test site guide
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,17 @@ course: setup
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
+# JupyterLab on the notebooks with this environment's kernel (the notebooks' "python3" is the venv's Python) and
+# the widgets extension; LAB_ARGS adds options (e.g. --no-browser --port=8890); as root it needs --allow-root.
+LAB_DIR ?= notebooks
+LAB_ARGS ?=
 lab: setup
-	$(BIN)/python -m jupyter lab notebooks
+	$(BIN)/python -m jupyter lab $(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# The planner in a real browser (Debian's chromium, driven by Playwright): notebook 08 in JupyterLab, a widget
+# changed, its text and chart checked; rewrites images/planner-browser.png. `make test` runs a shorter form.
+browser-test: setup
+	BROWSER_TEST=full BROWSER_SCREENSHOT=images/planner-browser.png $(BIN)/python -m pytest -o addopts="" -v tests/test_browser.py
 
 # The static HTML edition: tiny-scale notebooks, the full-scale GPU ones and the instructor guide -> site/index.html
 site: setup
