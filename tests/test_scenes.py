@@ -14,9 +14,11 @@ from xcomp_lab.scenes import (
     Scene,
     Shape,
     caption,
+    caption_order,
     held_out_dataset,
     make_dataset,
     make_scenes,
+    relation,
     render,
     write_examples,
 )
@@ -91,6 +93,25 @@ def test_relation_word_matches_positions_and_is_unambiguous(many_scenes):
         assert abs(d_across) < abs(d_along) / 2
     assert seen == {"left of", "right of", "above", "below"}
     assert 0.3 < len(two_shape) / len(many_scenes) < 0.7
+
+
+def test_caption_names_the_larger_shape_first_then_the_left_or_upper_one(many_scenes):
+    orders = set()
+    for scene in (s for s in many_scenes if len(s.shapes) == 2):
+        first, second = scene.shapes
+        assert first.extent >= second.extent
+        if first.extent == second.extent:
+            assert relation(scene) in ("left of", "above")
+        orders.add((first.size, second.size))
+    assert orders == {("large", "small"), ("large", "large"), ("small", "small")}
+
+
+def test_one_image_has_one_caption_whatever_order_the_shapes_are_listed_in():
+    big = Shape("square", "blue", "large", 0.7, 0.5)
+    small = Shape("circle", "red", "small", 0.25, 0.5)
+    expected = "a large blue square right of a small red circle"
+    for shapes in ((big, small), (small, big)):
+        assert caption(Scene(caption_order(shapes))) == expected
 
 
 def test_shapes_stay_inside_the_image(many_scenes):

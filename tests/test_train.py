@@ -106,22 +106,6 @@ def test_checkpoint_is_fp16_and_round_trips_through_load_model(short_run: train.
     assert next(as_released.parameters()).dtype == torch.float16
 
 
-def test_trained_checkpoint_is_cached_under_a_key_of_its_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("XCOMP_LAB_CACHE", str(tmp_path))
-    directory = train.trained_checkpoint_dir()
-    assert directory.parent == tmp_path / "checkpoints" and directory.name.startswith("trained-tiny-")
-    assert train.training_key(TrainSettings(steps=301)) != train.training_key()
-
-    calls = []
-    monkeypatch.setattr(train, "train_captioner", lambda *args, **kwargs: calls.append(kwargs["out_dir"]))
-    assert train.trained_checkpoint(progress=False) == directory
-    assert calls == [directory]  # nothing cached yet: it trains
-    directory.mkdir(parents=True)
-    (directory / DONE_MARKER).write_text("{}")
-    assert train.trained_checkpoint(progress=False) == directory
-    assert calls == [directory]  # cached: it does not train again
-
-
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [

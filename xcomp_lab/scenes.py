@@ -9,7 +9,8 @@ Grammar (every caption is one of these two forms):
     a <size> <colour> <kind> <relation> a <size> <colour> <kind>
 
 where <relation> is "left of", "right of", "above" or "below" and says where the first shape is
-relative to the second. Two-shape scenes are built so the relation is unambiguous: the shapes do not
+relative to the second. The larger shape is named first; of two equal sizes, the left or upper one
+(see `caption_order`), so each image has exactly one true caption. Two-shape scenes are built so the relation is unambiguous: the shapes do not
 overlap along the relation's axis and are nearly aligned on the other one.
 
 Seeds: training sets use `make_dataset` with seeds >= TRAIN_SEED_START (1000, 1001, ...);
@@ -183,10 +184,16 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     else:
         centres = [(across[0], lower), (across[1], upper)]
     shapes = tuple(Shape(*look, x, y) for look, (x, y) in zip(looks, centres))
-    # Either shape may come first in the caption, so every relation word occurs.
-    if rng.random() < 0.5:
-        shapes = shapes[::-1]
-    return Scene(shapes, background)
+    return Scene(caption_order(shapes), background)
+
+
+def caption_order(shapes: tuple[Shape, ...]) -> tuple[Shape, ...]:
+    """The shapes in the order the caption names them: the larger first, for equal sizes the left or upper one.
+
+    The order must follow from the image alone: if it were drawn at random, the same picture would have
+    two true captions and even a perfect captioner would match the truth only half the time.
+    """
+    return tuple(sorted(shapes, key=lambda shape: (-shape.extent, shape.x + shape.y)))
 
 
 def render(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:

@@ -37,6 +37,8 @@ AUTO_MAP = {
 INDEX_NAME = "model.safetensors.index.json"
 DONE_MARKER = ".xcomp-lab-complete"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# FP16 weights of the trained tiny captioner; tiny-captioner.json beside it says how they were made.
+TRAINED_TINY_WEIGHTS = Path(__file__).parent / "trained" / "tiny-captioner.safetensors"
 
 
 def cache_root() -> Path:
@@ -152,6 +154,41 @@ def build_checkpoint(
     return directory
 
 
+def trained_tiny_checkpoint() -> Path:
+    """The course's trained tiny captioner as a checkpoint directory, assembled once in the cache.
+
+    Only its FP16 weights ship with the package (TRAINED_TINY_WEIGHTS, with the record of how they were
+    trained beside them); the config, the source files and the tokenizer are written from this version
+    of the package, keyed by a hash of the weights and the code, so they always match each other.
+    """
+    config = config_for_scale("tiny")
+    config.dtype = "float16"
+    digest = hashlib.sha256(TRAINED_TINY_WEIGHTS.read_bytes())
+    digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(Path(modeling_internlm_xcomposer2.__file__).read_bytes())
+    directory = cache_root() / "checkpoints" / f"trained-tiny-{digest.hexdigest()[:10]}"
+    if (directory / DONE_MARKER).exists():
+        return directory
+    staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
+    write_model_files(staging, config, course_tokenizer())
+    shutil.copyfile(TRAINED_TINY_WEIGHTS, staging / "model.safetensors")
+    (staging / DONE_MARKER).write_text(TRAINED_TINY_WEIGHTS.with_suffix(".json").read_text())
+    return move_into_place(staging, directory)
+
+
+def move_into_place(staging: Path, directory: Path) -> Path:
+    """Replace `directory` with the finished `staging` one, so a half-written checkpoint is never found."""
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+    return directory
+
+
 def default_checkpoint(scale: str) -> Path:
-    """The checkpoint the course loads when no model_name_or_path is given: released-style FP16 random weights."""
+    """The checkpoint the course loads when no model_name_or_path is given.
+
+    tiny: the trained captioner (its captions can be checked against the truth); full: released-style
+    FP16 random weights of the real 7B-VL size, since the real weights cannot be shipped or trained here.
+    """
+    if check_scale(scale) == "tiny":
+        return trained_tiny_checkpoint()
     return build_checkpoint(scale, "float16", seed=0)
