@@ -37,6 +37,15 @@ print(params)
 # *PLoRA* branch: a rank-256 low-rank update applied only at image-token positions. The full-scale replica is
 # built here on PyTorch's `meta` device: shapes without storage, so counting 8.67 B parameters costs nothing.
 
+# %% [markdown]
+# **Exercise 0.1: predict, then measure.** The title says 8.67 billion parameters. Before the next cell counts
+# them, predict how much memory the full model takes in FP32, everything it keeps included, in GiB (1024^3
+# bytes). Write the number into `my_fp32_footprint_gib` and run on: the cell after the count compares it with
+# this run's total, and `answer_0_1.solution()` (in a new cell) then shows the worked reasoning.
+
+# %%
+my_fp32_footprint_gib = None  # your prediction, in GiB
+
 # %%
 import torch
 from xcomp_lab.charts import format_breakdown, weight_breakdown, weight_breakdown_chart
@@ -47,6 +56,12 @@ with torch.device("meta"):
     full = InternLMXComposer2ForCausalLM(config_for_scale("full"))
 full_rows = weight_breakdown(full)
 print(format_breakdown(full_rows))
+
+# %%
+from xcomp_lab.exercises import check
+
+answer_0_1 = check("0.1", my_fp32_footprint_gib, measured=sum(b for _, _, b in full_rows),
+                   n_params=sum(p for _, p, _ in full_rows))
 
 # %% [markdown]
 # The last row is memory the parameter count misses: each of the 32 decoder layers keeps its own rotary

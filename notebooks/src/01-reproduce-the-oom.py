@@ -69,7 +69,19 @@ print(quickstart.oom_report)
 # %% [markdown]
 # It fails inside a decoder layer of the prefill pass, the first forward over the whole prompt. The failing
 # allocation itself is small: what matters is what was already in use when it was asked for.
-#
+
+# %% [markdown]
+# **Exercise 1.1: predict, then measure.** The quick start runs `model.chat` under autocast inside
+# `torch.set_grad_enabled(False)`. Step 4 runs that call without a budget, and the same call inside
+# `torch.inference_mode()`. Predict how much higher the quick start's peak is than the inference_mode one, as a
+# multiple of the FP32 parameters' bytes printed in Step 1: a plain number, 0 for no difference, 0.5 for half
+# the weights again. Write it into `my_autocast_extra_x`; the cell after Step 4 compares it with this run, and
+# `answer_1_1.solution()` shows the worked reasoning.
+
+# %%
+my_autocast_extra_x = None  # your prediction: extra peak / FP32 parameter bytes
+
+# %% [markdown]
 # ## Step 4: why? Measure the same call without a budget
 #
 # Autocast casts each FP32 weight to FP16 before a matmul and, while the weight requires grad (parameters do,
@@ -86,6 +98,12 @@ copies = autocast_copy_bytes(model)
 print(f"autocast under no_grad (quick start), no budget: peak {fmt_bytes(unbounded.memory.peak_bytes)}")
 print(f"autocast under inference_mode, no budget:        peak {fmt_bytes(uncached.memory.peak_bytes)}")
 print(f"difference {fmt_bytes(extra)} | FP16 copies of every linear/conv weight {fmt_bytes(copies)} | x{extra / copies:.2f}")
+
+# %%
+from xcomp_lab.exercises import check
+
+answer_1_1 = check("1.1", my_autocast_extra_x, measured=extra / fp32_weights, extra_bytes=extra, copies_bytes=copies,
+                   weights_bytes=fp32_weights)
 
 # %% [markdown]
 # Same computation, same FP16 activations; the only difference is whether autocast keeps its copies. The extra

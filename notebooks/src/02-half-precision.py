@@ -115,7 +115,17 @@ fp32_record = record(params, with_speed(fp32_record, speeds["FP32"]))
 
 # %% [markdown]
 # It fits, as in notebook 01: FP32 weights plus a few activations, without autocast's copies.
-#
+
+# %% [markdown]
+# **Exercise 2.1: predict, then measure.** 16 bits halve the weights. Do they halve the peak of a caption? Predict
+# the peak of the same caption with FP16 weights (measured in Step 2) as a multiple of the FP32 caption's peak
+# just printed: a plain number, 0.5 for half. Write it into `my_fp16_peak_x`; the cell after the FP16 caption
+# compares it with this run, and `answer_2_1.solution()` shows the worked reasoning.
+
+# %%
+my_fp16_peak_x = None  # your prediction: FP16 caption peak / FP32 caption peak
+
+# %% [markdown]
 # ## Step 2: `.half()` after loading FP32
 #
 # The quick fix most people try: keep the quick start's load and convert afterwards. `.half()` walks the model
@@ -155,6 +165,12 @@ half = run_precision_step(half_step, model, tokenizer, images, params, budget, r
                           load_peak_bytes=half_load_peak, speed=speeds[".half()"])
 record(params, half.record)
 print(drift_line(half.drift.report))
+
+# %%
+from xcomp_lab.exercises import check
+
+answer_2_1 = check("2.1", my_fp16_peak_x, measured=half.run.memory.peak_bytes / fp32_run.memory.peak_bytes,
+                   fp32=fp32_run.memory, fp16=half.run.memory)
 
 # %% [markdown]
 # The caption's peak now sits on FP16 weights; the drift line says how many captions still match FP32's and how

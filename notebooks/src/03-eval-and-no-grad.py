@@ -132,7 +132,18 @@ print(f"train mode peak {fmt_bytes(train_prefill.memory.peak_bytes)} | eval mode
 # The weights, the layers' outputs and the logits take the same room in both modes. The only extra in training
 # mode is dropout's own output and mask, made and dropped inside each PLoRA layer: the difference printed above,
 # a small share of the peak and nothing worth calling a saving.
-#
+
+# %% [markdown]
+# **Exercise 3.1: predict, then measure.** Step 4 runs the same forward pass over the caption prompt (a scoring
+# call: no generation) with gradients enabled, as a script that forgets `no_grad` does. Predict its peak as a
+# multiple of the peak under `no_grad` just measured: a plain number, 1 for no difference, 2 for twice as much.
+# Write it into `my_grad_scoring_x`; the cell after Step 4 compares it with this run, and
+# `answer_3_1.solution()` shows the worked reasoning.
+
+# %%
+my_grad_scoring_x = None  # your prediction: peak with gradients enabled / peak under no_grad
+
+# %% [markdown]
 # ## Step 4: a scoring call under each gradient mode
 #
 # Gradient mode is what decides the memory. With gradients enabled (the default), every operation on a tensor
@@ -174,6 +185,12 @@ if needed.ok:
     print(f"gradients enabled: the peak rose {fmt_bytes(rise)} above the memory at start; the output still holds "
           f"{fmt_bytes(needed.held_bytes)} of it after the pass ({needed.held_bytes / rise:.1%})")
 
+# %%
+from xcomp_lab.exercises import check
+
+answer_3_1 = check("3.1", my_grad_scoring_x, measured=needed.memory.peak_bytes / prefill["no_grad"].memory.peak_bytes,
+                   lower_bound=not needed.ok, enabled=needed.memory, no_grad=prefill["no_grad"].memory)
+
 # %% [markdown]
 # Under `no_grad` and `inference_mode` the output holds only the logits, and the activations of each layer are
 # freed as the pass moves on. With gradients enabled the output holds a graph with every saved activation: the
@@ -181,7 +198,17 @@ if needed.ok:
 # of the peak's rise is still held once the pass is over: the peak is the saved activations themselves, not a
 # passing temporary. Forgetting the gradient mode in a scoring call (a perplexity, a logit comparison like
 # notebook 02's) is a real memory bug.
-#
+
+# %% [markdown]
+# **Exercise 3.2: predict, then measure.** Now a whole captioning call (`model.generate`, as the quick start
+# makes it) with gradients left enabled. Predict its peak as a multiple of the same call's peak under `no_grad`:
+# a plain number, as in Exercise 3.1. Write it into `my_grad_caption_x`; the cell after Step 5's comparison
+# checks it against this run, and `answer_3_2.solution()` shows the worked reasoning.
+
+# %%
+my_grad_caption_x = None  # your prediction: caption peak with gradients enabled / under no_grad
+
+# %% [markdown]
 # ## Step 5: a captioning call without `no_grad`
 #
 # Captions come from `model.generate()`, and transformers decorates `generate` with `@torch.no_grad()`: inside
@@ -232,6 +259,10 @@ for step in caption_steps:
 graph_bytes = prompt["enabled"].held_bytes - prompt["no_grad"].held_bytes
 print(f"vision + projector + splice: output held {fmt_bytes(prompt['no_grad'].held_bytes)} under no_grad, "
       f"{fmt_bytes(prompt['enabled'].held_bytes)} with gradients enabled: a graph of {fmt_bytes(graph_bytes)}")
+
+# %%
+answer_3_2 = check("3.2", my_grad_caption_x, measured=grad_caption.memory.peak_bytes / no_grad_peak,
+                   lower_bound=not grad_caption.ok, graph_bytes=graph_bytes, no_grad_peak_bytes=no_grad_peak)
 
 # %% [markdown]
 # The forgotten `no_grad` costs the captioning call about the graph of the prompt-building part, not the

@@ -90,6 +90,15 @@ print(f"whole caption ({first_run.new_tokens} new tokens, batch {params.batch_si
 # At batch 1 the whole caption peaks where its prefill does (ratio 1.000, or very close), so a prefill-only run
 # measures the peak. Now two and four images at once:
 
+# %% [markdown]
+# **Exercise 4.1: predict, then measure.** Before running the next cell: the usual advice says four images take
+# four times the memory of one. Predict the peak at batch 4 as a multiple of the peak at batch 1 just measured:
+# a plain number. Write it into `my_batch4_peak_x`; the cell after the batch runs compares it with this run, and
+# `answer_4_1.solution()` shows the worked reasoning.
+
+# %%
+my_batch4_peak_x = None  # your prediction: peak at batch 4 / peak at batch 1
+
 # %%
 for batch in (2, 4):
     runs[(first_kind, default_size, batch)] = sweep(model, step, first_kind, default_size, batch)
@@ -99,6 +108,13 @@ for batch in (1, 2, 4):
     made, made_one = m.activations_bytes + m.kv_cache_bytes, one.activations_bytes + one.kv_cache_bytes
     print(f"batch {batch} | peak {fmt_bytes(m.peak_bytes):>10s} (x{m.peak_bytes / one.peak_bytes:.2f}) | "
           f"activations + KV {fmt_bytes(made):>10s} (x{made / made_one:.2f}) | weights {fmt_bytes(m.weights_bytes)}")
+
+# %%
+from xcomp_lab.exercises import check
+
+answer_4_1 = check("4.1", my_batch4_peak_x,
+                   measured=runs[(first_kind, default_size, 4)].memory.peak_bytes / one.peak_bytes,
+                   one=one, four=runs[(first_kind, default_size, 4)].memory)
 
 # %% [markdown]
 # What the call makes grows about in proportion to the batch; the peak grows less, because the weights do not
@@ -126,7 +142,18 @@ print(f"full model at {full_cfg.image_size} px -> {image_tokens(full_cfg):5d} im
 
 # %% [markdown]
 # Tripling the side multiplies the image tokens by nine, and image tokens soon outnumber the text.
-#
+
+# %% [markdown]
+# **Exercise 4.2: predict, then measure.** Step 4 captions one image at each size of the table above (prefill
+# only). From the smallest size to the largest, the prompt grows by the factor the table shows. Predict how many
+# times the activations grow over the same span, with the attention this notebook loaded (eager unless you
+# changed `attn_implementation`): a plain number. Write it into `my_activation_growth_x`; the cell after Step 4
+# compares it with this run, and `answer_4_2.solution()` shows the worked reasoning.
+
+# %%
+my_activation_growth_x = None  # your prediction: activations at the largest size / at the smallest
+
+# %% [markdown]
 # ## Step 4: grow the prompt and watch the peak
 #
 # One prefill-only run per image size, still with eager attention:
@@ -153,6 +180,13 @@ full_prompt = text_tokens + image_tokens(full_cfg)
 print(f"one layer's FP16 scores at {first_run.prompt_tokens} tokens: {eager_scores_bytes(cfg, 1, first_run.prompt_tokens) / weights_fp16:.1%} "
       f"of this model's weights | full model at {full_prompt} tokens: "
       f"{eager_scores_bytes(full_cfg, 1, full_prompt) / (8_666_840_064 * 2):.1%} of its FP16 parameters (formula)")
+
+# %%
+answer_4_2 = check("4.2", my_activation_growth_x,
+                   measured=runs[(first_kind, sizes[-1], 1)].memory.activations_bytes
+                   / runs[(first_kind, sizes[0], 1)].memory.activations_bytes,
+                   short_tokens=runs[(first_kind, sizes[0], 1)].prompt_tokens,
+                   long_tokens=runs[(first_kind, sizes[-1], 1)].prompt_tokens)
 
 # %% [markdown]
 # Activations grow much faster than the prompt: the scores grow with T², the rest with T. The last line says

@@ -159,6 +159,15 @@ if params.device == "cuda":
 #                                   device_map=device_map, offload_folder=folder)  # changed line
 # ```
 
+# %% [markdown]
+# **Exercise 5.1: predict, then measure.** The next cells move the last half of the decoder layers off the
+# device. Predict the weights still resident on the device afterwards, as a multiple of the reference's resident
+# weights (Step 4): a plain number, 0.5 for half. Write it into `my_offload_resident_x`; the cell after the
+# offloaded caption compares it with this run, and `answer_5_1.solution()` shows the worked reasoning.
+
+# %%
+my_offload_resident_x = None  # your prediction: resident weights after offloading / before
+
 # %%
 import os
 import tempfile
@@ -218,6 +227,13 @@ print(f"predicted resident: {fmt_bytes(ref_m.weights_bytes)} - offloaded {fmt_by
 largest = max(p.numel() * 2 for p in offloaded_layer.parameters())
 print(f"activations with offloading minus without: {fmt_bytes(off_m.activations_bytes - ref_m.activations_bytes)} | "
       f"largest offloaded weight in FP16: {fmt_bytes(largest)}")
+
+# %%
+from xcomp_lab.exercises import check
+
+answer_5_1 = check("5.1", my_offload_resident_x, measured=off_m.weights_bytes / ref_m.weights_bytes,
+                   reference_bytes=ref_m.weights_bytes, offloaded_bytes=placed.offloaded_bytes,
+                   kept_buffer_bytes=placed.offloaded_buffer_bytes, layers=n_offloaded, of_layers=cfg.num_hidden_layers)
 
 # %% [markdown]
 # Offloading moves weights, not arithmetic: the same operations run on the same values, so the captions are

@@ -61,7 +61,17 @@ free(params.device)
 # %% [markdown]
 # The exact match is the FP32 model's own score against the true captions, the score the quantized models are
 # compared with; their agreement with these FP32 captions says how much quantization changed.
-#
+
+# %% [markdown]
+# **Exercise 6.1: predict, then measure.** INT8 stores 1 byte per weight where FP16 stores 2. Predict the INT8
+# model's weights (statistics included) as a multiple of the FP16 model's: a plain number, 0.5 for half. Write
+# it into `my_int8_weights_x` before Step 2 prints the course's own prediction; the cell after the INT8 load
+# (Step 3) compares it with this run, and `answer_6_1.solution()` shows the worked reasoning.
+
+# %%
+my_int8_weights_x = None  # your prediction: INT8 weights / FP16 weights
+
+# %% [markdown]
 # ## Step 2: the FP16 baseline, and the prediction
 #
 # bitsandbytes quantizes from the 16-bit weights and computes in 16 bits, so FP16 is the baseline to beat. From
@@ -128,6 +138,12 @@ print(f"stored weights {fmt_bytes(int8_weights - int8_stats)} + statistics {fmt_
 print(f"predicted {fmt_bytes(predicted['int8'])} | measured {fmt_bytes(int8_weights)} | "
       f"x{int8_weights / predicted['int8']:.3f} | difference {int8_weights - predicted['int8']:,} bytes")
 print(f"x{int8_weights / fp16_weights:.2f} FP16's weights, x{int8_weights / fp32_weights:.2f} FP32's")
+
+# %%
+from xcomp_lab.exercises import check
+
+answer_6_1 = check("6.1", my_int8_weights_x, measured=int8_weights / fp16_weights, fp16_bytes=fp16_weights,
+                   predicted_bytes=predicted["int8"], stats_bytes=int8_stats)
 
 # %% [markdown]
 # The breakdown counts each part as stored: INT8 values plus the per-row FP32 scales (`SCB`), which bitsandbytes

@@ -197,6 +197,16 @@ print(f"exact peak of the call {fmt_bytes(run.memory.peak_bytes)} | highest time
 # token against every token, one layer at a time. Each is run alone on the same prompt and measured, next to its
 # size from the shapes:
 
+# %% [markdown]
+# **Exercise 7.1: predict, then measure.** Before the next cell runs the suspects: predict how much memory the
+# output head adds when it scores the whole prompt and the forward upcasts the scores to FP32, in MiB (1024^2
+# bytes). You need the batch (`len(images)`), the prompt's tokens (Step 2 printed them) and
+# `model.config.vocab_size`. Write the number into `my_logits_mib`; the cell after the measurement compares it
+# with this run, and `answer_7_1.solution()` shows the worked reasoning.
+
+# %%
+my_logits_mib = None  # your prediction, in MiB
+
 # %%
 from xcomp_lab.forensics import measure_prefill_parts
 from xcomp_lab.sequence import eager_scores_bytes, kv_cache_formula, prefill_logits_bytes
@@ -219,6 +229,11 @@ print(f"  output head + FP32 upcast, run alone: adds {fmt_bytes(parts.logits_byt
 print(f"  the larger, {'attention' if parts.attention_bytes >= parts.logits_bytes else 'logits'}, is "
       f"{largest / measured_spike:.0%} of the prefill's rise; the rest, {fmt_bytes(measured_spike - largest)}, is what "
       f"is alive at that moment: the prompt's KV cache ({fmt_bytes(kv_prompt)} once complete) and hidden states")
+
+# %%
+from xcomp_lab.exercises import check
+
+answer_7_1 = check("7.1", my_logits_mib, measured=parts.logits_bytes, batch=B, tokens=T, vocab=cfg.vocab_size)
 
 # %% [markdown]
 # The two suspects never overlap: a layer's scores are freed before the next layer starts, and the logits come

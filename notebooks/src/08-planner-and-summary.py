@@ -69,6 +69,16 @@ quality_memory_chart([r for r in course if not r["oom"]], budget_bytes=budget_by
                      path=charts / "quality-vs-memory.png", title="Caption quality against peak memory")
 
 # %% [markdown]
+# **Exercise 8.1: predict, then ask the planner.** How many images can FP16 caption at once within this
+# notebook's budget (`budget_gb`), at its image size, new tokens and attention? Predict the largest batch that
+# fits, a whole number of images: Step 1's FP16 peak and notebook 04's batch runs are your evidence. Write it
+# into `my_largest_batch`; after Step 2 the planner searches for the answer, and `answer_8_1.solution()` shows
+# the worked reasoning.
+
+# %%
+my_largest_batch = None  # your prediction, in images
+
+# %% [markdown]
 # ## Step 2: the planner
 #
 # `plan()` predicts one configuration; `planner()` wraps it in widgets (in JupyterLab: change a control, press
@@ -83,6 +93,15 @@ for card, dtype, quantization in [(24, "float32", "none"), (24, "float16", "none
                   new_tokens=params.max_new_tokens)
     print(f"{card} GB card, {dtype} {quantization}: predicted peak {fmt_bytes(result.estimate.peak_bytes)} "
           f"of {fmt_bytes(result.budget_bytes)} -> {'fits' if result.fits else 'does not fit'}")
+
+# %%
+from xcomp_lab.exercises import check, largest_batch
+
+batch_search = largest_batch(params, dtype="float16")
+
+# %%
+answer_8_1 = check("8.1", my_largest_batch, measured=batch_search.largest, lower_bound=batch_search.capped,
+                   source="planner", peaks=batch_search.peaks, budget_bytes=batch_search.budget_bytes)
 
 # %% tags=["nbval-ignore-output"]
 planner(scale=params.scale, device=params.device)
