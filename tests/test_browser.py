@@ -37,8 +37,9 @@ FULL = os.environ.get("BROWSER_TEST") == "full"
 # fmt_bytes), the plan() examples (they import planner) and the planner; the last one shows the planner.
 CELLS_08 = ("scale = ", "from xcomp_lab.notebook import start", "from xcomp_lab.estimate import estimate_step",
             "from xcomp_lab.planner import", "planner(")
-PLANNER_VIEW = ("from xcomp_lab.params import check_params\nfrom xcomp_lab.planner import planner\n\n"
-                'params = check_params(scale="tiny", device="auto")', "planner(scale=params.scale, device=params.device)")
+# The planner view: what notebook 08's planner cell needs, then that cell as it is in notebook 08.
+PLANNER_IMPORTS = ("from xcomp_lab.params import check_params\nfrom xcomp_lab.planner import planner\n\n"
+                   'params = check_params(scale="tiny", device="auto")')
 KERNEL_CHECK = 'import os, sys\nprint(sys.prefix, os.environ.get("HF_HUB_OFFLINE"))'
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 # Without the networking flags Chromium keeps calling home, and this machine's closed network refuses it.
@@ -86,18 +87,19 @@ def cell_index(cells: list, prefix: str) -> int:
 
 def write_notebook(folder: Path) -> tuple[str, tuple[int, ...]]:
     """Notebook 08 (full form) or the planner view, without saved outputs, plus the kernel check as its last cell."""
+    nb_08 = nbformat.read(NOTEBOOK_08, as_version=4)
     if FULL:
-        nb, name = nbformat.read(NOTEBOOK_08, as_version=4), NOTEBOOK_08.name
+        nb, name = nb_08, NOTEBOOK_08.name
         nb.metadata.pop("widgets", None)
         for cell in nb.cells:
             if cell.cell_type == "code":
                 cell.outputs, cell.execution_count = [], None
         run = tuple(cell_index(nb.cells, p) for p in CELLS_08)
     else:
-        nb, name = nbformat.v4.new_notebook(), "planner.ipynb"
-        nb.metadata["kernelspec"] = nbformat.read(NOTEBOOK_08, as_version=4).metadata["kernelspec"]
-        nb.cells = [nbformat.v4.new_code_cell(source) for source in PLANNER_VIEW]
-        run = tuple(range(len(nb.cells)))
+        nb, name = nbformat.v4.new_notebook(metadata={"kernelspec": nb_08.metadata["kernelspec"]}), "planner.ipynb"
+        planner_cell = nb_08.cells[cell_index(nb_08.cells, CELLS_08[-1])].source
+        nb.cells = [nbformat.v4.new_code_cell(source) for source in (PLANNER_IMPORTS, planner_cell)]
+        run = (0, 1)
     nb.cells.append(nbformat.v4.new_code_cell(KERNEL_CHECK))
     nbformat.write(nb, folder / name)
     return name, run + (len(nb.cells) - 1,)
@@ -176,8 +178,8 @@ def expected_table(**setting) -> str:
     from xcomp_lab.planner import plan
 
     device = check_params(scale="tiny", device="auto").device
-    defaults = dict(card_gb=48, dtype="float16", quantization="none", batch_size=1, image_size=112, new_tokens=16,
-                    attn_implementation="eager")
+    defaults = {"card_gb": 48, "dtype": "float16", "quantization": "none", "batch_size": 1, "image_size": 112,
+                "new_tokens": 16, "attn_implementation": "eager"}
     return plan(**{**defaults, **setting}, scale="tiny", device=device).estimate.table()
 
 
