@@ -106,3 +106,32 @@ def test_disk_offload_on_cpu_gives_the_same_logits(tiny_checkpoint, tiny_model, 
         expected = reference(inputs_embeds=embeds, use_cache=False).logits
         got = offloaded(inputs_embeds=embeds, use_cache=False).logits
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_plan_from_pretrained_is_the_map_from_pretrained_computes(dtype):
+    from transformers.integrations.accelerate import _get_device_map
+
+    from xcomp_lab.placement import _meta_model_in, plan_from_pretrained, quiet_accelerate
+
+    max_memory = {0: "24GB", 1: "24GB"}
+    plan = plan_from_pretrained("full", max_memory, dtype=dtype)
+    with quiet_accelerate():  # the very function from_pretrained(device_map="auto", max_memory=...) calls
+        expected = _get_device_map(_meta_model_in("full", getattr(torch, dtype)), "auto", dict(max_memory), None)
+    assert plan.device_map == expected and plan.dtype == dtype
+    _assert_whole_layers(plan)
+    # transformers balances with a margin of 1.25 x the largest leaf (the output head): 17 + 15 layers where
+    # accelerate's own get_balanced_memory (plan_device_map(balanced=True)) gives 16 + 16.
+    assert {d: len(v) for d, v in plan.layers_per_device().items()} == {0: 17, 1: 15}
+    accelerate_plan = plan_device_map(config_for_scale("full"), max_memory, dtype=dtype, balanced=True)
+    assert {d: len(v) for d, v in accelerate_plan.layers_per_device().items()} == {0: 16, 1: 16}
+    assert plan.placement["output"] == plan.placement["vit"] == (1,) and plan.placement["model.tok_embeddings"] == (0,)
+
+
+def test_plan_from_pretrained_rejects_bad_arguments():
+    from xcomp_lab.placement import plan_from_pretrained
+
+    with pytest.raises(ValueError, match="max_memory is empty"):
+        plan_from_pretrained("tiny", {})
+    with pytest.raises(ValueError, match="dtype='auto' has no size"):
+        plan_from_pretrained("tiny", {0: "1GB"}, dtype="auto")

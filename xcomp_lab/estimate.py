@@ -68,7 +68,7 @@ CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a m
 # always dequantizes the weight and calls F.linear (in between it decides per GPU: dequantizing is assumed).
 BNB_FUSED_MAX_ROWS = 4
 AUTOCAST_COPIES = "autocast weight copies"
-_THIS_FILE = Path(__file__).resolve()
+_THIS_DIR = Path(__file__).resolve().parent
 _SOFTMAXES = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
 
 
@@ -433,10 +433,12 @@ class _SimulatedAccounting(_CpuAccounting):
 
     counts_fake = True
 
-    def __init__(self, start_bytes: int, limit: int | None, cuda: bool, autocast_on: bool) -> None:
+    def __init__(self, start_bytes: int, limit: int | None, cuda: bool, autocast_on: bool,
+                 device: str | torch.device = "cpu") -> None:
         # No budget for the base class, which would raise at the crossing: it is checked here, to go on to the
         # whole peak. No timeline either: a prediction keeps peaks, not samples.
         super().__init__(start_bytes, None, sample_every=1 << 30, max_samples=64)
+        self.counted_device = torch.device(device)  # the fake device this accounting stands for
         self.cuda = cuda
         self.autocast_on = autocast_on
         self.budget_limit = limit
@@ -509,7 +511,7 @@ class _SimulatedAccounting(_CpuAccounting):
 
     def _check_budget(self, nbytes: int) -> None:
         if self.crossing is None and self.budget_limit is not None and self.current + nbytes > self.budget_limit:
-            stack = [f for f in traceback.extract_stack() if Path(f.filename).resolve() != _THIS_FILE]
+            stack = [f for f in traceback.extract_stack() if not _is_estimator(Path(f.filename))]
             frame = model_frame(traceback.StackSummary.from_list(stack))
             location = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}: {frame.line}" if frame else None
             self.crossing = _Crossing(op=str(self._func), phase=self.position(), in_use=self.current,
@@ -523,6 +525,11 @@ class _SimulatedAccounting(_CpuAccounting):
             largest = max(tensors, key=lambda t: t.numel() * t.element_size())
             self.crossing.op += f" -> {tuple(largest.shape)} {dtype_name(largest.dtype)}"
         self.crossing.described = True
+
+
+def _is_estimator(path: Path) -> bool:
+    """A frame of the estimator itself (this module or `estimate_split`), never the model line to report."""
+    return path.name.startswith("estimate") and path.resolve().parent == _THIS_DIR
 
 
 def _is_param(tensor: Any) -> bool:
@@ -570,6 +577,7 @@ class _CudaSoftmax(TorchFunctionMode):
 class _Replayed:
     prompt_tokens: int
     cache_bytes: int
+    cache_bytes_by_device: dict[torch.device, int]  # where each layer's keys and values live
 
 
 def _fast_forward(cache: Any, length: int) -> None:
@@ -577,10 +585,10 @@ def _fast_forward(cache: Any, length: int) -> None:
     for layer in cache.layers:
         for name in ("keys", "values"):
             old = getattr(layer, name)
-            shape, dtype = (*old.shape[:-2], length, old.shape[-1]), old.dtype
+            shape, dtype, device = (*old.shape[:-2], length, old.shape[-1]), old.dtype, old.device
             setattr(layer, name, None)  # freed first: the skipped steps never held two copies at once
             del old
-            setattr(layer, name, torch.empty(shape, dtype=dtype))
+            setattr(layer, name, torch.empty(shape, dtype=dtype, device=device))
 
 
 @contextlib.contextmanager
@@ -611,22 +619,24 @@ def _replay(model: nn.Module, tokenizer: Any, pixels: list[torch.Tensor], *, que
         del images
         with torch.no_grad():  # generate() is decorated with it
             batch, prompt = embeds.shape[:2]
-            # generate's special-token tensors (bos, the two stops, pad) and its position ids, grown each step.
-            specials = [torch.tensor(tokenizer.bos_token_id), torch.tensor([tokenizer.eos_token_id,
-                        tokenizer.convert_tokens_to_ids(IM_END)]), torch.tensor(tokenizer.pad_token_id)]
-            mask = torch.ones((batch, prompt), dtype=torch.long)
+            # generate's special-token tensors (bos, the two stops, pad) and its position ids, grown each step,
+            # on the inputs' device; its input ids on the model's (the first parameter's) device.
+            at, ids_at = embeds.device, next(model.parameters()).device
+            specials = [torch.tensor(tokenizer.bos_token_id, device=at), torch.tensor([tokenizer.eos_token_id,
+                        tokenizer.convert_tokens_to_ids(IM_END)], device=at), torch.tensor(tokenizer.pad_token_id, device=at)]
+            mask = torch.ones((batch, prompt), dtype=torch.long, device=at)
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
             del mask
-            input_ids = torch.ones((batch, 0), dtype=torch.long)
-            unfinished = torch.ones(batch, dtype=torch.long)
+            input_ids = torch.ones((batch, 0), dtype=torch.long, device=ids_at)
+            unfinished = torch.ones(batch, dtype=torch.long, device=ids_at)
             cache = None
             steps = range(new_tokens) if exact_decode else sorted({0, new_tokens - 1})
             done = 0
             for step in steps:
                 if step > done + 1:
                     _fast_forward(cache, prompt + step - 1)
-                    input_ids = torch.empty((batch, step), dtype=torch.long)
-                    positions = torch.empty((batch, prompt + step), dtype=torch.long)
+                    input_ids = torch.empty((batch, step), dtype=torch.long, device=ids_at)
+                    positions = torch.empty((batch, prompt + step), dtype=torch.long, device=at)
                 acc.mark("prefill" if step == 0 else f"decode step {step}")
                 model_inputs = model.prepare_inputs_for_generation(
                     input_ids, cache=cache, inputs_embeds=embeds, im_mask=im_mask, use_cache=True)
@@ -635,14 +645,18 @@ def _replay(model: nn.Module, tokenizer: Any, pixels: list[torch.Tensor], *, que
                     del model_inputs  # _prefill's own local: gone when it returns
                 cache = outputs.cache
                 # Kept until the next step reassigns them, as in generate's loop.
-                next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)  # (B, vocab)
+                next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32,
+                                                              device=input_ids.device)  # (B, vocab)
                 next_tokens = torch.argmax(next_token_logits, dim=-1)
                 next_tokens = next_tokens * unfinished + specials[2] * (1 - unfinished)
                 input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
                 positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
                 del outputs  # the prefill logits go here, as generate deletes them
                 done = step
-        return _Replayed(prompt_tokens=prompt, cache_bytes=cache_bytes(cache))
+        by_device: dict[torch.device, int] = {}
+        for layer in cache.layers:
+            by_device[layer.keys.device] = by_device.get(layer.keys.device, 0) + layer.keys.nbytes + layer.values.nbytes
+        return _Replayed(prompt_tokens=prompt, cache_bytes=cache_bytes(cache), cache_bytes_by_device=by_device)
 
 
 # ----- the API ------------------------------------------------------------------------------------------
@@ -681,6 +695,91 @@ def _notes(device: str, quantization: str, use_autocast: bool, exact_decode: boo
     return tuple(notes)
 
 
+@dataclass(frozen=True)
+class _Call:
+    """The checked settings of one predicted captioning call."""
+
+    config: InternLMXcomposer2Config  # a private copy, with the attention kind set
+    dtype: torch.dtype
+    quantization: str
+    attn: str
+    grad: str
+    use_autocast: bool
+    batch_size: int
+    image_size: int
+    new_tokens: int
+    device: str  # "cpu" or "cuda"
+
+    def settings(self) -> dict[str, Any]:
+        """What `Estimate.settings` reports."""
+        return dict(dtype=dtype_name(self.dtype), quantization=self.quantization, grad=self.grad,
+                    use_autocast=self.use_autocast, attn_implementation=self.attn, batch_size=self.batch_size,
+                    image_size=self.image_size, new_tokens=self.new_tokens)
+
+    def kv_cache_bytes(self, prompt_tokens: int, layers: int | None = None) -> int:
+        """2 x layers x kv_heads x head_dim x batch x (prompt + new - 1) x bytes (all layers by default)."""
+        config = self.config
+        kv_dtype = torch.float16 if self.use_autocast else self.dtype
+        return (2 * (config.num_hidden_layers if layers is None else layers) * config.num_key_value_heads
+                * config.head_dim * self.batch_size * (prompt_tokens + self.new_tokens - 1)
+                * torch.empty((), dtype=kv_dtype).element_size())
+
+
+def _check_call(target: Any, *, dtype: Any, quantization: Any, grad: Any, use_autocast: Any,
+                attn_implementation: Any, batch_size: Any, image_size: Any, new_tokens: Any, device: Any) -> _Call:
+    """The settings of `estimate_caption`, checked, with a loaded model's own dtype, quantization and attention."""
+    config, model = _config_of(target)
+    model_dtype, model_quant = _model_settings(model) if model is not None else ("float32", "none")
+    torch_dtype = check_dtype(dtype if dtype is not None else model_dtype)
+    if torch_dtype is None:
+        raise ValueError("dtype='auto' has no size to predict with; pass 'float32', 'float16' or 'bfloat16'.")
+    quant = _check_choice("quantization", quantization if quantization is not None else model_quant, QUANTIZATIONS)
+    attn = attn_implementation or (config._attn_implementation if model is not None else None) or "eager"
+    _check_choice("attn_implementation", attn, SUPPORTED_ATTENTION, " (eager materialises the scores)")
+    _check_choice("grad", grad, GRAD_MODES, " (the quick start's torch.set_grad_enabled(False) is 'no_grad')")
+    if not isinstance(use_autocast, bool):
+        raise ValueError(f"use_autocast={use_autocast!r}; pass True (the quick start's autocast) or False.")
+    _check_int("batch_size", batch_size, "images captioned together")
+    _check_int("new_tokens", new_tokens, "tokens generated per caption")
+    patch = config.vision_config.patch_size
+    size = config.image_size if image_size is None else _check_int("image_size", image_size, "pixels per side")
+    if size % patch:
+        raise ValueError(f"image_size={size}; it must be a multiple of the {patch} px patch size, "
+                         f"e.g. {max(patch, size // patch * patch)}.")
+    kind = _check_device(device)
+    config._attn_implementation = attn
+    return _Call(config=config, dtype=torch_dtype, quantization=quant, attn=attn, grad=grad,
+                 use_autocast=use_autocast, batch_size=batch_size, image_size=size, new_tokens=new_tokens, device=kind)
+
+
+def _stored_bytes(tensors: Sequence[torch.Tensor], cuda: bool) -> dict[torch.device, dict[int, int]]:
+    """Each storage once, by device, in the bytes the device's allocator gives it: {device: {storage: bytes}}."""
+    stored: dict[torch.device, dict[int, int]] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        stored.setdefault(tensor.device, {})[storage._cdata] = (
+            _round_cuda(storage.nbytes()) if cuda else storage.nbytes())
+    return stored
+
+
+def _estimate_from(acc: _SimulatedAccounting, call: _Call, *, label: str, device: str, weights: int, kv: int,
+                   simulated_kv: int, prompt_tokens: int, quant_bytes: int, seconds: float,
+                   notes: tuple[str, ...]) -> Estimate:
+    """The Estimate an accounting's replay gives (one device's weights, cache and peak)."""
+    crossing = acc.crossing
+    return Estimate(
+        label=label, device=device, settings=call.settings(),
+        weights_bytes=weights, kv_cache_bytes=kv, activations_bytes=max(acc.peak - weights - kv, 0),
+        peak_bytes=acc.peak, prompt_tokens=prompt_tokens, new_tokens=call.new_tokens,
+        quant_state_bytes=quant_bytes, autocast_copies_bytes=acc.copies_at_peak, peak_phase=acc.peak_phase,
+        simulated_kv_cache_bytes=simulated_kv, phase_peaks=dict(acc.phase_peaks),
+        budget_bytes=acc.budget_limit, oom=None if acc.budget_limit is None else crossing is not None,
+        oom_op=crossing and crossing.op, oom_location=crossing and crossing.location,
+        oom_phase=crossing and crossing.phase, oom_in_use_bytes=crossing and crossing.in_use,
+        seconds=seconds, notes=notes,
+    )
+
+
 def estimate_caption(
     model_or_config_or_scale: Any,
     *,
@@ -705,68 +804,37 @@ def estimate_caption(
     dtype, quantization and attention kind are taken when not given). Otherwise `dtype` defaults to
     float32, `quantization` to "none", `attn_implementation` to "eager". `budget` (a Budget or bytes):
     also predict whether, and at which op, the call would cross it. `tokenizer`: the course's by default.
+    For a model split over several GPUs by a device map, see `xcomp_lab.estimate_split`.
     """
     start = time.perf_counter()
-    config, model = _config_of(model_or_config_or_scale)
-    model_dtype, model_quant = _model_settings(model) if model is not None else ("float32", "none")
-    torch_dtype = check_dtype(dtype if dtype is not None else model_dtype)
-    if torch_dtype is None:
-        raise ValueError("dtype='auto' has no size to predict with; pass 'float32', 'float16' or 'bfloat16'.")
-    quant = _check_choice("quantization", quantization if quantization is not None else model_quant, QUANTIZATIONS)
-    attn = attn_implementation or (config._attn_implementation if model is not None else None) or "eager"
-    _check_choice("attn_implementation", attn, SUPPORTED_ATTENTION, " (eager materialises the scores)")
-    _check_choice("grad", grad, GRAD_MODES, " (the quick start's torch.set_grad_enabled(False) is 'no_grad')")
-    if not isinstance(use_autocast, bool):
-        raise ValueError(f"use_autocast={use_autocast!r}; pass True (the quick start's autocast) or False.")
-    _check_int("batch_size", batch_size, "images captioned together")
-    _check_int("new_tokens", new_tokens, "tokens generated per caption")
-    patch = config.vision_config.patch_size
-    size = config.image_size if image_size is None else _check_int("image_size", image_size, "pixels per side")
-    if size % patch:
-        raise ValueError(f"image_size={size}; it must be a multiple of the {patch} px patch size, "
-                         f"e.g. {max(patch, size // patch * patch)}.")
-    kind = _check_device(device)
-    limit = _resolve_budget(budget, kind)
-    config._attn_implementation = attn
+    call = _check_call(model_or_config_or_scale, dtype=dtype, quantization=quantization, grad=grad,
+                       use_autocast=use_autocast, attn_implementation=attn_implementation, batch_size=batch_size,
+                       image_size=image_size, new_tokens=new_tokens, device=device)
+    cuda = call.device == "cuda"
+    limit = _resolve_budget(budget, call.device)
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True, static_shapes=True)
-    fake = _build(config, torch_dtype, quant, fake_mode)
+    fake = _build(call.config, call.dtype, call.quantization, fake_mode)
     statistics = _quant_state_tensors(fake)
-    stored = {}  # each storage once, in the bytes the device's allocator gives it
-    for tensor in [*fake.parameters(), *fake.buffers(), *statistics]:
-        storage = tensor.untyped_storage()
-        stored[storage._cdata] = _round_cuda(storage.nbytes()) if kind == "cuda" else storage.nbytes()
+    (stored,) = _stored_bytes([*fake.parameters(), *fake.buffers(), *statistics], cuda).values()
     weights = sum(stored.values())
     quant_bytes = sum(stored[key] for key in {t.untyped_storage()._cdata for t in statistics})
 
-    acc = _SimulatedAccounting(weights, limit, cuda=kind == "cuda", autocast_on=use_autocast)
+    acc = _SimulatedAccounting(weights, limit, cuda=cuda, autocast_on=use_autocast)
     with fake_mode:
-        pixels = [torch.empty(3, size, size) for _ in range(batch_size)]  # decoded images: outside the count
-        with acc, (_CudaSoftmax() if kind == "cuda" else contextlib.nullcontext()):
-            replayed = _replay(fake, tokenizer or _course_tokenizer(), pixels, query=query, image_size=size,
+        pixels = [torch.empty(3, call.image_size, call.image_size) for _ in range(batch_size)]  # decoded images: not counted
+        with acc, (_CudaSoftmax() if cuda else contextlib.nullcontext()):
+            replayed = _replay(fake, tokenizer or _course_tokenizer(), pixels, query=query, image_size=call.image_size,
                                new_tokens=new_tokens, grad=grad, use_autocast=use_autocast,
                                exact_decode=exact_decode, acc=acc)
 
-    kv_dtype = torch.float16 if use_autocast else torch_dtype
-    kv = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * batch_size
-          * (replayed.prompt_tokens + new_tokens - 1) * torch.empty((), dtype=kv_dtype).element_size())
-    notes = _notes(kind, quant, use_autocast, exact_decode, quant_bytes, new_tokens)
+    kv = call.kv_cache_bytes(replayed.prompt_tokens)
+    notes = _notes(call.device, call.quantization, use_autocast, exact_decode, quant_bytes, new_tokens)
     if replayed.cache_bytes != kv:
         notes += (f"The simulated cache holds {replayed.cache_bytes:,} bytes, the formula gives {kv:,}.",)
-    crossing = acc.crossing
-    return Estimate(
-        label=label, device=kind,
-        settings=dict(dtype=dtype_name(torch_dtype), quantization=quant, grad=grad, use_autocast=use_autocast,
-                      attn_implementation=attn, batch_size=batch_size, image_size=size, new_tokens=new_tokens),
-        weights_bytes=weights, kv_cache_bytes=kv, activations_bytes=max(acc.peak - weights - kv, 0),
-        peak_bytes=acc.peak, prompt_tokens=replayed.prompt_tokens, new_tokens=new_tokens,
-        quant_state_bytes=quant_bytes, autocast_copies_bytes=acc.copies_at_peak, peak_phase=acc.peak_phase,
-        simulated_kv_cache_bytes=replayed.cache_bytes, phase_peaks=dict(acc.phase_peaks),
-        budget_bytes=limit, oom=None if limit is None else crossing is not None,
-        oom_op=crossing and crossing.op, oom_location=crossing and crossing.location,
-        oom_phase=crossing and crossing.phase, oom_in_use_bytes=crossing and crossing.in_use,
-        seconds=time.perf_counter() - start, notes=notes,
-    )
+    return _estimate_from(acc, call, label=label, device=call.device, weights=weights, kv=kv,
+                          simulated_kv=replayed.cache_bytes, prompt_tokens=replayed.prompt_tokens,
+                          quant_bytes=quant_bytes, seconds=time.perf_counter() - start, notes=notes)
 
 
 def course_budget_bytes(params: CourseParams, config: InternLMXcomposer2Config | None = None) -> int:

@@ -10,6 +10,12 @@ were split, and the buffers that `dispatch_model` keeps on the execution device 
 
 `offload_layers_map(config, n, main, target)` writes the simpler map one picks by hand: everything on the
 main device except the last `n` decoder layers, which go to `target` ("cpu" or "disk").
+
+`plan_from_pretrained(config, max_memory)` computes the map exactly as transformers' `from_pretrained(...,
+device_map="auto", max_memory=...)` does: transformers 5.24 balances the GPUs with its own
+`get_balanced_memory`, whose margin is 1.25 x the largest leaf module (here the output head, 1.5 GB in FP32)
+instead of accelerate's 1.25 x the largest layer. At full scale on two 24 GB cards that gives 17 + 15 decoder
+layers, where `plan_device_map(..., balanced=True)` gives 16 + 16.
 """
 
 from __future__ import annotations
@@ -182,6 +188,47 @@ def plan_device_map(config_or_model: Any, max_memory: Mapping[int | str, int | s
     with quiet_accelerate():
         resolved = get_max_memory(dict(limits))
     return _plan(model, device_map, sizes, torch_dtype, {k: int(v) for k, v in resolved.items()},
+                 tuple(str(w.message) for w in caught))
+
+
+def _meta_model_in(config_or_model: Any, dtype: torch.dtype) -> InternLMXComposer2ForCausalLM:
+    """The model on the meta device built in `dtype`, as from_pretrained(dtype=...) builds it (buffers included)."""
+    config = config_or_model.config if isinstance(config_or_model, torch.nn.Module) else config_or_model
+    if isinstance(config, str):
+        from .model.scales import config_for_scale
+
+        config = config_for_scale(config)
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        return meta_model(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def plan_from_pretrained(config_or_model: Any, max_memory: Mapping[int | str, int | str], *,
+                         dtype: str | torch.dtype = "float16") -> DevicePlan:
+    """The map `from_pretrained(..., device_map="auto", max_memory=max_memory, dtype=dtype)` computes.
+
+    `config_or_model`: a scale ("tiny", "full"), a configuration or a model (only its configuration is read).
+    The same two calls transformers makes (`transformers.integrations.accelerate.get_balanced_memory`, then its
+    `infer_auto_device_map`) on the model built on the meta device in `dtype`; GPUs need not exist here.
+    """
+    from transformers.integrations.accelerate import get_balanced_memory as tf_balanced_memory
+    from transformers.integrations.accelerate import infer_auto_device_map as tf_infer_auto_device_map
+
+    if not max_memory:
+        raise ValueError("max_memory is empty; give each device's limit, e.g. {0: '24GB', 1: '24GB'}.")
+    torch_dtype = check_dtype(dtype)
+    if torch_dtype is None:
+        raise ValueError("dtype='auto' has no size to plan with; give 'float32', 'float16' or 'bfloat16'.")
+    model = _meta_model_in(config_or_model, torch_dtype)
+    with quiet_accelerate() as caught:
+        limits = tf_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=model._no_split_modules)
+        device_map = tf_infer_auto_device_map(model, max_memory=limits, no_split_module_classes=model._no_split_modules,
+                                              no_placement_params=getattr(model, "_no_placement_params", None))
+        sizes = compute_module_sizes(model, dtype=torch_dtype)
+    return _plan(model, device_map, sizes, torch_dtype, {k: int(v) for k, v in limits.items()},
                  tuple(str(w.message) for w in caught))
 
 

@@ -140,6 +140,8 @@ class _CpuAccounting(TorchDispatchMode):
     # Fake tensors (FakeTensorMode) hold no memory, so a measured block that makes some ignores them; the
     # estimator's subclass counts them, as the memory they stand for.
     counts_fake = False
+    # The device whose storages count. The estimator's per-card accounting counts a fake device standing for a GPU.
+    counted_device = torch.device("cpu")
 
     def __init__(self, start_bytes: int, budget: Budget | None, sample_every: int, max_samples: int) -> None:
         super().__init__()
@@ -212,7 +214,7 @@ class _CpuAccounting(TorchDispatchMode):
         total = 0
         largest = None
         for tensor in items:
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_cpu:
+            if not isinstance(tensor, torch.Tensor) or tensor.device != self.counted_device:
                 continue
             if isinstance(tensor, FakeTensor) and not self.counts_fake:
                 continue
