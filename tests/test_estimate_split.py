@@ -55,7 +55,8 @@ def test_the_plan_splits_the_tiny_model_over_two_cards(tiny_plan, split):
 
 
 def _card_of(name: str, device_map: dict) -> int:
-    return max(((key, card) for key, card in device_map.items() if name.startswith(key + ".")), key=lambda kc: len(kc[0]))[1]
+    around = [(key, card) for key, card in device_map.items() if name.startswith(key + ".")]
+    return max(around, key=lambda kc: len(kc[0]))[1]  # the longest key that contains the tensor
 
 
 def test_card_weights_are_the_plans_bytes_per_device_rounded_as_cuda(tiny_plan, split):
@@ -128,13 +129,16 @@ def test_execution_order_names_each_part_and_its_card(split):
     assert split.execution_order == (
         ("vit", 1), ("vision_proj", 1), ("model.tok_embeddings", 0), ("model.layers.0", 0), ("model.layers.1", 0),
         ("model.layers.2", 1), ("model.layers.3", 1), ("model.norm", 1), ("output", 1))
-    assert "vit@1 -> vision_proj@1 -> model.tok_embeddings@0 -> model.layers.0-1@0 -> model.layers.2-3@1" in split.table()
+    order = "vit@1 -> vision_proj@1 -> model.tok_embeddings@0 -> model.layers.0-1@0 -> model.layers.2-3@1"
+    assert order in split.table()
 
 
 def test_three_cards_and_a_card_holding_no_decoder_layer():
-    three = estimate_split_caption("tiny", _map([0, 1, 1, 2], norm=2, output=2, vision=0), dtype="float16", **SETTINGS)
+    device_map = _map([0, 1, 1, 2], norm=2, output=2, vision=0)
+    three = estimate_split_caption("tiny", device_map, dtype="float16", **SETTINGS)
     assert sorted(three.cards) == [0, 1, 2] and three.layers == {0: (0,), 1: (1, 2), 2: (3,)}
-    assert three.where(1) == "model.layers.1-2" and three.where(0) == "model.layers.0 + model.tok_embeddings + vit + vision_proj"
+    assert three.where(1) == "model.layers.1-2"
+    assert three.where(0) == "model.layers.0 + model.tok_embeddings + vit + vision_proj"
     hops = {(t.source, t.target) for t in three.transfers if t.phase == "prefill"}
     assert {(0, 1), (1, 2), (2, 0)} <= hops
 
@@ -148,8 +152,9 @@ def test_the_card_that_runs_out_first_is_named(split):
     assert one_short.oom_cards == (1,) and one_short.oom_card == 1
     assert not one_short.cards[0].oom and one_short.cards[1].oom
     assert one_short.cards[1].oom_phase.startswith("prefill")
-    assert re.fullmatch(r"card 0: predicted peak \d+\.\d\d MiB of \d+\.\d\d MiB budget \(fits\) \| "
-                        r"card 1: predicted peak \d+\.\d\d MiB of \d+\.\d\d MiB budget \(OOM first\)", one_short.summary())
+    line = (r"card 0: predicted peak \d+\.\d\d MiB of \d+\.\d\d MiB budget \(fits\) \| "
+            r"card 1: predicted peak \d+\.\d\d MiB of \d+\.\d\d MiB budget \(OOM first\)")
+    assert re.fullmatch(line, one_short.summary())
     # Both over: the one whose budget leaves no room at all crosses first, at its first allocation.
     for tight, late in ((0, 1), (1, 0)):
         both = estimate_split_caption("tiny", split.device_map, dtype="float32",

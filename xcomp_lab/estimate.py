@@ -622,8 +622,9 @@ def _replay(model: nn.Module, tokenizer: Any, pixels: list[torch.Tensor], *, que
             # generate's special-token tensors (bos, the two stops, pad) and its position ids, grown each step,
             # on the inputs' device; its input ids on the model's (the first parameter's) device.
             at, ids_at = embeds.device, next(model.parameters()).device
-            specials = [torch.tensor(tokenizer.bos_token_id, device=at), torch.tensor([tokenizer.eos_token_id,
-                        tokenizer.convert_tokens_to_ids(IM_END)], device=at), torch.tensor(tokenizer.pad_token_id, device=at)]
+            stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
+            specials = [torch.tensor(token, device=at) for token in (tokenizer.bos_token_id, stops,
+                                                                     tokenizer.pad_token_id)]
             mask = torch.ones((batch, prompt), dtype=torch.long, device=at)
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
             del mask
@@ -655,7 +656,8 @@ def _replay(model: nn.Module, tokenizer: Any, pixels: list[torch.Tensor], *, que
                 done = step
         by_device: dict[torch.device, int] = {}
         for layer in cache.layers:
-            by_device[layer.keys.device] = by_device.get(layer.keys.device, 0) + layer.keys.nbytes + layer.values.nbytes
+            held = layer.keys.nbytes + layer.values.nbytes
+            by_device[layer.keys.device] = by_device.get(layer.keys.device, 0) + held
         return _Replayed(prompt_tokens=prompt, cache_bytes=cache_bytes(cache), cache_bytes_by_device=by_device)
 
 
@@ -822,7 +824,8 @@ def estimate_caption(
 
     acc = _SimulatedAccounting(weights, limit, cuda=cuda, autocast_on=use_autocast)
     with fake_mode:
-        pixels = [torch.empty(3, call.image_size, call.image_size) for _ in range(batch_size)]  # decoded images: not counted
+        # The decoded images: not counted.
+        pixels = [torch.empty(3, call.image_size, call.image_size) for _ in range(batch_size)]
         with acc, (_CudaSoftmax() if cuda else contextlib.nullcontext()):
             replayed = _replay(fake, tokenizer or _course_tokenizer(), pixels, query=query, image_size=call.image_size,
                                new_tokens=new_tokens, grad=grad, use_autocast=use_autocast,

@@ -29,6 +29,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -329,7 +330,7 @@ def _execution_order(model: nn.Module, order: list[tuple[str, int]]) -> Iterator
             seen.add(name)
             order.append((name, card))
 
-    handles = [module.register_forward_pre_hook(lambda *a, n=name, c=_card_of_module(module): ran(n, c, *a))
+    handles = [module.register_forward_pre_hook(partial(ran, name, _card_of_module(module)))
                for name, module in _parts(model)]
     try:
         yield
@@ -475,8 +476,8 @@ def estimate_split_caption(
 def _split_notes() -> tuple[str, ...]:
     return ("Split as accelerate's dispatch_model runs it: each module's inputs copied to its card before it runs, "
             "the model's outputs (the logits) copied back to the card of its inputs.",
-            "Per card, the CUDA context and the cuBLAS workspace of each card are not included (a few hundred MiB of "
-            "reserved memory outside torch.cuda.max_memory_allocated).")
+            "Each card's figures are what torch.cuda.max_memory_allocated(card) reports; the CUDA context of each "
+            "card (a few hundred MiB, outside the allocator) comes on top.")
 
 
 def course_split_estimates(scale: str = "full", cases: tuple[str, ...] = tuple(COURSE_SPLITS), *,
