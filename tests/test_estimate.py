@@ -30,8 +30,11 @@ FULL_POSITION_IDS = (35 * 35 + 1) * 8  # CLIP's int64 position ids buffer at 490
 
 
 @pytest.fixture(scope="module")
-def step_runs():
-    """Every step measured (run_step under the course budget) and predicted, with the default parameters."""
+def measured_runs():
+    """Every step measured (run_step under the course budget) with the default parameters, and its default estimate.
+
+    The trained captioner may stop before max_new_tokens; the default estimate assumes it never does.
+    """
     params = check_params(device="cpu")
     budget = course_budget(params, parameter_count(params.scale) * 4)  # the notebooks' budget
     images = [make_dataset(1, seed=1000, image_size=112)[0][0]]
@@ -46,6 +49,29 @@ def step_runs():
     finally:
         torch.set_num_threads(threads)
     return runs
+
+
+@pytest.fixture(scope="module")
+def step_runs(measured_runs):
+    """Each measured step with the estimate for the number of tokens it really generated."""
+    runs = {}
+    for name, (default, run) in measured_runs.items():
+        if run.memory.oom:
+            runs[name] = (default, run)
+        else:
+            generated = check_params(device="cpu", max_new_tokens=run.new_tokens)
+            runs[name] = (estimate_step(STEPS[name], generated), run)
+    return runs
+
+
+def test_captions_stop_early_and_the_default_estimate_is_an_upper_bound(measured_runs):
+    stopped_early = 0
+    for name, (default, run) in measured_runs.items():
+        if not run.memory.oom:
+            assert 0 < run.new_tokens <= default.new_tokens, name
+            assert run.memory.peak_bytes <= default.peak_bytes, name
+            stopped_early += run.new_tokens < default.new_tokens
+    assert stopped_early, "the trained captioner should end its caption before 16 tokens"
 
 
 def test_every_step_peak_within_3_percent_and_oom_as_measured(step_runs):
@@ -70,10 +96,15 @@ def test_predicted_oom_names_the_op_and_line_that_failed(step_runs):
 
 def test_cpu_prediction_is_exact_apart_from_bitsandbytes_statistics(step_runs):
     # CPU accounting counts parameters and buffers as weights; absmax/SCB are neither.
+    # LLM.int8() multiplies the input columns holding a value above its threshold (6.0) separately in FP16;
+    # the trained captioner has such outliers at the input of every w2, so INT8 allocates a few KiB more
+    # than the fake replay, which cannot know the data. Every other step is exact.
+    outlier_allowance = {"int8": 8 * 1024}
     for name, (predicted, run) in step_runs.items():
         if not run.memory.oom:
             assert predicted.weights_bytes - predicted.quant_state_bytes == run.memory.weights_bytes, name
-            assert abs(predicted.peak_bytes - predicted.quant_state_bytes - run.memory.peak_bytes) <= 64, name
+            gap = run.memory.peak_bytes - (predicted.peak_bytes - predicted.quant_state_bytes)
+            assert abs(gap) <= 64 + outlier_allowance.get(name, 0), (name, gap)
 
 
 def test_kv_cache_formula_equals_simulated_and_measured_cache(step_runs):
@@ -83,14 +114,15 @@ def test_kv_cache_formula_equals_simulated_and_measured_cache(step_runs):
             assert predicted.kv_cache_bytes == run.memory.kv_cache_bytes, name
     no_autocast = step_runs["fp32-no-autocast"][0]
     layers, kv_heads, head_dim = 4, 1, 64  # tiny: hidden 256 / 4 heads, one KV head
-    assert no_autocast.kv_cache_bytes == 2 * layers * kv_heads * head_dim * 1 * (no_autocast.prompt_tokens + 15) * 4
+    cached = no_autocast.prompt_tokens + no_autocast.new_tokens - 1  # the last new token is never cached
+    assert no_autocast.kv_cache_bytes == 2 * layers * kv_heads * head_dim * 1 * cached * 4
 
 
 def test_kv_cache_grows_with_batch_and_tokens(step_runs):
-    one = step_runs["bf16"][0]  # batch 1, 16 new tokens
+    one = step_runs["bf16"][0]  # batch 1, as many new tokens as the caption had
     two = estimate_caption("tiny", dtype="bfloat16", new_tokens=5, batch_size=2)
     per_token = 2 * 4 * 1 * 64 * 2  # keys and values x layers x KV heads x head dim x BF16
-    assert one.kv_cache_bytes == one.simulated_kv_cache_bytes == per_token * (one.prompt_tokens + 15)
+    assert one.kv_cache_bytes == one.simulated_kv_cache_bytes == per_token * (one.prompt_tokens + one.new_tokens - 1)
     assert two.kv_cache_bytes == two.simulated_kv_cache_bytes == 2 * per_token * (two.prompt_tokens + 4)
 
 
