@@ -183,6 +183,31 @@ def measure_one_card(path: Path, args: argparse.Namespace, dtype: str, images: l
     return _record(case, "one-card", dtype, None, run, cards, {})
 
 
+def split_report(path: str | Path) -> str:
+    """One line per run of a `split.jsonl` this runner wrote: each card's measured peak against its prediction,
+    and tokens/s against the same dtype on one card."""
+    from .units import fmt_bytes
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `python -m xcomp_lab.gpu_split_run --out {path.parent}` "
+                                f"on a machine with two GPUs first.")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    one_card = {r["dtype"]: r for r in records if r["kind"] == "one-card"}
+    lines = []
+    for r in (r for r in records if r["kind"] == "split"):
+        cards = " | ".join(
+            f"card {card}: {'OOM' if r['oom'] and r['oom_card_measured'] == int(card) else fmt_bytes(c['peak_bytes'])}"
+            f" measured, {fmt_bytes(c['predicted_peak_bytes'])} predicted (x{c['measured_over_predicted']:.3f})"
+            for card, c in r["cards"].items())
+        speed = f"{r['tokens_per_s']:.1f} tok/s" if r["tokens_per_s"] else "no speed"
+        alone = one_card.get(r["dtype"])
+        if alone and alone["tokens_per_s"] and r["tokens_per_s"]:
+            speed += f" (one card: {alone['tokens_per_s']:.1f}, x{r['tokens_per_s'] / alone['tokens_per_s']:.2f})"
+        lines.append(f"{r['case']}: {cards} | {speed}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_gpus()

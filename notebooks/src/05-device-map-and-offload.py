@@ -38,12 +38,12 @@ print(params)
 # %%
 import torch
 from xcomp_lab.model.scales import config_for_scale
-from xcomp_lab.placement import meta_model, plan_device_map
+from xcomp_lab.placement import meta_model, plan_device_map, plan_from_pretrained
 from xcomp_lab.units import GB, fmt_bytes
 
 full = meta_model(config_for_scale("full"))
 print(f"never split: {sorted(full._no_split_modules)}")
-two_cards = plan_device_map(full, {0: "24GB", 1: "24GB"}, dtype="float32", balanced=True)
+two_cards = plan_from_pretrained(full, {0: "24GB", 1: "24GB"}, dtype="float32")
 print(f"full model in FP32: {fmt_bytes(two_cards.total_bytes)} (parameters and rotary tables) | "
       f"one 24 GB card: {fmt_bytes(24 * GB)} | two: {fmt_bytes(48 * GB)}")
 
@@ -52,8 +52,8 @@ print(f"full model in FP32: {fmt_bytes(two_cards.total_bytes)} (parameters and r
 #
 # ## Step 2: two 24 GB cards, FP32
 #
-# With several GPUs, `device_map="auto"` first evens out the cards (`balanced=True` here does the same), so
-# that each holds about half:
+# With several GPUs, `from_pretrained(device_map="auto")` first evens out the cards (transformers'
+# `get_balanced_memory`), then fills them in order. `plan_from_pretrained` makes the same two calls:
 
 # %%
 print(two_cards.describe())
@@ -62,8 +62,35 @@ print(f"no-split modules cut across devices: {list(two_cards.split_modules) or '
 
 # %% [markdown]
 # Every decoder layer sits whole on one card and nothing is offloaded. Balancing allows GPU 0 only about half
-# the model plus a margin, and GPU 1 its whole card for the rest. Note what the plan does not count:
-# activations, the KV cache and autocast's copies (notebooks 01 and 04) must fit in what the weights leave free.
+# the model plus a margin, and GPU 1 its whole card for the rest. What the plan does not count: activations,
+# the KV cache and autocast's copies (notebooks 01 and 04) must fit in what the weights leave free, on each card.
+#
+# **Each card's peak.** The estimator replays the caption with the model dispatched by accelerate's own hooks
+# over two stand-in cards, and counts every allocation on the card where it happens: the hidden state that a
+# hook copies to the next card, and the logits it copies back to the first one at the end.
+
+# %%
+from xcomp_lab.estimate_split import estimate_split_caption
+
+split = estimate_split_caption("full", two_cards, dtype="float32", new_tokens=params.max_new_tokens,
+                               budget="24GB", label="2x24GB-fp32")
+print(split.summary())
+print(split.transfer_table(min_bytes=2**20))
+
+# %% [markdown]
+# Measured on two H100s (each emulating a 24 GB card, `python -m xcomp_lab.gpu_split_run`, results committed in
+# `results/full-h100x2/`), against the same prediction on the map the load really made, and the speed against
+# the whole model on one card:
+
+# %%
+from xcomp_lab.gpu_split_run import split_report
+
+print(split_report("../results/full-h100x2/split.jsonl"))
+
+# %% [markdown]
+# The ratios say how close the per-card prediction came on real cards. The speed says what the split costs:
+# `device_map="auto"` runs the cards one after the other (pipeline without overlap), so a second card adds
+# memory, not speed, and every new token's hidden state crosses between them.
 #
 # ## Step 3: one 24 GB card and the CPU, FP32
 #

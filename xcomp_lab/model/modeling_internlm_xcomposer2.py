@@ -337,7 +337,7 @@ class InternLMXComposer2PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["InternLM2DecoderLayer", "CLIPEncoderLayer"]
-    _skip_keys_device_placement = "cache"
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
