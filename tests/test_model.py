@@ -267,3 +267,24 @@ def test_a_larger_image_gives_more_image_tokens(tiny_model, scene_image):
     model, _ = tiny_model
     tokens = model.encode_img([scene_image], image_size=2 * model.config.image_size).shape[1]
     assert tokens == 4 * model.config.image_tokens
+
+
+def test_load_model_pins_the_tokenizer_to_the_same_revision(monkeypatch: pytest.MonkeyPatch):
+    from xcomp_lab.model import loading
+
+    calls: dict[str, dict] = {}
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def from_pretrained(self, path, **kwargs):
+            calls[self.name] = kwargs
+            return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(loading, "AutoModel", Recorder("model"))
+    monkeypatch.setattr(loading, "AutoTokenizer", Recorder("tokenizer"))
+    loading.load_model("some/hub-id", revision="0123abc")
+    assert calls["model"]["revision"] == calls["tokenizer"]["revision"] == "0123abc"
+    loading.load_model("some/hub-id")
+    assert "revision" not in calls["tokenizer"]

@@ -82,7 +82,9 @@ def load_model(
     """Load model and tokenizer as the model card does, after checking every argument.
 
     `dtype="auto"` keeps the checkpoint's own dtype (transformers 5's default); pass "float32" to get the
-    FP32 model older transformers gave by default.
+    FP32 model older transformers gave by default. Both model and tokenizer run code from the checkpoint
+    (`trust_remote_code=True`): for a hub id, pass `revision="<commit hash>"` to pin the code you read; it
+    reaches the tokenizer too.
     """
     torch_dtype = check_dtype(dtype)
     check_attn_implementation(attn_implementation)
@@ -100,6 +102,7 @@ def load_model(
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
     model = AutoModel.from_pretrained(path, **options)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    pinned = {"revision": kwargs["revision"]} if "revision" in kwargs else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, **pinned)
     return model.eval(), tokenizer
 
