@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .gpu_split_run import split_report
 from .units import GB, GIB, fmt_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,7 @@ GUIDE = DOCS / "instructor-guide.md"
 TIMINGS = DOCS / "timings-tiny-cpu.json"
 TINY_RESULTS = DOCS / "results-tiny-cpu.jsonl"
 FULL = ROOT / "results" / "full-h100"
+SPLIT = ROOT / "results" / "full-h100x2" / "split.jsonl"
 
 
 @dataclass(frozen=True)
@@ -388,7 +390,7 @@ note under the timings): the next-token
 choice agrees with the FP32 reference at {agreement} of prompt positions."""
 
 
-def faq_device_map(tiny: list[dict[str, Any]], full: list[dict[str, Any]], machine: str) -> str:
+def faq_device_map(tiny: list[dict[str, Any]], full: list[dict[str, Any]], machine: str, split: str | None) -> str:
     offload = _find(tiny, "05-fp16-offload-disk")
     reference = _find_before(tiny, "fp16", "05-fp16-offload-disk")
     same = offload["caption"] == reference["caption"]
@@ -405,7 +407,23 @@ cut resident weights from {fmt_bytes(reference['weights_bytes'])} to {fmt_bytes(
 to {fmt_bytes(offload['peak_bytes'])}; the caption was {'identical' if same else 'DIFFERENT'}. Tokens per second,
 one run each inside the memory accounting on a shared machine, so rough: {reference['tokens_per_s']:.1f} without
 offload, {offload['tokens_per_s']:.1f} with it. The cost grows with what is offloaded: every generated token reads
-the offloaded weights again (from disk on a CPU, across PCIe on a GPU). {full_text}"""
+the offloaded weights again (from disk on a CPU, across PCIe on a GPU). {full_text}{_split_text(split)}"""
+
+
+def _split_text(split: str | None) -> str:
+    if split is None:
+        return ""
+    return f"""
+
+Split over two GPUs instead (`python -m xcomp_lab.gpu_split_run`, two H100s each emulating a 24 GB card,
+`{SPLIT.relative_to(ROOT)}`), each card's measured peak against the per-card estimate, and the speed against the
+whole model on one card:
+
+```
+{split}
+```
+
+Two cards give memory, not speed: they run one after the other."""
 
 
 def faq_sdpa(full: list[dict[str, Any]], tiny: list[dict[str, Any]], env: dict[str, Any], machine: str) -> str:
@@ -527,7 +545,7 @@ def render_guide(timings: str | os.PathLike = TIMINGS, tiny_results: str | os.Pa
         faq_eval(full_records, tiny, env, machine),
         faq_oom(full_records, tiny, env),
         faq_int8(full_records, tiny, env, machine),
-        faq_device_map(tiny, full_records, machine),
+        faq_device_map(tiny, full_records, machine, split_report(SPLIT) if SPLIT.is_file() else None),
         faq_sdpa(full_records, tiny, env, machine),
         faq_half(full_records, tiny, machine),
         faq_estimator(predictions, full_records, env),
