@@ -26,6 +26,10 @@ from .params import check_params
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
+# A cell running longer than this fails the run instead of hanging it; at full scale on an H100 no notebook
+# took over 2 minutes in all.
+CELL_TIMEOUT_S = 900
+
 
 def notebooks(directory: Path = NOTEBOOKS) -> list[Path]:
     """The numbered notebooks, in course order."""
@@ -62,6 +66,7 @@ def run_course(
             cwd=str(notebook.parent),
             kernel_name="python3",
             progress_bar=False,
+            execution_timeout=CELL_TIMEOUT_S,
         )
         timings[notebook.name] = round(time.perf_counter() - start, 1)
     (out / "timings.json").write_text(json.dumps({"parameters": params.as_dict(), "seconds": timings}, indent=2))

@@ -105,7 +105,6 @@ def plan_chart(result: Plan) -> Figure:
 def planner(scale: str = "full", device: str = "cuda") -> Any:
     """An ipywidgets planner: controls, a Predict button, the verdict table and the chart."""
     import ipywidgets as widgets
-    from IPython.display import display
 
     controls = dict(
         card_gb=widgets.Dropdown(options=GPU_PRESETS_GB, value=48, description="card (GB)"),
@@ -120,11 +119,12 @@ def planner(scale: str = "full", device: str = "cuda") -> Any:
     output = widgets.Output()
 
     def predict(_: Any = None) -> None:
-        with output:
-            output.clear_output(wait=True)
-            result = plan(**{k: w.value for k, w in controls.items()}, scale=scale, device=device)
-            print(result.estimate.table())
-            display(plan_chart(result))
+        # Filled through its `outputs` rather than `with output:`: capturing into an Output widget while a
+        # headless client (papermill, nbval) runs the cell can leave nbclient waiting forever.
+        result = plan(**{k: w.value for k, w in controls.items()}, scale=scale, device=device)
+        output.outputs = ()
+        output.append_stdout(result.estimate.table() + "\n")
+        output.append_display_data(plan_chart(result))
 
     button.on_click(predict)
     box = widgets.VBox([widgets.HBox(list(controls.values())[:4]), widgets.HBox([*list(controls.values())[4:], button]), output])
