@@ -2,8 +2,8 @@
 
     python -m xcomp_lab.gpu_split_run --out results/full-h100x2 --per-card-gb 24
 
-NOT RUN YET. Written on a CPU-only machine: only its argument checks and its refusal without two GPUs are
-tested (tests/test_gpu_split_run.py). Read its first results critically.
+Run on 2026-11-25 on two H100s (results/full-h100x2/: every card within 0.4% of its prediction). CI has no
+GPU: tests/test_gpu_split_run.py checks its arguments, its refusal without two GPUs and the report of that run.
 
 Needs at least two CUDA GPUs (it refuses otherwise). Builds (or reuses) the full-scale FP16 checkpoint, then
 for each dtype (FP32 and FP16 by default):
