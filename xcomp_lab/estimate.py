@@ -42,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 
 from .captioning import prompt_batch
 from .dtypes import check_dtype, dtype_name
-from .experiment import GRAD_MODES, autocast, cache_bytes, grad_mode
+from .experiment import GRAD_MODES, autocast, cache_bytes_by_device, grad_mode
 from .memory import Budget, MemoryResult
 from .memory.measure import _CpuAccounting
 from .memory.oom import model_frame
@@ -576,8 +576,11 @@ class _CudaSoftmax(TorchFunctionMode):
 @dataclass
 class _Replayed:
     prompt_tokens: int
-    cache_bytes: int
     cache_bytes_by_device: dict[torch.device, int]  # where each layer's keys and values live
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(self.cache_bytes_by_device.values())
 
 
 def _fast_forward(cache: Any, length: int) -> None:
@@ -654,11 +657,7 @@ def _replay(model: nn.Module, tokenizer: Any, pixels: list[torch.Tensor], *, que
                 positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
                 del outputs  # the prefill logits go here, as generate deletes them
                 done = step
-        by_device: dict[torch.device, int] = {}
-        for layer in cache.layers:
-            held = layer.keys.nbytes + layer.values.nbytes
-            by_device[layer.keys.device] = by_device.get(layer.keys.device, 0) + held
-        return _Replayed(prompt_tokens=prompt, cache_bytes=cache_bytes(cache), cache_bytes_by_device=by_device)
+        return _Replayed(prompt_tokens=prompt, cache_bytes_by_device=cache_bytes_by_device(cache))
 
 
 # ----- the API ------------------------------------------------------------------------------------------

@@ -41,17 +41,20 @@ def autocast(device: str, enabled: bool) -> contextlib.AbstractContextManager:
     return torch.autocast(torch.device(device).type, dtype=torch.float16)
 
 
-def cache_bytes(cache: Any) -> int:
-    """Bytes held by a transformers Cache (keys and values of every layer)."""
-    if cache is None:
-        return 0
-    total = 0
+def cache_bytes_by_device(cache: Any) -> dict[torch.device, int]:
+    """Bytes held by a transformers Cache (keys and values of every layer), by the device they are on."""
+    held: dict[torch.device, int] = {}
     for layer in getattr(cache, "layers", []):
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+                held[tensor.device] = held.get(tensor.device, 0) + tensor.numel() * tensor.element_size()
+    return held
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by a transformers Cache (keys and values of every layer), on every device."""
+    return sum(cache_bytes_by_device(cache).values())
 
 
 @contextlib.contextmanager

@@ -164,6 +164,14 @@ def _buffer_bytes(model: torch.nn.Module, prefix: str, dtype: torch.dtype) -> in
     return sum(b.numel() * (size if b.is_floating_point() else b.element_size()) for b in module.buffers())
 
 
+def _planning_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`dtype` checked, and concrete: a plan needs bytes per value."""
+    torch_dtype = check_dtype(dtype)
+    if torch_dtype is None:
+        raise ValueError("dtype='auto' has no size to plan with; give 'float32', 'float16' or 'bfloat16'.")
+    return torch_dtype
+
+
 def plan_device_map(config_or_model: Any, max_memory: Mapping[int | str, int | str], *,
                     dtype: str | torch.dtype = "float16", balanced: bool = False) -> DevicePlan:
     """accelerate's device map for the model of `config_or_model` under `max_memory`, e.g. {0: "24GB", "cpu": "64GiB"}.
@@ -174,9 +182,7 @@ def plan_device_map(config_or_model: Any, max_memory: Mapping[int | str, int | s
     """
     if not max_memory:
         raise ValueError("max_memory is empty; give each device's limit, e.g. {0: '24GB', 'cpu': '64GiB'}.")
-    torch_dtype = check_dtype(dtype)
-    if torch_dtype is None:
-        raise ValueError("dtype='auto' has no size to plan with; give 'float32', 'float16' or 'bfloat16'.")
+    torch_dtype = _planning_dtype(dtype)
     model = config_or_model if isinstance(config_or_model, torch.nn.Module) else meta_model(config_or_model)
     no_split = list(model._no_split_modules)
     limits = dict(max_memory)
@@ -219,9 +225,7 @@ def plan_from_pretrained(config_or_model: Any, max_memory: Mapping[int | str, in
 
     if not max_memory:
         raise ValueError("max_memory is empty; give each device's limit, e.g. {0: '24GB', 1: '24GB'}.")
-    torch_dtype = check_dtype(dtype)
-    if torch_dtype is None:
-        raise ValueError("dtype='auto' has no size to plan with; give 'float32', 'float16' or 'bfloat16'.")
+    torch_dtype = _planning_dtype(dtype)
     model = _meta_model_in(config_or_model, torch_dtype)
     with quiet_accelerate() as caught:
         limits = tf_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=model._no_split_modules)
@@ -235,9 +239,7 @@ def plan_from_pretrained(config_or_model: Any, max_memory: Mapping[int | str, in
 def summarize_map(config_or_model: Any, device_map: Mapping[str, int | str], *,
                   dtype: str | torch.dtype = "float16") -> DevicePlan:
     """The same summary for a device map written by hand (or read from `model.hf_device_map`)."""
-    torch_dtype = check_dtype(dtype)
-    if torch_dtype is None:
-        raise ValueError("dtype='auto' has no size to plan with; give 'float32', 'float16' or 'bfloat16'.")
+    torch_dtype = _planning_dtype(dtype)
     model = config_or_model if isinstance(config_or_model, torch.nn.Module) else meta_model(config_or_model)
     with quiet_accelerate():
         sizes = compute_module_sizes(model, dtype=torch_dtype)

@@ -15,6 +15,7 @@ import os
 import shutil
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -92,10 +93,15 @@ def checkpoint_dir(scale: str, dtype: str | torch.dtype, seed: int) -> Path:
 
     The key changes whenever the configuration or the modeling code changes, so a stale build is never reused.
     """
-    config = json.dumps(config_for_scale(scale).to_dict(), sort_keys=True, default=str)
-    code = Path(modeling_internlm_xcomposer2.__file__).read_bytes()
-    key = hashlib.sha256(config.encode() + code).hexdigest()[:10]
+    key = _source_digest(config_for_scale(scale)).hexdigest()[:10]
     return cache_root() / "checkpoints" / f"random-{check_scale(scale)}-{dtype_name(check_dtype(dtype))}-seed{seed}-{key}"
+
+
+def _source_digest(config: InternLMXcomposer2Config) -> Any:
+    """A sha256 of the configuration and the modeling code, the two things a cached checkpoint must match."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(Path(modeling_internlm_xcomposer2.__file__).read_bytes())
+    return digest
 
 
 def build_checkpoint(
@@ -163,9 +169,8 @@ def trained_tiny_checkpoint() -> Path:
     """
     config = config_for_scale("tiny")
     config.dtype = "float16"
-    digest = hashlib.sha256(TRAINED_TINY_WEIGHTS.read_bytes())
-    digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    digest.update(Path(modeling_internlm_xcomposer2.__file__).read_bytes())
+    digest = _source_digest(config)
+    digest.update(TRAINED_TINY_WEIGHTS.read_bytes())
     directory = cache_root() / "checkpoints" / f"trained-tiny-{digest.hexdigest()[:10]}"
     if (directory / DONE_MARKER).exists():
         return directory
