@@ -78,3 +78,38 @@ def test_eval_alone_saves_nothing_and_no_grad_saves_activations(default_run):
     needed = with_grads["extra"]["unbudgeted_peak_bytes"] - with_grads["weights_bytes"]
     assert with_grads["oom"] is True
     assert needed > 2 * steps["03-prefill-no-grad"]["activations_bytes"]
+
+
+def write_notebook(path: Path, source: str) -> None:
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("scale = 'tiny'", metadata={"tags": ["parameters"]}),
+                      nbformat.v4.new_code_cell(source)]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)
+
+
+def test_a_failing_notebook_is_named_kept_and_summarised_and_the_rest_still_run(tmp_path: Path, capsys):
+    from xcomp_lab.course import CourseFailed, main
+
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    write_notebook(source / "00-fine.ipynb", "print('first ran')")
+    write_notebook(source / "01-broken.ipynb", "raise ValueError('N must be divisible by block_n')")
+    write_notebook(source / "02-after.ipynb", "print('third ran')")
+    out = tmp_path / "out"
+    with pytest.raises(CourseFailed) as failed:
+        run_course(out, notebook_dir=source, scale="tiny", device="cpu", progress=False)
+    (failure,) = failed.value.failures
+    assert failure.notebook == "01-broken.ipynb" and failure.error == "ValueError: N must be divisible by block_n"
+    assert "01-broken.ipynb failed in cell [3]" in str(failed.value)  # 1: parameters, 2: papermill's injected ones
+    assert "N must be divisible by block_n" in failure.executed_copy.read_text()
+    summary = (out / "summary.html").read_text()
+    assert "first ran" in summary and "third ran" in summary and "N must be divisible" in summary
+    import json
+
+    assert json.loads((out / "timings.json").read_text())["failed"] == {"01-broken.ipynb": failure.error}
+    assert main(["--notebooks", str(source), "--output", str(tmp_path / "again"), "--scale", "tiny",
+                 "--device", "cpu"]) == 1
+    assert "course FAILED" in capsys.readouterr().err

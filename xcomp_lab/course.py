@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,38 +40,77 @@ def notebooks(directory: Path = NOTEBOOKS) -> list[Path]:
     return found
 
 
+@dataclass(frozen=True)
+class NotebookFailure:
+    """A notebook that stopped with an error: which cell, what error, and where its executed copy lies."""
+
+    notebook: str
+    cell: int  # execution count of the failing cell
+    error: str  # "ExceptionName: message"
+    executed_copy: Path
+
+    def __str__(self) -> str:
+        return f"{self.notebook} failed in cell [{self.cell}]: {self.error} (executed copy: {self.executed_copy})"
+
+
+class CourseFailed(RuntimeError):
+    """One or more notebooks failed; the others ran, and the summary shows everything that ran."""
+
+    def __init__(self, failures: list[NotebookFailure], output_dir: Path) -> None:
+        self.failures = failures
+        self.output_dir = output_dir
+        lines = "\n".join(f"- {failure}" for failure in failures)
+        super().__init__(f"{len(failures)} notebook(s) failed; summary of what ran: "
+                         f"{output_dir / 'summary.html'}\n{lines}")
+
+
 def run_course(
     output_dir: str | os.PathLike | None = None,
     *,
     only: list[str] | None = None,
     progress: bool = True,
+    notebook_dir: str | os.PathLike = NOTEBOOKS,
     **parameters: Any,
 ) -> Path:
-    """Execute the notebooks (all, or those whose names start with one of `only`) and render the summary."""
+    """Execute the notebooks (all, or those whose names start with one of `only`) and render the summary.
+
+    A notebook that fails does not stop the others: its executed copy (with the error in the failing cell)
+    is kept, the summary shows every notebook that ran, and `CourseFailed` is raised at the end.
+    """
     params = check_params(**{k: v for k, v in parameters.items() if k != "results_path"})
     out = Path(output_dir or Path("course-output") / f"{params.scale}-{params.device}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     if results_path.exists():
         results_path.unlink()
-    selected = [nb for nb in notebooks() if not only or any(nb.name.startswith(prefix) for prefix in only)]
+    selected = [nb for nb in notebooks(Path(notebook_dir)) if not only or any(nb.name.startswith(prefix) for prefix in only)]
     timings: dict[str, float] = {}
+    failures: list[NotebookFailure] = []
     bar = tqdm(selected, desc="course", unit="notebook", disable=not progress)
     for notebook in bar:
         bar.set_postfix_str(notebook.stem)
         start = time.perf_counter()
-        papermill.execute_notebook(
-            str(notebook),
-            str(out / notebook.name),
-            parameters={**parameters, "results_path": str(results_path)},
-            cwd=str(notebook.parent),
-            kernel_name="python3",
-            progress_bar=False,
-            execution_timeout=CELL_TIMEOUT_S,
-        )
+        try:
+            papermill.execute_notebook(
+                str(notebook),
+                str(out / notebook.name),
+                parameters={**parameters, "results_path": str(results_path)},
+                cwd=str(notebook.parent),
+                kernel_name="python3",
+                progress_bar=False,
+                execution_timeout=CELL_TIMEOUT_S,
+            )
+        except papermill.PapermillExecutionError as error:
+            failures.append(NotebookFailure(notebook.name, error.exec_count, f"{error.ename}: {error.evalue}",
+                                            out / notebook.name))
+            tqdm.write(f"{failures[-1]}", file=sys.stderr)
         timings[notebook.name] = round(time.perf_counter() - start, 1)
-    (out / "timings.json").write_text(json.dumps({"parameters": params.as_dict(), "seconds": timings}, indent=2))
-    render_summary(out, [out / nb.name for nb in selected])
+    status = {failure.notebook: failure.error for failure in failures}
+    (out / "timings.json").write_text(json.dumps(
+        {"parameters": params.as_dict(), "seconds": timings, "failed": status}, indent=2))
+    render_summary(out, [out / nb.name for nb in selected if (out / nb.name).is_file()])
+    if failures:
+        raise CourseFailed(failures, out)
     return out
 
 
@@ -97,16 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-gb", type=float, default=float(env.get("BUDGET_GB", 48)))
     parser.add_argument("--model", default=env.get("MODEL") or None, help="real weights: a directory or hub id")
     parser.add_argument("--output", default=env.get("OUTPUT") or None)
+    parser.add_argument("--notebooks", default=str(NOTEBOOKS), help="the folder of numbered notebooks to run")
     parser.add_argument("--only", nargs="*", default=env.get("ONLY", "").split() or None, help="notebook prefixes, e.g. 00 01")
     args = parser.parse_args(argv)
-    out = run_course(
-        args.output,
-        only=args.only,
-        scale=args.scale,
-        device=args.device,
-        budget_gb=args.budget_gb,
-        model_name_or_path=args.model,
-    )
+    try:
+        out = run_course(
+            args.output,
+            only=args.only,
+            notebook_dir=args.notebooks,
+            scale=args.scale,
+            device=args.device,
+            budget_gb=args.budget_gb,
+            model_name_or_path=args.model,
+        )
+    except CourseFailed as failed:
+        print(f"course FAILED: {failed}", file=sys.stderr)
+        return 1
     print(f"course written to {out} (summary: {out / 'summary.html'})")
     return 0
 

@@ -238,9 +238,11 @@ print(f"image tokens at positions {int8_plora.first_image_position} to "
 # gets there depends on the device. LLM.int8() always quantizes the activations to int8 row by row (the few
 # columns holding an outlier above 6.0 go through a 16-bit product instead); on a CUDA GPU it then multiplies
 # int8 by int8 on the tensor cores, and NF4 uses a fused kernel for single-token steps that reads the 4-bit
-# weight directly (longer inputs dequantize first). On a CPU without AVX-512, NF4 dequantizes the whole weight to
-# FP16 for every call and then runs an ordinary product, and LLM.int8() multiplies in FP32
-# (`A.float() @ B.float().t()`): a 4-byte copy of the weight per call. Those copies live inside the bitsandbytes
+# weight directly (longer inputs dequantize first). On a CPU, NF4 on the course's portable path (Step 8) dequantizes
+# the whole weight to FP16 for every call and then runs an ordinary product; LLM.int8() multiplies int8 by int8
+# with `torch._int_mm` where the CPU has AVX-512 and in FP32 elsewhere (`A.float() @ B.float().t()`, a 4-byte copy
+# of the weight per call). The two give the same integers while a row's sum stays below 2^24, where FP32 counts
+# exactly; the next cell checks that bound for the widest quantized layer. Those copies live inside the bitsandbytes
 # call, where the CPU tensor accounting cannot see them; the measured line below checks it (on a GPU the
 # allocator sees any copy a kernel makes).
 #
@@ -254,6 +256,10 @@ layer_name, layer = largest_quantized_linear(model)
 print(f"{layer_name}: {type(layer).__name__}({layer.in_features} -> {layer.out_features}) | stored "
       f"{fmt_bytes(layer.weight.numel() * layer.weight.element_size())} | dequantized to FP16 "
       f"{fmt_bytes(dequantized_weight(layer).numel() * 2)} per call where the kernel dequantizes")
+widest = max(m.in_features for m in model.modules() if is_quantized(m))
+print(f"widest quantized input: {widest} -> int8 sums up to 127 x 127 x {widest} = {127 * 127 * widest:,}, "
+      f"{'below' if 127 * 127 * widest < 2**24 else 'above'} 2^24 = {2**24:,}: FP32 and torch._int_mm "
+      f"{'agree exactly' if 127 * 127 * widest < 2**24 else 'may round differently'}")
 seen = call_memory(layer, embeds.shape[1], device=params.device)
 print(f"one call on {seen.tokens} tokens, measured on {params.device}: peak {fmt_bytes(seen.peak_above_start_bytes)} "
       f"above the start, the output is {fmt_bytes(seen.output_bytes)}: a {fmt_bytes(seen.dequantized_bytes)} "
@@ -309,6 +315,32 @@ print(f"decoder linears: x{dict((p, b) for p, _, b in nf4_rows)['decoder (withou
       f"size | embeddings, output head and rotary tables: {fmt_bytes(kept)} = {kept / fp16_weights:.0%} of FP16's "
       f"weights, {kept / nf4_weights:.0%} of NF4's")
 weight_breakdown_chart(nf4_rows, title=f"{params.scale} replica in NF4: where the bytes are")
+
+# %% [markdown]
+# **Which 4-bit kernel runs on a CPU.** bitsandbytes has two ways to multiply by a 4-bit weight on a CPU and
+# picks one by the processor. The portable one dequantizes the weight to FP16 for every call (any CPU). On CPUs
+# with AVX512-BF16 (current Xeons, AMD Zen 4 and later) the first call instead repacks each weight into tiles of
+# 32 output rows with one BF16 scale per block, and later calls multiply in BF16 with a fused kernel. That
+# repacking only accepts layers with a multiple of 32 outputs and whole 64-value blocks per input row; a layer
+# of another shape crashes (`AssertionError: N must be divisible by block_n`). The two kernels also round
+# differently, so the course pins the portable one: every laptop in a room prints the same figures. Set
+# `XCOMP_LAB_BNB_CPU_PATH=packed` (or `auto`, bitsandbytes' own choice) before starting Jupyter to see the other;
+# layers whose shape the packed format rejects then stay on the portable kernel, still quantized.
+
+# %%
+from xcomp_lab.model.bnb_cpu import apply_cpu_path, packed_format_accepts
+
+fours = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+rejected = sorted({n.rsplit(".", 1)[-1] for n, m in fours if not packed_format_accepts(m.in_features, m.out_features)})
+print(f"{len(fours)} 4-bit linears; the packed CPU format rejects {sum(not packed_format_accepts(m.in_features, m.out_features) for _, m in fours)} "
+      f"of them{' (' + ', '.join(rejected) + ': rank ' + str(model.config.plora_rank) + ')' if rejected else ''}")
+print(apply_cpu_path(model) if params.device == "cpu" else "on a GPU bitsandbytes runs its CUDA kernels: no CPU path")
+
+# %% tags=["nbval-ignore-output"]
+from xcomp_lab.model.bnb_cpu import cpu_has_avx512bf16
+
+print(f"this CPU {'has' if cpu_has_avx512bf16() else 'lacks'} AVX512-BF16: left to itself, bitsandbytes would take the "
+      f"{'packed' if cpu_has_avx512bf16() else 'portable'} path here")
 
 # %% [markdown]
 # The decoder's linears are now about a quarter of their FP16 size, statistics included, while the parts that

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..dtypes import check_dtype
+from .bnb_cpu import apply_cpu_path
 from .checkpoint import default_checkpoint
 from .modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
 from .scales import check_scale
@@ -84,7 +85,8 @@ def load_model(
     `dtype="auto"` keeps the checkpoint's own dtype (transformers 5's default); pass "float32" to get the
     FP32 model older transformers gave by default. Both model and tokenizer run code from the checkpoint
     (`trust_remote_code=True`): for a hub id, pass `revision="<commit hash>"` to pin the code you read; it
-    reaches the tokenizer too.
+    reaches the tokenizer too. A 4-bit model takes the bitsandbytes CPU path `XCOMP_LAB_BNB_CPU_PATH` names
+    (default "portable", the same on every processor: see `xcomp_lab.model.bnb_cpu`).
     """
     torch_dtype = check_dtype(dtype)
     check_attn_implementation(attn_implementation)
@@ -102,6 +104,8 @@ def load_model(
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
     model = AutoModel.from_pretrained(path, **options)
+    if quantization_config is not None and quantization_config.load_in_4bit:
+        apply_cpu_path(model)  # the same 4-bit CPU kernels on every processor (see bnb_cpu)
     pinned = {"revision": kwargs["revision"]} if "revision" in kwargs else {}
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, **pinned)
     return model.eval(), tokenizer
