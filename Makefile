@@ -21,7 +21,7 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 course: setup
-	$(BIN)/python -m xcomp_lab.course
+	$(BIN)/python -m xcomp_lab.tools.course
 
 # Two workers, one thread each: notebooks and the two course runs are spread over the cores.
 test: setup
@@ -41,11 +41,11 @@ browser-test: setup
 
 # The static HTML edition: tiny-scale notebooks, the full-scale GPU ones and the instructor guide -> site/index.html
 site: setup
-	$(BIN)/python -m xcomp_lab.site --out site --extra results/full-h100
+	$(BIN)/python -m xcomp_lab.tools.site --out site --extra results/full-h100
 
 # Run the course at tiny scale, record its timings and results in docs/ and regenerate docs/instructor-guide.md.
 # NOTE="..." says what else ran on the machine (it is printed under the timings).
 NOTE ?=
 guide: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m xcomp_lab.course --output course-output/guide
-	OMP_NUM_THREADS=1 $(BIN)/python -m xcomp_lab.guide --timings course-output/guide/timings.json --note "$(NOTE)"
+	OMP_NUM_THREADS=1 $(BIN)/python -m xcomp_lab.tools.course --output course-output/guide
+	OMP_NUM_THREADS=1 $(BIN)/python -m xcomp_lab.tools.guide --timings course-output/guide/timings.json --note "$(NOTE)"

@@ -29,7 +29,7 @@ def tiny_model(tiny_checkpoint: Path):
 
 @pytest.fixture(scope="session")
 def scene_image():
-    from xcomp_lab.scenes import make_dataset
+    from xcomp_lab.data.scenes import make_dataset
 
     image, _ = make_dataset(1, seed=1000, image_size=112)[0]
     return image

@@ -35,10 +35,10 @@ NOTEBOOK_08 = ROOT / "notebooks" / "08-planner-and-summary.ipynb"
 FULL = os.environ.get("BROWSER_TEST") == "full"
 # Notebook 08's cells to run, by how their source starts: parameters, start(), the read-back (it imports
 # fmt_bytes), the plan() examples (they import planner) and the planner; the last one shows the planner.
-CELLS_08 = ("scale = ", "from xcomp_lab.notebook import start", "from xcomp_lab.estimate import estimate_step",
-            "from xcomp_lab.planner import", "planner(")
+CELLS_08 = ("scale = ", "from xcomp_lab.course.notebook import start", "from xcomp_lab.estimate import estimate_step",
+            "from xcomp_lab.lessons.planner import", "planner(")
 # The planner view: what notebook 08's planner cell needs, then that cell as it is in notebook 08.
-PLANNER_IMPORTS = ("from xcomp_lab.params import check_params\nfrom xcomp_lab.planner import planner\n\n"
+PLANNER_IMPORTS = ("from xcomp_lab.course.params import check_params\nfrom xcomp_lab.lessons.planner import planner\n\n"
                    'params = check_params(scale="tiny", device="auto")')
 KERNEL_CHECK = 'import os, sys\nprint(sys.prefix, os.environ.get("HF_HUB_OFFLINE"))'
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
@@ -174,8 +174,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 def expected_table(**setting) -> str:
     """What the planner prints for `setting` in the kernel: its defaults at tiny scale, the device start() resolves."""
-    from xcomp_lab.params import check_params
-    from xcomp_lab.planner import plan
+    from xcomp_lab.course.params import check_params
+    from xcomp_lab.lessons.planner import plan
 
     device = check_params(scale="tiny", device="auto").device
     defaults = {"card_gb": 48, "dtype": "float16", "quantization": "none", "batch_size": 1, "image_size": 112,

@@ -12,10 +12,10 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Annotation  # noqa: E402
 
-from xcomp_lab import charts  # noqa: E402
+from xcomp_lab.course import charts  # noqa: E402
 from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM  # noqa: E402
 from xcomp_lab.model.scales import config_for_scale  # noqa: E402
-from xcomp_lab.units import GIB, MIB  # noqa: E402
+from xcomp_lab.core.units import GIB, MIB  # noqa: E402
 
 BUDGET = 48 * 10**9  # a 48 GB card: 44.70 GiB
 
@@ -293,8 +293,11 @@ def test_weight_breakdown_counts_bitsandbytes_storage_and_statistics():
     after = {r[0]: r for r in charts.weight_breakdown(model)}
 
     state = attention.wqkv.base_layer.weight.quant_state
-    absmax = [state.absmax, state.state2.absmax]  # double quantization: the absmax is itself quantized
-    four_bit_bytes = weight.numel() // 2 + sum(t.numel() * t.element_size() for t in absmax)  # two values a byte
+    # Two values a byte; one uint8 absmax per 64 values (double quantization), one FP32 absmax per 256 of them,
+    # the 256-entry FP32 code of that quantization, its FP32 offset and the 16-entry FP32 NF4 code.
+    blocks = weight.numel() // 64
+    four_bit_bytes = weight.numel() // 2 + blocks + -(-blocks // 256) * 4 + 256 * 4 + 4 + 16 * 4
+    assert state.absmax.numel() == blocks and state.state2.code.numel() == 256 and state.code.numel() == 16
     eight_bit_bytes = wo_out * wo_in + wo_out * 4  # int8 values + one FP32 scale per row
     fp32_bytes = (weight.numel() + wo_out * wo_in) * 4
     assert after["decoder (without PLoRA)"][1] == before["decoder (without PLoRA)"][1]  # logical count kept

@@ -7,8 +7,8 @@ from pathlib import Path
 import papermill
 import pytest
 
-from xcomp_lab.course import notebooks, run_course
-from xcomp_lab.results import latest_by_step, read_results
+from xcomp_lab.tools.course import notebooks, run_course
+from xcomp_lab.course.results import latest_by_step, read_results
 
 FIXES = ("fp32-no-autocast", "fp32-inference-mode", "fp16-half", "fp16", "bf16", "int8", "nf4")
 
@@ -91,7 +91,7 @@ def write_notebook(path: Path, source: str) -> None:
 
 
 def test_a_failing_notebook_is_named_kept_and_summarised_and_the_rest_still_run(tmp_path: Path, capsys):
-    from xcomp_lab.course import CourseFailed, main
+    from xcomp_lab.tools.course import CourseFailed, main
 
     source = tmp_path / "notebooks"
     source.mkdir()

@@ -20,14 +20,14 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from xcomp_lab.captioning import caption_images, prompt_batch, reference_logits  # noqa: E402
+from xcomp_lab.run.captioning import caption_images, prompt_batch, reference_logits  # noqa: E402
 from xcomp_lab.model import bnb_cpu  # noqa: E402
 from xcomp_lab.model.checkpoint import default_checkpoint  # noqa: E402
 from xcomp_lab.model.loading import load_model, quantization_config  # noqa: E402
 from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM  # noqa: E402
 from xcomp_lab.model.scales import config_for_scale  # noqa: E402
-from xcomp_lab.quantization import plora_effect  # noqa: E402
-from xcomp_lab.scenes import held_out_dataset  # noqa: E402
+from xcomp_lab.lessons.quantization import plora_effect  # noqa: E402
+from xcomp_lab.data.scenes import held_out_dataset  # noqa: E402
 
 N_SCENES = 4
 
@@ -171,11 +171,11 @@ def test_int8_logits_are_identical_with_either_cpu_matmul_kernel(scenes):
 
 CAPABILITY_PROBE = r"""
 import json, torch
-from xcomp_lab.captioning import caption_images, reference_logits
-from xcomp_lab.experiment import run_caption
+from xcomp_lab.run.captioning import caption_images, reference_logits
+from xcomp_lab.run.call import run_caption
 from xcomp_lab.model.checkpoint import default_checkpoint
 from xcomp_lab.model.loading import load_model
-from xcomp_lab.scenes import held_out_dataset
+from xcomp_lab.data.scenes import held_out_dataset
 torch.manual_seed(0)
 images = [image for image, _ in held_out_dataset(2, image_size=112)]
 out = {"capability": torch.backends.cpu.get_cpu_capability()}

@@ -8,20 +8,14 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from xcomp_lab.estimate import (
-    Estimate,
-    _SimulatedAccounting,
-    estimate_caption,
-    estimate_step,
-    fits,
-    parameter_count,
-    weights_only,
-)
+from xcomp_lab.estimate import Estimate, estimate_caption, estimate_step, fits, weights_only
+from xcomp_lab.estimate.accounting import SimulatedAccounting
+from xcomp_lab.model.inventory import parameter_count
 from xcomp_lab.memory import measure
-from xcomp_lab.params import check_params
-from xcomp_lab.scenes import make_dataset
-from xcomp_lab.steps import STEPS, course_budget, load_for_step, run_step
-from xcomp_lab.units import GIB, fmt_bytes
+from xcomp_lab.course.params import check_params
+from xcomp_lab.data.scenes import make_dataset
+from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
+from xcomp_lab.core.units import GIB, fmt_bytes
 
 TOLERANCE = 0.03  # predicted peak within 3% of the measured one
 FULL_PARAMS = 8_666_840_064
@@ -162,7 +156,7 @@ def test_fast_forwarded_decode_gives_the_exact_peaks():
 
 def test_cuda_rounds_every_allocation_to_512_bytes():
     with FakeTensorMode():
-        acc = _SimulatedAccounting(0, None, cuda=True, autocast_on=False)
+        acc = SimulatedAccounting(0, None, cuda=True, autocast_on=False)
         with acc:
             one = torch.empty(1)  # 4 bytes
             many = torch.empty(129)  # 516 bytes
@@ -216,7 +210,7 @@ def test_bad_arguments_say_what_was_given_and_what_is_allowed(kwargs, message):
 def test_bad_targets_and_steps_fail_clearly():
     with pytest.raises(ValueError, match=r"Unknown scale 'huge'; pass one of \['full', 'tiny'\]"):
         estimate_caption("huge")
-    with pytest.raises(TypeError, match=r"Cannot predict for a int; pass a scale"):
+    with pytest.raises(TypeError, match=r"Cannot read a replica configuration from a int; pass a scale"):
         estimate_caption(7)
     with pytest.raises(TypeError, match=r"step must be a Step"):
         estimate_step("fp16", check_params(device="cpu"))

@@ -8,15 +8,15 @@ import time
 import pytest
 
 from xcomp_lab.estimate import estimate_caption, weights_only
-from xcomp_lab.estimate_split import (
+from xcomp_lab.estimate.split import (
     COURSE_SPLITS,
     SplitEstimate,
     course_split_estimates,
     estimate_split_caption,
 )
 from xcomp_lab.model.scales import config_for_scale
-from xcomp_lab.placement import LAYER_PREFIX, meta_model, plan_from_pretrained
-from xcomp_lab.units import GB, GIB
+from xcomp_lab.estimate.placement import LAYER_PREFIX, meta_model, plan_from_pretrained
+from xcomp_lab.core.units import GB, GIB
 
 TINY = config_for_scale("tiny")  # 4 decoder layers, hidden 256, 1 KV head of 64, vocabulary 1024
 CUDA_BLOCK = 512
@@ -192,8 +192,8 @@ def test_full_scale_two_24gb_cards_fp32_in_well_under_a_minute():
     ({"model": 0}, {}, r"leaves parameters on \['cpu'\]: give every module a card"),
     ({"model": 0, "vit": 1}, {}, r"does not give any device for the following parameters: output.weight"),
     (_map([0, 0, 1, 1]), dict(budget={0: "24GB"}), r"gives no limit for card\(s\) \[1\]"),
-    (_map([0, 0, 1, 1]), dict(budget=-5), r"budget=-5; give bytes"),
-    (_map([0, 0, 1, 1]), dict(budget="lots"), r"budget='lots'; give bytes"),
+    (_map([0, 0, 1, 1]), dict(budget=-5), r"budget=-5; it must be a positive integer \(bytes"),
+    (_map([0, 0, 1, 1]), dict(budget="lots"), r"budget='lots'; it must be a positive integer \(bytes"),
     (_map([0, 0, 1, 1]), dict(dtype="float64"), r"Unsupported dtype 'float64'"),
     (_map([0, 0, 1, 1]), dict(grad="off"), r"grad='off'; choose one of"),
 ])
@@ -202,16 +202,12 @@ def test_bad_maps_and_arguments_say_what_was_given_and_what_to_do(device_map, kw
         estimate_split_caption("tiny", device_map, **kwargs)
 
 
-def test_quantized_or_autocast_calls_are_refused_and_a_loaded_model_is_read(tiny_model):
-    from xcomp_lab.estimate import _check_call
-    from xcomp_lab.estimate_split import _check_supported
+def test_a_quantized_model_is_refused_and_a_loaded_model_is_read(tiny_model, tiny_checkpoint):
+    from xcomp_lab.model.loading import load_model, quantization_config
 
-    args = dict(dtype=None, grad="no_grad", attn_implementation=None, batch_size=1, image_size=None,
-                new_tokens=1, device="cuda")
+    quantized, _ = load_model(tiny_checkpoint, dtype="float16", quantization_config=quantization_config("nf4"))
     with pytest.raises(ValueError, match=r"quantization='nf4': a split quantized model is not predicted"):
-        _check_supported(_check_call("tiny", quantization="nf4", use_autocast=False, **args))
-    with pytest.raises(ValueError, match=r"use_autocast=True: autocast's weight copies are not simulated"):
-        _check_supported(_check_call("tiny", quantization="none", use_autocast=True, **args))
+        estimate_split_caption(quantized, {"": 0}, new_tokens=1)
     model, _ = tiny_model
     assert estimate_split_caption(model, {"": 0}, new_tokens=1).settings["dtype"] == "float32"
 

@@ -11,9 +11,9 @@ import jupytext
 import nbformat
 import pytest
 
-from xcomp_lab.exercises import EXERCISES, UNITS, Exercise, check, largest_batch, parse_prediction, search_largest
+from xcomp_lab.course.exercises import EXERCISES, UNITS, Exercise, check, parse_prediction
 from xcomp_lab.memory import MemoryResult
-from xcomp_lab.units import GIB, MIB
+from xcomp_lab.core.units import GIB, MIB
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 SOURCES = sorted((NOTEBOOKS / "src").glob("[0-9][0-9]-*.py"))
@@ -225,45 +225,6 @@ def test_int8_solution_splits_the_bytes_as_the_prediction_does(capsys):
 
 
 # ----------------------------------------------------------------------------------------------- the batch search
-
-def linear_card(weights: int, per_image: int, budget: int):
-    tried = []
-
-    def try_batch(batch: int) -> tuple[int, bool]:
-        tried.append(batch)
-        peak = weights + batch * per_image
-        return min(peak, budget + 1), peak <= budget  # an OOM replay stops just past the budget
-
-    return try_batch, tried
-
-
-@pytest.mark.parametrize("budget", [100, 109, 110, 111, 150, 1000, 1009])
-def test_search_finds_the_largest_batch_that_fits(budget):
-    try_batch, tried = linear_card(100, 10, budget)
-    largest, peaks, capped = search_largest(try_batch, limit=256)
-    expected = max(0, (budget - 100) // 10)
-    assert largest == expected and not capped
-    assert set(peaks) == set(tried) and len(tried) <= 2 * 8 + 2
-    if largest:
-        assert peaks[largest] <= budget
-    assert (largest + 1) in peaks or largest == 0
-
-
-def test_search_stops_at_its_limit_and_says_so():
-    try_batch, _ = linear_card(100, 1, 10**9)
-    assert search_largest(try_batch, limit=20)[0::2] == (20, True)
-    with pytest.raises(ValueError, match="limit=1"):
-        search_largest(try_batch, limit=1)
-
-
-@pytest.mark.slow
-def test_largest_batch_asks_the_planner_at_tiny_scale():
-    from xcomp_lab.params import check_params
-
-    search = largest_batch(check_params(scale="tiny", device="cpu"))
-    assert search.largest >= 2 and not search.capped
-    assert search.peaks[search.largest] <= search.budget_bytes < search.peaks[search.largest + 1]
-
 
 # ------------------------------------------------------------------------------------------- in every notebook
 

@@ -7,8 +7,8 @@ import collections
 import pytest
 import torch
 
-from xcomp_lab import forensics
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.lessons import forensics
+from xcomp_lab.core.units import fmt_bytes
 
 
 def fake_summary(monkeypatch) -> str:
@@ -116,7 +116,7 @@ def test_prefill_parts_measure_attention_and_logits_on_the_real_prompt(tiny_mode
 
 
 def test_run_caption_samples_every_allocation_when_asked(tiny_model, scene_image):
-    from xcomp_lab.experiment import run_caption
+    from xcomp_lab.run.call import run_caption
 
     model, tokenizer = tiny_model
     coarse = run_caption(model, tokenizer, [scene_image], device="cpu", max_new_tokens=2)

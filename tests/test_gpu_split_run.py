@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from xcomp_lab.gpu_split_run import NotEnoughGpus, main, parse_args, require_gpus, split_report
+from xcomp_lab.tools.gpu_split_run import NotEnoughGpus, main, parse_args, require_gpus
 
 
 def test_defaults_are_the_course_case():
@@ -54,21 +52,3 @@ def test_arguments_are_checked_before_the_gpus(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", "results/x", "--per-card-gb", "0"])
     assert exit_info.value.code == 2 and "--per-card-gb 0" in capsys.readouterr().err
-
-
-def test_split_report_reads_the_committed_two_gpu_run():
-    path = Path(__file__).resolve().parent.parent / "results" / "full-h100x2" / "split.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    lines = split_report(path).splitlines()
-    splits = [r for r in records if r["kind"] == "split"]
-    assert [line.split(":")[0] for line in lines] == [r["case"] for r in splits]
-    for line, r in zip(lines, splits):
-        for c in r["cards"].values():
-            assert f"x{c['measured_over_predicted']:.3f}" in line
-            assert abs(c["measured_over_predicted"] - 1) < 0.03  # the goal, per card
-        assert "one card:" in line
-
-
-def test_split_report_says_how_to_make_a_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="gpu_split_run --out"):
-        split_report(tmp_path / "split.jsonl")

@@ -1,10 +1,10 @@
-"""What .eval(), no_grad and inference_mode change (xcomp_lab.grad_modes), tiny model, exact CPU accounting."""
+"""What .eval(), no_grad and inference_mode change (xcomp_lab.lessons.grad_modes), tiny model, exact CPU accounting."""
 
 import pytest
 import torch
 
-from xcomp_lab.captioning import prompt_batch, reference_logits
-from xcomp_lab.grad_modes import dropout_modules, grad_enabled_by_part, run_prefill, run_prompt
+from xcomp_lab.run.captioning import prompt_batch, reference_logits
+from xcomp_lab.lessons.grad_modes import dropout_modules, grad_enabled_by_part, run_prefill, run_prompt
 from xcomp_lab.memory import Budget
 
 FP32 = 4

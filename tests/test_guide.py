@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from xcomp_lab import guide
-from xcomp_lab.course import notebooks
+from xcomp_lab.tools import guide
+from xcomp_lab.tools.course import notebooks
 
 
 def test_committed_guide_is_generated_from_committed_inputs():
     assert guide.GUIDE.read_text() == guide.render_guide(), (
-        "docs/instructor-guide.md is stale: run `python -m xcomp_lab.guide` and commit it")
+        "docs/instructor-guide.md is stale: run `python -m xcomp_lab.tools.guide` and commit it")
 
 
 def test_check_flag_agrees():
@@ -65,9 +65,9 @@ def test_a_notebook_without_goals_is_refused(tmp_path: Path):
 
 
 def test_missing_inputs_say_what_to_run(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="xcomp_lab.course"):
+    with pytest.raises(FileNotFoundError, match="xcomp_lab.tools.course"):
         guide.record_run(tmp_path / "timings.json")
-    with pytest.raises(FileNotFoundError, match="xcomp_lab.gpu_run"):
+    with pytest.raises(FileNotFoundError, match="xcomp_lab.tools.gpu_run"):
         guide.render_guide(full=tmp_path)
     with pytest.raises(KeyError, match="no-such-step"):
         guide._find(guide.read_records(guide.TINY_RESULTS), "no-such-step")

@@ -9,7 +9,7 @@ from torch import nn
 
 from xcomp_lab.memory import Budget, MemoryResult, measure, run_guarded
 from xcomp_lab.memory.budget import FULL_FP32_WEIGHT_BYTES
-from xcomp_lab.units import GB, GIB, MIB
+from xcomp_lab.core.units import GB, GIB, MIB
 
 FP32 = 4
 GRAD_MODES = [torch.no_grad, torch.inference_mode]
@@ -216,16 +216,16 @@ def test_unknown_device_is_refused(device):
 
 @pytest.mark.parametrize("gb", [-48, 0, "48"])
 def test_bad_card_size_is_refused(gb):
-    with pytest.raises(ValueError, match="gb must be a positive number"):
+    with pytest.raises(ValueError, match=rf"gb={gb!r}; it must be a positive number \(the card's size in GB"):
         Budget.scaled_to(MIB, gb=gb)
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="fp32_weight_bytes must be a positive integer"):
+    with pytest.raises(ValueError, match="fp32_weight_bytes=-5; it must be a positive integer"):
         Budget.scaled_to(-5)
     with pytest.raises(ValueError, match="pass it to measure"):
         Budget.scaled_to(MIB).apply()
-    with pytest.raises(ValueError, match="KV cache bytes must be a non-negative int"):
+    with pytest.raises(ValueError, match=r"nbytes=-1; it must be an integer from 0 up \(KV cache bytes"):
         measure("cpu").set_kv_cache_bytes(-1)
     with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
         measure("cpu", model="llama")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from xcomp_lab.model.checkpoint import INDEX_NAME, build_checkpoint, write_model_files, course_tokenizer
+from xcomp_lab.model.checkpoint import INDEX_NAME, build_checkpoint, write_model_files
 from xcomp_lab.model.loading import load_model, quantization_config
 from xcomp_lab.model.modeling_internlm_xcomposer2 import (
     ORIGINAL_KEY_MAPPING,

@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from xcomp_lab.model.scales import config_for_scale
-from xcomp_lab.placement import (
+from xcomp_lab.estimate.placement import (
     LAYER_PREFIX,
     meta_model,
     offload_layers_map,
     plan_device_map,
+    plan_from_pretrained,
+    quiet_accelerate,
     summarize_map,
 )
-from xcomp_lab.units import GB, GIB
+from xcomp_lab.core.units import GB, GIB
 
 FULL_PARAMS = 8_666_840_064
 ROTARY_FP32 = 32 * 2 * 32768 * 128 * 4  # every layer's cos and sin tables: 1 GiB
@@ -86,7 +88,7 @@ def test_offload_layers_map_and_its_summary():
     assert summary.offloaded_buffer_bytes == 2 * 2 * 512 * 64 * 2
     on_gpu = summarize_map(tiny, offload_layers_map(tiny, 1, 0, "cpu"))
     assert on_gpu.execution_device == 0 and on_gpu.offloaded_bytes == on_gpu.bytes_per_device()["cpu"]
-    with pytest.raises(ValueError, match="between 1 and 4"):
+    with pytest.raises(ValueError, match="n_offloaded=5; it must be an integer from 1 to 4"):
         offload_layers_map(tiny, 5, "cpu", "disk")
     with pytest.raises(ValueError, match="offload to one of"):
         offload_layers_map(tiny, 1, "cpu", "cuda")
@@ -112,12 +114,11 @@ def test_disk_offload_on_cpu_gives_the_same_logits(tiny_checkpoint, tiny_model, 
 def test_plan_from_pretrained_is_the_map_from_pretrained_computes(dtype):
     from transformers.integrations.accelerate import _get_device_map
 
-    from xcomp_lab.placement import _meta_model_in, plan_from_pretrained, quiet_accelerate
 
     max_memory = {0: "24GB", 1: "24GB"}
     plan = plan_from_pretrained("full", max_memory, dtype=dtype)
     with quiet_accelerate():  # the very function from_pretrained(device_map="auto", max_memory=...) calls
-        expected = _get_device_map(_meta_model_in("full", getattr(torch, dtype)), "auto", dict(max_memory), None)
+        expected = _get_device_map(meta_model("full", dtype), "auto", dict(max_memory), None)
     assert plan.device_map == expected and plan.dtype == dtype
     _assert_whole_layers(plan)
     # transformers balances with a margin of 1.25 x the largest leaf (the output head): 17 + 15 layers where
@@ -129,7 +130,6 @@ def test_plan_from_pretrained_is_the_map_from_pretrained_computes(dtype):
 
 
 def test_plan_from_pretrained_rejects_bad_arguments():
-    from xcomp_lab.placement import plan_from_pretrained
 
     with pytest.raises(ValueError, match="max_memory is empty"):
         plan_from_pretrained("tiny", {})

@@ -1,13 +1,13 @@
-"""Load/cast memory and drift from a reference (xcomp_lab.precision), on tiny models, exact byte counts."""
+"""Load/cast memory and drift from a reference (xcomp_lab.lessons.precision), on tiny models, exact byte counts."""
 
 import pytest
 import torch
 from torch import nn
 
-from xcomp_lab.memory.measure import resident_bytes
-from xcomp_lab.precision import (RESIDENT_KIND, Reference, drift_from, drift_line, fp32_reference, measure_cast,
+from xcomp_lab.memory.footprint import resident_bytes
+from xcomp_lab.lessons.precision import (RESIDENT_KIND, Reference, drift_from, drift_line, fp32_reference, measure_cast,
                                  measure_load, with_speed)
-from xcomp_lab.speed import Speed
+from xcomp_lab.run.speed import Speed
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

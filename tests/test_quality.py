@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from xcomp_lab.quality import (
+from xcomp_lab.data.quality import (
     QualityReport,
     agreement,
     exact_match,

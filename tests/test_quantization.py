@@ -10,13 +10,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("bitsandbytes")
 
-from xcomp_lab import quantization as q
-from xcomp_lab.charts import weight_breakdown
-from xcomp_lab.memory.measure import resident_bytes
+from xcomp_lab.lessons import quantization as q
+from xcomp_lab.course.charts import weight_breakdown
+from xcomp_lab.memory.footprint import resident_bytes, statistics_bytes
 from xcomp_lab.model.loading import load_model, quantization_config
 from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
 from xcomp_lab.model.scales import config_for_scale
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.core.units import fmt_bytes
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,9 @@ def quantized(request, tiny_checkpoint: Path):
 
 def test_predicted_footprint_matches_the_quantized_model_to_the_byte(fp16_model, quantized):
     kind, model = quantized
-    measured = resident_bytes(model, "cpu") + q.quantization_stats_bytes(model)
+    measured = resident_bytes(model, "cpu") + statistics_bytes(model)
     assert q.predicted_footprint(fp16_model, kind) == measured
-    assert q.quantization_stats_bytes(fp16_model) == 0
+    assert statistics_bytes(fp16_model) == 0
 
 
 def test_weight_breakdown_counts_the_int8_scales_kept_on_the_layer_state(quantized):
@@ -45,12 +45,8 @@ def test_weight_breakdown_counts_the_int8_scales_kept_on_the_layer_state(quantiz
             layer(torch.randn(1, 2, layer.in_features).half())  # the first call moves the scales to layer.state
         assert getattr(layer.weight, "SCB", None) is None and layer.state.SCB is not None
     total = sum(b for _, _, b in weight_breakdown(model))
-    stats = q.quantization_stats_bytes(model)
-    if kind == "int8":
-        assert total == resident_bytes(model, "cpu") + stats
-    else:  # the breakdown leaves out the 4-byte FP32 offset of each double-quantized layer
-        n_layers = sum(q.is_quantized(m) for m in model.modules())
-        assert total == resident_bytes(model, "cpu") + stats - 4 * n_layers
+    stats = statistics_bytes(model)
+    assert total == resident_bytes(model, "cpu") + stats
 
 
 def test_module_precisions_show_what_stays_16_bit(fp16_model, quantized):
@@ -62,7 +58,7 @@ def test_module_precisions_show_what_stays_16_bit(fp16_model, quantized):
     assert rows["Linear"].count == 1 and rows["Linear"].example == "output" and rows["Linear"].storage == "float16"
     assert not rows["Embedding"].quantized and not rows["InternLM2RMSNorm"].quantized
     assert next(iter(rows)) == quantized_kind  # quantized classes first
-    assert sum(r.nbytes for r in rows.values()) == resident_bytes(model, "cpu") + q.quantization_stats_bytes(model)
+    assert sum(r.nbytes for r in rows.values()) == resident_bytes(model, "cpu") + statistics_bytes(model)
     table = q.format_module_precisions(list(rows.values()), fmt_bytes)
     assert table.splitlines()[0].split()[:3] == ["module", "class", "count"] and "output" in table
 
@@ -125,7 +121,7 @@ def test_argument_errors(fp16_model, quantized):
     _, model = quantized
     with pytest.raises(ValueError, match="already quantized"):
         q.predicted_footprint(model, "int8")
-    with pytest.raises(ValueError, match="'int8' or 'nf4'"):
+    with pytest.raises(ValueError, match=r"quantization='fp8'; choose one of \['int8', 'nf4'\]"):
         q.predicted_footprint(fp16_model, "fp8")
     with pytest.raises(ValueError, match="no bitsandbytes linear"):
         q.largest_quantized_linear(fp16_model)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from xcomp_lab.memory import Budget, measure
-from xcomp_lab.results import FIELDS, append_result, build_record, latest_by_step, read_results
-from xcomp_lab.units import MIB
+from xcomp_lab.course.results import FIELDS, append_result, build_record, latest_by_step, read_results
+from xcomp_lab.core.units import MIB
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_bad_input_is_refused(tmp_path, memory):
         build_record("01", {}, memory.as_dict())
     with pytest.raises(ValueError, match="record must be a dict with a string 'step'"):
         append_result(tmp_path / "r.jsonl", {"no": "step"})
-    with pytest.raises(FileNotFoundError, match="no results file"):
+    with pytest.raises(FileNotFoundError, match="No file of course results at .*missing.jsonl: run the notebooks"):
         read_results(tmp_path / "missing.jsonl")
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"step": "ok"}) + "\n{not json\n")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xcomp_lab import scenes
-from xcomp_lab.scenes import (
+from xcomp_lab.data import scenes
+from xcomp_lab.data.scenes import (
     HELD_OUT_SEED,
     PALETTE,
     VOCABULARY,
@@ -23,7 +23,7 @@ from xcomp_lab.scenes import (
     write_examples,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+SAMPLES = Path(scenes.__file__).resolve().parent / "samples"
 NOUN = r"a (small|large) (red|green|blue|yellow|purple|orange) (circle|square|triangle)"
 GRAMMAR = re.compile(rf"{NOUN}( (left of|right of|above|below) {NOUN})?")
 
@@ -200,11 +200,11 @@ def test_write_examples_writes_pngs_and_captions(tmp_path):
 
 
 def test_committed_sample_images_match_the_generator():
-    manifest = json.loads((REPO / "images" / "scenes.json").read_text())
+    manifest = json.loads((SAMPLES / "scenes.json").read_text())
     expected = make_scenes(len(manifest["examples"]), manifest["seed"])
     for entry, scene in zip(manifest["examples"], expected):
         assert entry["caption"] == caption(scene)
-        on_disk = pixels(Image.open(REPO / "images" / entry["file"]).convert("RGB"))
+        on_disk = pixels(Image.open(SAMPLES / entry["file"]).convert("RGB"))
         assert np.array_equal(on_disk, pixels(render(scene, manifest["image_size"])))
 
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from xcomp_lab.experiment import cache_bytes
+from xcomp_lab.run.call import cache_bytes
 from xcomp_lab.model.scales import config_for_scale
-from xcomp_lab.sequence import (
+from xcomp_lab.lessons.sequence import (
     eager_scores_bytes,
     image_tokens,
     kv_cache_formula,

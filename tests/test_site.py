@@ -9,9 +9,9 @@ from urllib.parse import unquote, urlsplit
 import nbformat
 import pytest
 
-from xcomp_lab.course import notebooks
-from xcomp_lab.guide import FULL
-from xcomp_lab.site import build_site, render_guide
+from xcomp_lab.tools.course import notebooks
+from xcomp_lab.tools.guide import FULL
+from xcomp_lab.tools.site import build_site, render_guide
 
 pytestmark = pytest.mark.slow  # renders eleven notebooks
 

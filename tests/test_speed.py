@@ -1,9 +1,9 @@
-"""Generation speed timed outside memory measurement (xcomp_lab.speed)."""
+"""Generation speed timed outside memory measurement (xcomp_lab.run.speed)."""
 
 import pytest
 import torch
 
-from xcomp_lab.speed import Speed, generation_speed
+from xcomp_lab.run.speed import Speed, generation_speed
 
 
 def test_speed_arithmetic_and_text():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xcomp_lab.captioning import evaluate_captioner
+from xcomp_lab.run.captioning import evaluate_captioner
 from xcomp_lab.model.checkpoint import DONE_MARKER, TRAINED_TINY_WEIGHTS, default_checkpoint, trained_tiny_checkpoint
 from xcomp_lab.model.loading import load_model
 

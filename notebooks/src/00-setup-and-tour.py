@@ -22,7 +22,7 @@ results_path = "results/results.jsonl"
 # what we run on.
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.notebook import start, sample_images
+from xcomp_lab.course.notebook import start, sample_images
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -48,7 +48,7 @@ my_fp32_footprint_gib = None  # your prediction, in GiB
 
 # %%
 import torch
-from xcomp_lab.charts import format_breakdown, weight_breakdown, weight_breakdown_chart
+from xcomp_lab.course.charts import format_breakdown, weight_breakdown, weight_breakdown_chart
 from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
 from xcomp_lab.model.scales import config_for_scale
 
@@ -58,7 +58,7 @@ full_rows = weight_breakdown(full)
 print(format_breakdown(full_rows))
 
 # %%
-from xcomp_lab.exercises import check
+from xcomp_lab.course.exercises import check
 
 answer_0_1 = check("0.1", my_fp32_footprint_gib, measured=sum(b for _, _, b in full_rows),
                    n_params=sum(p for _, p, _ in full_rows))
@@ -72,7 +72,7 @@ answer_0_1 = check("0.1", my_fp32_footprint_gib, measured=sum(b for _, _, b in f
 # A card sold as "48 GB" holds 48 x 10^9 bytes = 44.70 GiB. The course uses GiB (1024^3 bytes) everywhere.
 
 # %%
-from xcomp_lab.units import GB, GIB
+from xcomp_lab.core.units import GB, GIB
 
 n_params = sum(p for _, p, _ in full_rows)
 bytes_per_param = {"FP32": 4, "FP16 / BF16": 2, "INT8": 1, "NF4": 0.5}

@@ -18,7 +18,7 @@ seed = 0
 results_path = "results/results.jsonl"
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.notebook import batch_of_images, record, start
+from xcomp_lab.course.notebook import batch_of_images, record, start
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -34,8 +34,8 @@ print(params)
 
 # %%
 import torch
-from xcomp_lab.steps import STEPS, course_budget, load_for_step, run_step
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
+from xcomp_lab.core.units import fmt_bytes
 
 step = STEPS["fp32-quickstart"]
 print(step.describe())
@@ -89,7 +89,7 @@ my_autocast_extra_x = None  # your prediction: extra peak / FP32 parameter bytes
 # pile up: half the size of the weights again.
 
 # %%
-from xcomp_lab.experiment import autocast_copy_bytes
+from xcomp_lab.run.call import autocast_copy_bytes
 
 unbounded, _ = run_step(step, model, tokenizer, images, params, budget=None)
 uncached, _ = run_step(STEPS["fp32-inference-mode"], model, tokenizer, images, params, budget=None)
@@ -100,7 +100,7 @@ print(f"autocast under inference_mode, no budget:        peak {fmt_bytes(uncache
 print(f"difference {fmt_bytes(extra)} | FP16 copies of every linear/conv weight {fmt_bytes(copies)} | x{extra / copies:.2f}")
 
 # %%
-from xcomp_lab.exercises import check
+from xcomp_lab.course.exercises import check
 
 answer_1_1 = check("1.1", my_autocast_extra_x, measured=extra / fp32_weights, extra_bytes=extra, copies_bytes=copies,
                    weights_bytes=fp32_weights)
@@ -136,7 +136,7 @@ print(f"before the failed call {fmt_bytes(quickstart.memory.start_bytes)} | afte
       f"{quickstart.after_release_bytes == quickstart.memory.start_bytes}")
 
 # %%
-from xcomp_lab.charts import steps_chart
+from xcomp_lab.course.charts import steps_chart
 
 steps_chart([quickstart_record, no_autocast_record, inference_record], budget_bytes=budget.limit_bytes,
             title=f"FP32 under a {params.budget_gb:g} GB budget ({params.scale}, {params.device})")

@@ -19,7 +19,7 @@ seed = 0
 results_path = "results/results.jsonl"
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.notebook import batch_of_images, record, start
+from xcomp_lab.course.notebook import batch_of_images, record, start
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -41,9 +41,9 @@ print(params)
 
 # %%
 import torch
-from xcomp_lab.precision import measure_cast, measure_load, fp32_reference, drift_line, free, run_precision_step
-from xcomp_lab.steps import STEPS, course_budget, load_for_step, run_step
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.lessons.precision import measure_cast, measure_load, fp32_reference, drift_line, free, run_precision_step
+from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
+from xcomp_lab.core.units import fmt_bytes
 
 fp32_step = STEPS["fp32-no-autocast"]
 (model, tokenizer), fp32_load = measure_load(lambda: load_for_step(fp32_step, params), params.device,
@@ -65,7 +65,7 @@ print(f"prediction for 16 bits: {n_params:,} x 2 bytes = {fmt_bytes(n_params * 2
 # the prefill logits (the scores of every vocabulary entry at every prompt position) of the first few prompts.
 
 # %%
-from xcomp_lab.quality import quality_report
+from xcomp_lab.data.quality import quality_report
 
 n_eval, n_logits = 8, 2  # held-out scenes captioned by every model; prompts whose logits are compared
 reference = fp32_reference(model, tokenizer, n=n_eval, n_logits=n_logits, max_new_tokens=params.max_new_tokens,
@@ -86,7 +86,7 @@ print(f"first scene | truth: {reference.truths[0]!r} | FP32: {reference.captions
 # pool and the figures swing tenfold.
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.speed import generation_speed
+from xcomp_lab.run.speed import generation_speed
 
 
 def speed_of(step):
@@ -107,7 +107,7 @@ print(f"FP32: {speeds['FP32']}")
 # Then one measured captioning call in FP32, without autocast (notebook 01's first fix), for the comparison:
 
 # %%
-from xcomp_lab.precision import load_extra, with_speed
+from xcomp_lab.lessons.precision import load_extra, with_speed
 
 fp32_run, fp32_record = run_step(fp32_step, model, tokenizer, images, params, budget,
                                  extra={**fp32_quality.as_dict(), **load_extra(fp32_load)})
@@ -167,7 +167,7 @@ record(params, half.record)
 print(drift_line(half.drift.report))
 
 # %%
-from xcomp_lab.exercises import check
+from xcomp_lab.course.exercises import check
 
 answer_2_1 = check("2.1", my_fp16_peak_x, measured=half.run.memory.peak_bytes / fp32_run.memory.peak_bytes,
                    fp32=fp32_run.memory, fp16=half.run.memory)
@@ -276,7 +276,7 @@ for name, load, load_peak, run, q in rows:
           f"{stats['top1_agreement']:6.1%} {stats['max_abs_diff']:9.3g}")
 
 # %%
-from xcomp_lab.charts import steps_chart
+from xcomp_lab.course.charts import steps_chart
 
 steps_chart([fp32_record, half.record, fp16.record, bf16.record], budget_bytes=budget.limit_bytes,
             title=f"FP32 and three ways to 16 bits ({params.scale}, {params.device})")

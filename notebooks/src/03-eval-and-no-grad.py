@@ -19,7 +19,7 @@ seed = 0
 results_path = "results/results.jsonl"
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.notebook import batch_of_images, record, start
+from xcomp_lab.course.notebook import batch_of_images, record, start
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -36,7 +36,7 @@ print(params)
 import torch
 from transformers import AutoModel, AutoTokenizer
 from xcomp_lab.model.loading import resolve_checkpoint
-from xcomp_lab.steps import course_budget
+from xcomp_lab.course.steps import course_budget
 
 path = resolve_checkpoint(params.model_name_or_path, params.scale)
 model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32, device_map={"": params.device},
@@ -62,8 +62,8 @@ print(budget.describe())
 # gradient switch does not touch dropout.
 
 # %%
-from xcomp_lab.captioning import caption_images, reference_logits
-from xcomp_lab.grad_modes import dropout_modules
+from xcomp_lab.run.captioning import caption_images, reference_logits
+from xcomp_lab.lessons.grad_modes import dropout_modules
 
 print(f"dropout layers by probability p: {dropout_modules(model)} | vision tower attention dropout p = "
       f"{model.config.vision_config.attention_dropout}")
@@ -83,7 +83,7 @@ print(f"same prompt twice, eval mode:  max |logit diff| {eval_diff:.3g}, identic
 # captions change too? Eight held-out scenes, greedy, once in each mode:
 
 # %%
-from xcomp_lab import scenes
+from xcomp_lab.data import scenes
 
 scene_size = params.image_size or model.config.image_size
 scene_images = [image for image, _ in scenes.held_out_dataset(8, image_size=scene_size)]
@@ -106,9 +106,9 @@ print(f"captions that differ between train and eval mode: {changed} of {len(eval
 # `no_grad`, once in each mode, under the course budget.
 
 # %%
-from xcomp_lab.grad_modes import run_prefill
-from xcomp_lab.results import build_record
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.lessons.grad_modes import run_prefill
+from xcomp_lab.course.results import build_record
+from xcomp_lab.core.units import fmt_bytes
 
 
 def prefill_record(name, run):
@@ -186,7 +186,7 @@ if needed.ok:
           f"{fmt_bytes(needed.held_bytes)} of it after the pass ({needed.held_bytes / rise:.1%})")
 
 # %%
-from xcomp_lab.exercises import check
+from xcomp_lab.course.exercises import check
 
 answer_3_1 = check("3.1", my_grad_scoring_x, measured=needed.memory.peak_bytes / prefill["no_grad"].memory.peak_bytes,
                    lower_bound=not needed.ok, enabled=needed.memory, no_grad=prefill["no_grad"].memory)
@@ -218,8 +218,8 @@ my_grad_caption_x = None  # your prediction: caption peak with gradients enabled
 # without its `torch.set_grad_enabled(False)`):
 
 # %%
-from xcomp_lab.grad_modes import grad_enabled_by_part
-from xcomp_lab.steps import STEPS, run_step
+from xcomp_lab.lessons.grad_modes import grad_enabled_by_part
+from xcomp_lab.course.steps import STEPS, run_step
 
 with grad_enabled_by_part(model) as grad_on:
     grad_caption, grad_caption_record = run_step(STEPS["fp32-grad-enabled"], model, tokenizer, images, params, budget)
@@ -235,7 +235,7 @@ for part, seen in grad_on.items():
 # %%
 import dataclasses
 
-from xcomp_lab.grad_modes import run_prompt
+from xcomp_lab.lessons.grad_modes import run_prompt
 
 caption_steps = [STEPS["fp32-no-autocast"], STEPS["fp32-grad-enabled"],
                  dataclasses.replace(STEPS["fp32-no-autocast"], name="03-fp32-inference-mode-no-autocast",
@@ -271,7 +271,7 @@ answer_3_2 = check("3.2", my_grad_caption_x, measured=grad_caption.memory.peak_b
 # changes memory, not the arithmetic (the last line of "What we learned" checks it).
 
 # %%
-from xcomp_lab.charts import steps_chart
+from xcomp_lab.course.charts import steps_chart
 
 steps_chart(prefill_records + caption_records, budget_bytes=budget.limit_bytes,
             title=f"Gradient modes: one scoring pass and one caption ({params.scale}, {params.device})")

@@ -17,7 +17,7 @@ seed = 0
 results_path = "results/results.jsonl"
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.notebook import batch_of_images, record, start
+from xcomp_lab.course.notebook import batch_of_images, record, start
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -39,9 +39,9 @@ import dataclasses
 import gc
 
 import torch
-from xcomp_lab.sequence import eager_scores_bytes, image_tokens
-from xcomp_lab.steps import STEPS, course_budget, load_for_step, run_step
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.lessons.sequence import eager_scores_bytes, image_tokens
+from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
+from xcomp_lab.core.units import fmt_bytes
 
 
 step = STEPS["fp16"]
@@ -110,7 +110,7 @@ for batch in (1, 2, 4):
           f"activations + KV {fmt_bytes(made):>10s} (x{made / made_one:.2f}) | weights {fmt_bytes(m.weights_bytes)}")
 
 # %%
-from xcomp_lab.exercises import check
+from xcomp_lab.course.exercises import check
 
 answer_4_1 = check("4.1", my_batch4_peak_x,
                    measured=runs[(first_kind, default_size, 4)].memory.peak_bytes / one.peak_bytes,
@@ -210,8 +210,8 @@ answer_4_2 = check("4.2", my_activation_growth_x,
 # ATen kernels it called.
 
 # %%
-from xcomp_lab.captioning import prompt_batch
-from xcomp_lab.sequence import leaf_ops
+from xcomp_lab.run.captioning import prompt_batch
+from xcomp_lab.lessons.sequence import leaf_ops
 
 ATTENTION_OPS = ("attention", "softmax", "bmm")
 
@@ -248,7 +248,7 @@ for size in sizes:
     runs[(second_kind, size, 1)] = sweep(model, sdpa_step, second_kind, size, 1)
 
 # %%
-from xcomp_lab.sequence import peak_vs_tokens_chart
+from xcomp_lab.lessons.sequence import peak_vs_tokens_chart
 
 series = {kind: [(runs[(kind, s, 1)].prompt_tokens, runs[(kind, s, 1)].memory.peak_bytes) for s in sizes]
           for kind in (first_kind, second_kind)}
@@ -284,7 +284,7 @@ for size in sizes:
 # The cache holds the prompt plus every generated token except the last one, which is never fed back.
 
 # %%
-from xcomp_lab.sequence import kv_cache_formula
+from xcomp_lab.lessons.sequence import kv_cache_formula
 
 # (name, run, batch, generated steps): prefill-only runs made one step; a caption as many as its longest row.
 steps_of = lambda run: -(-run.new_tokens // params.batch_size)
@@ -309,7 +309,7 @@ print(f"full model, one 490 px caption in FP16: {fmt_bytes(kv_full)} by the form
 # (`logits.float()`), although generation needs only the last position: batch x T x vocab x 4 bytes, at once.
 
 # %%
-from xcomp_lab.sequence import prefill_logits_bytes
+from xcomp_lab.lessons.sequence import prefill_logits_bytes
 
 for name, run in ((first_kind, first_run), (second_kind, second_run)):
     logits = prefill_logits_bytes(cfg, params.batch_size, run.prompt_tokens)

@@ -18,7 +18,7 @@ seed = 0
 results_path = "results/results.jsonl"
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.notebook import batch_of_images, record, start
+from xcomp_lab.course.notebook import batch_of_images, record, start
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -38,8 +38,8 @@ print(params)
 # %%
 import torch
 from xcomp_lab.model.scales import config_for_scale
-from xcomp_lab.placement import meta_model, plan_device_map, plan_from_pretrained
-from xcomp_lab.units import GB, fmt_bytes
+from xcomp_lab.estimate import meta_model, plan_device_map, plan_from_pretrained
+from xcomp_lab.core.units import GB, fmt_bytes
 
 full = meta_model(config_for_scale("full"))
 print(f"never split: {sorted(full._no_split_modules)}")
@@ -70,7 +70,7 @@ print(f"no-split modules cut across devices: {list(two_cards.split_modules) or '
 # hook copies to the next card, and the logits it copies back to the first one at the end.
 
 # %%
-from xcomp_lab.estimate_split import estimate_split_caption
+from xcomp_lab.estimate import estimate_split_caption
 
 split = estimate_split_caption("full", two_cards, dtype="float32", new_tokens=params.max_new_tokens,
                                budget="24GB", label="2x24GB-fp32")
@@ -78,12 +78,12 @@ print(split.summary())
 print(split.transfer_table(min_bytes=2**20))
 
 # %% [markdown]
-# Measured on two H100s (each emulating a 24 GB card, `python -m xcomp_lab.gpu_split_run`, results committed in
+# Measured on two H100s (each emulating a 24 GB card, `python -m xcomp_lab.tools.gpu_split_run`, results committed in
 # `results/full-h100x2/`), against the same prediction on the map the load really made, and the speed against
 # the whole model on one card:
 
 # %%
-from xcomp_lab.gpu_split_run import split_report
+from xcomp_lab.lessons.device_map import split_report
 
 print(split_report("../results/full-h100x2/split.jsonl"))
 
@@ -136,8 +136,8 @@ for card_gb in (24, 16):
 import gc
 
 from xcomp_lab.memory.budget import resolve_device
-from xcomp_lab.memory.measure import resident_bytes
-from xcomp_lab.steps import STEPS, course_budget, load_for_step, run_step
+from xcomp_lab.memory.footprint import resident_bytes
+from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
 
 
 step = STEPS["fp16"]
@@ -156,7 +156,7 @@ print(f"caption: {reference.captions[0]!r}")
 # %% tags=["nbval-ignore-output"]
 from time import perf_counter
 
-from xcomp_lab.captioning import caption_images
+from xcomp_lab.run.captioning import caption_images
 
 
 def seconds_per_caption(model):
@@ -200,7 +200,7 @@ import os
 import tempfile
 
 from xcomp_lab.model.loading import load_model
-from xcomp_lab.placement import offload_layers_map, quiet_accelerate, summarize_map
+from xcomp_lab.estimate import offload_layers_map, quiet_accelerate, summarize_map
 
 main, target = (0, "cpu") if params.device == "cuda" else ("cpu", "disk")
 n_offloaded = cfg.num_hidden_layers // 2
@@ -256,7 +256,7 @@ print(f"activations with offloading minus without: {fmt_bytes(off_m.activations_
       f"largest offloaded weight in FP16: {fmt_bytes(largest)}")
 
 # %%
-from xcomp_lab.exercises import check
+from xcomp_lab.course.exercises import check
 
 answer_5_1 = check("5.1", my_offload_resident_x, measured=off_m.weights_bytes / ref_m.weights_bytes,
                    reference_bytes=ref_m.weights_bytes, offloaded_bytes=placed.offloaded_bytes,

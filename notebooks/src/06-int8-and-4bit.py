@@ -19,7 +19,7 @@ seed = 0
 results_path = "results/results.jsonl"
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.notebook import batch_of_images, record, start
+from xcomp_lab.course.notebook import batch_of_images, record, start
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -41,10 +41,10 @@ print(params)
 
 # %%
 import torch
-from xcomp_lab.precision import drift_line, fp32_reference, free, measure_load, run_precision_step
-from xcomp_lab.quality import quality_report
-from xcomp_lab.steps import STEPS, course_budget, load_for_step
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.lessons.precision import drift_line, fp32_reference, free, measure_load, run_precision_step
+from xcomp_lab.data.quality import quality_report
+from xcomp_lab.course.steps import STEPS, course_budget, load_for_step
+from xcomp_lab.core.units import fmt_bytes
 
 (model, tokenizer), fp32_load = measure_load(lambda: load_for_step(STEPS["fp32-no-autocast"], params), params.device,
                                              label="dtype=torch.float32 at load")
@@ -79,7 +79,7 @@ my_int8_weights_x = None  # your prediction: INT8 weights / FP16 weights
 # or half a byte (NF4) per weight plus its statistics, every other tensor unchanged.
 
 # %%
-from xcomp_lab.quantization import predicted_footprint
+from xcomp_lab.lessons.quantization import predicted_footprint
 
 images = batch_of_images(params)
 fp16_step = STEPS["fp16"]
@@ -99,7 +99,7 @@ print(f"FP16 weights {fmt_bytes(fp16_weights)} | predicted INT8 {fmt_bytes(predi
 # every model:
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.speed import generation_speed
+from xcomp_lab.run.speed import generation_speed
 
 speeds = {"FP16": generation_speed(model, tokenizer, images, device=params.device, new_tokens=params.max_new_tokens,
                                    image_size=params.image_size, repeats=1)}
@@ -121,16 +121,16 @@ free(params.device)
 # ```
 
 # %%
-from xcomp_lab.charts import format_breakdown, weight_breakdown
+from xcomp_lab.course.charts import format_breakdown, weight_breakdown
 from xcomp_lab.model.loading import quantization_config
-from xcomp_lab.quantization import quantization_stats_bytes
+from xcomp_lab.memory.footprint import statistics_bytes
 
 int8_step = STEPS["int8"]
 print(int8_step.describe())
 print(quantization_config("int8").to_dict()["load_in_8bit"], "<- load_in_8bit in the config load_for_step passes")
 (model, tokenizer), int8_load = measure_load(lambda: load_for_step(int8_step, params), params.device,
                                              label="load_in_8bit=True")
-int8_stats = quantization_stats_bytes(model)
+int8_stats = statistics_bytes(model)
 int8_weights = int8_load.after_bytes + int8_stats  # parameters and buffers on the device, plus statistics
 print(format_breakdown(weight_breakdown(model)))
 print(f"stored weights {fmt_bytes(int8_weights - int8_stats)} + statistics {fmt_bytes(int8_stats)} = "
@@ -140,7 +140,7 @@ print(f"predicted {fmt_bytes(predicted['int8'])} | measured {fmt_bytes(int8_weig
 print(f"x{int8_weights / fp16_weights:.2f} FP16's weights, x{int8_weights / fp32_weights:.2f} FP32's")
 
 # %%
-from xcomp_lab.exercises import check
+from xcomp_lab.course.exercises import check
 
 answer_6_1 = check("6.1", my_int8_weights_x, measured=int8_weights / fp16_weights, fp16_bytes=fp16_weights,
                    predicted_bytes=predicted["int8"], stats_bytes=int8_stats)
@@ -183,7 +183,7 @@ print(f"INT8: {speeds['INT8']} | x{speeds['INT8'].tokens_per_s / speeds['FP16'].
 # bitsandbytes only converts `nn.Linear`. Listing the modules that hold tensors by class shows the rest:
 
 # %%
-from xcomp_lab.quantization import format_module_precisions, is_quantized, module_precisions
+from xcomp_lab.lessons.quantization import format_module_precisions, is_quantized, module_precisions
 
 print(format_module_precisions(module_precisions(model), fmt_bytes))
 where = {"decoder": "model.", "vision tower": "vit.", "projector": "vision_proj."}
@@ -215,8 +215,8 @@ print("transformers' skip list:", sorted(getattr(hf_quantizer, "modules_to_not_c
 # `Plora_B` are linears too, so they are quantized as well:
 
 # %%
-from xcomp_lab.captioning import prompt_batch
-from xcomp_lab.quantization import plora_effect
+from xcomp_lab.run.captioning import prompt_batch
+from xcomp_lab.lessons.quantization import plora_effect
 
 print(model.model.layers[0].attention.wqkv)
 with torch.inference_mode():
@@ -250,7 +250,7 @@ print(f"image tokens at positions {int8_plora.first_image_position} to "
 # prefill), against dequantizing its weight alone and a 16-bit product with the dequantized weight:
 
 # %%
-from xcomp_lab.quantization import call_memory, dequantized_weight, largest_quantized_linear, matmul_cost
+from xcomp_lab.lessons.quantization import call_memory, dequantized_weight, largest_quantized_linear, matmul_cost
 
 layer_name, layer = largest_quantized_linear(model)
 print(f"{layer_name}: {type(layer).__name__}({layer.in_features} -> {layer.out_features}) | stored "
@@ -293,13 +293,13 @@ free(params.device)
 # weight is a flat `uint8` tensor; its shape lives in `quant_state`.
 
 # %%
-from xcomp_lab.charts import weight_breakdown_chart
+from xcomp_lab.course.charts import weight_breakdown_chart
 
 nf4_step = STEPS["nf4"]
 print(nf4_step.describe())
 (model, tokenizer), nf4_load = measure_load(lambda: load_for_step(nf4_step, params), params.device,
                                             label="load_in_4bit=True, nf4")  # changed line: the 4-bit config
-nf4_stats = quantization_stats_bytes(model)
+nf4_stats = statistics_bytes(model)
 nf4_weights = nf4_load.after_bytes + nf4_stats
 nf4_rows = weight_breakdown(model)
 print(format_breakdown(nf4_rows))
@@ -390,7 +390,7 @@ for name, weights, run, q in rows:
           f"{stats['max_abs_diff']:9.3g}")
 
 # %%
-from xcomp_lab.charts import steps_chart
+from xcomp_lab.course.charts import steps_chart
 
 steps_chart([fp16.record, int8.record, nf4.record], budget_bytes=budget.limit_bytes,
             title=f"FP16, INT8 and NF4 under a {params.budget_gb:g} GB budget ({params.scale}, {params.device})")

@@ -18,7 +18,7 @@ seed = 0
 results_path = "results/results.jsonl"
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.notebook import batch_of_images, record, start
+from xcomp_lab.course.notebook import batch_of_images, record, start
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -34,9 +34,9 @@ print(params)
 
 # %%
 import torch
-from xcomp_lab.precision import measure_load
-from xcomp_lab.steps import STEPS, course_budget, load_for_step
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.lessons.precision import measure_load
+from xcomp_lab.course.steps import STEPS, course_budget, load_for_step
+from xcomp_lab.core.units import fmt_bytes
 
 step = STEPS["fp16"]
 print(step.describe())
@@ -67,8 +67,8 @@ print(budget.describe())
 # samples memory at every allocation (`sample_every=1`), so no spike falls between two samples.
 
 # %%
-from xcomp_lab.experiment import run_caption
-from xcomp_lab.results import build_record
+from xcomp_lab.run.call import run_caption
+from xcomp_lab.course.results import build_record
 
 images = batch_of_images(params)
 cuda = params.device == "cuda"
@@ -103,7 +103,7 @@ print(f"caption: {run.captions[0]!r} | prompt {run.prompt_tokens} tokens, {run.n
 # "allocated" in the same sense; nothing on a CPU corresponds to reserved memory that PyTorch could report.
 
 # %%
-from xcomp_lab.forensics import trim_memory_summary
+from xcomp_lab.lessons.forensics import trim_memory_summary
 
 if cuda:
     print(trim_memory_summary(torch.cuda.memory_summary(params.device, abbreviated=True)))
@@ -133,7 +133,7 @@ else:
 # the accounting offers instead.
 
 # %%
-from xcomp_lab.forensics import largest_allocations
+from xcomp_lab.lessons.forensics import largest_allocations
 
 if cuda:
     print(f"snapshot saved to {snapshot_path} ({snapshot_path.stat().st_size / 2**20:.1f} MiB of pickle)")
@@ -155,8 +155,8 @@ else:
 # of the allocator, not in the line.
 
 # %%
-from xcomp_lab.charts import timeline_chart
-from xcomp_lab.forensics import timeline_with_load
+from xcomp_lab.course.charts import timeline_chart
+from xcomp_lab.lessons.forensics import timeline_with_load
 
 timeline = timeline_with_load(load.seconds, weights, run.memory.timeline)
 timeline_chart(timeline, budget_bytes=budget.limit_bytes,
@@ -176,7 +176,7 @@ timeline_chart(above, title="The same call, memory above the weights")
 # For each marker: memory at the marker, the highest sample before the next marker, and the rise between them.
 
 # %%
-from xcomp_lab.forensics import format_phases, phase_floors, phases
+from xcomp_lab.lessons.forensics import format_phases, phase_floors, phases
 
 rows = {p.label: p for p in phases(timeline)}
 print(format_phases(list(rows.values()), fmt_bytes))
@@ -208,8 +208,8 @@ print(f"exact peak of the call {fmt_bytes(run.memory.peak_bytes)} | highest time
 my_logits_mib = None  # your prediction, in MiB
 
 # %%
-from xcomp_lab.forensics import measure_prefill_parts
-from xcomp_lab.sequence import eager_scores_bytes, kv_cache_formula, prefill_logits_bytes
+from xcomp_lab.lessons.forensics import measure_prefill_parts
+from xcomp_lab.lessons.sequence import eager_scores_bytes, kv_cache_formula, prefill_logits_bytes
 
 cfg = model.config
 B, T, new = len(images), run.prompt_tokens, run.new_tokens
@@ -231,7 +231,7 @@ print(f"  the larger, {'attention' if parts.attention_bytes >= parts.logits_byte
       f"is alive at that moment: the prompt's KV cache ({fmt_bytes(kv_prompt)} once complete) and hidden states")
 
 # %%
-from xcomp_lab.exercises import check
+from xcomp_lab.course.exercises import check
 
 answer_7_1 = check("7.1", my_logits_mib, measured=parts.logits_bytes, batch=B, tokens=T, vocab=cfg.vocab_size)
 
@@ -275,7 +275,7 @@ print(f"a 1024-token answer (chat()'s default max_new_tokens) would add {fmt_byt
 
 # %%
 del model
-from xcomp_lab.precision import free
+from xcomp_lab.lessons.precision import free
 
 free(params.device)
 
@@ -299,7 +299,7 @@ free(params.device)
 # This machine's figures (they vary from run to run):
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.forensics import process_resident_bytes
+from xcomp_lab.lessons.forensics import process_resident_bytes
 
 if cuda:
     free_bytes, total = torch.cuda.mem_get_info()

@@ -18,7 +18,7 @@ seed = 0
 results_path = "results/results.jsonl"
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.notebook import start
+from xcomp_lab.course.notebook import start
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -33,9 +33,9 @@ print(params)
 
 # %% tags=["nbval-ignore-output"]
 from xcomp_lab.estimate import estimate_step
-from xcomp_lab.results import latest_by_step, read_results
-from xcomp_lab.steps import STEPS
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.course.results import latest_by_step, read_results
+from xcomp_lab.course.steps import STEPS
+from xcomp_lab.core.units import fmt_bytes
 
 measured = latest_by_step(read_results(params.results_path)) if params.results_path.exists() else {}
 course = []
@@ -60,7 +60,7 @@ if not course:
 # %% tags=["nbval-ignore-output"]
 from pathlib import Path
 
-from xcomp_lab.charts import quality_memory_chart, steps_chart
+from xcomp_lab.course.charts import quality_memory_chart, steps_chart
 
 charts = params.results_path.parent
 budget_bytes = course[0]["budget_bytes"] if course else None
@@ -94,7 +94,7 @@ my_largest_batch = None  # your prediction, in images
 # `scale="full"` to plan for the real 7B-VL model (a few seconds per prediction).
 
 # %%
-from xcomp_lab.planner import plan, plan_chart, planner
+from xcomp_lab.lessons.planner import plan, plan_chart, planner
 
 for card, dtype, quantization in [(24, "float32", "none"), (24, "float16", "none"), (16, "float16", "nf4")]:
     result = plan(card, dtype=dtype, quantization=quantization, scale=params.scale, device=params.device,
@@ -103,7 +103,8 @@ for card, dtype, quantization in [(24, "float32", "none"), (24, "float16", "none
           f"of {fmt_bytes(result.budget_bytes)} -> {'fits' if result.fits else 'does not fit'}")
 
 # %%
-from xcomp_lab.exercises import check, largest_batch
+from xcomp_lab.course.exercises import check
+from xcomp_lab.lessons.planner import largest_batch
 
 batch_search = largest_batch(params, dtype="float16")
 

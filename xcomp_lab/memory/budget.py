@@ -15,11 +15,13 @@ from typing import Iterator
 
 import torch
 
-from xcomp_lab.units import GB, fmt_bytes, gb_to_bytes
+from xcomp_lab.core.units import GB, fmt_bytes, gb_to_bytes
+from xcomp_lab.core.checks import check_choice, check_int, check_number
 
 # InternLM-XComposer2-VL-7B as the original remote code builds it: 8,666,840,064 parameters in FP32.
 FULL_MODEL_PARAMS = 8_666_840_064
 FULL_FP32_WEIGHT_BYTES = FULL_MODEL_PARAMS * 4
+DEVICE_KINDS = ("cpu", "cuda")  # where a budget is enforced: tensor accounting, or the CUDA allocator
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 
@@ -59,11 +61,6 @@ class BudgetExceededError(torch.OutOfMemoryError):
         self.budget_bytes = budget_bytes
 
 
-def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}: give e.g. {name}=48")
-
-
 @dataclass(frozen=True)
 class Budget:
     """A memory limit on one device, stated as the card it emulates.
@@ -84,7 +81,7 @@ class Budget:
 
         On CUDA this becomes a real allocator limit; on CPU it is enforced by tensor accounting, unscaled.
         """
-        _check_positive("gb", gb)
+        check_number("gb", gb, hint="the card's size in GB, e.g. 48")
         dev = resolve_device(device)
         limit = gb_to_bytes(gb)
         if dev != "cpu":
@@ -105,14 +102,10 @@ class Budget:
         `fp32_weight_bytes` is the small model's parameters+buffers in FP32; `full_fp32_weight_bytes` defaults
         to the full InternLM-XComposer2-VL-7B (8,666,840,064 parameters x 4 bytes).
         """
-        _check_positive("gb", gb)
+        check_number("gb", gb, hint="the card's size in GB, e.g. 48")
         for name, value in (("fp32_weight_bytes", fp32_weight_bytes),
                             ("full_fp32_weight_bytes", full_fp32_weight_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(
-                    f"{name} must be a positive integer number of bytes, got {value!r}: "
-                    f"sum p.numel() * 4 over the model's parameters and buffers"
-                )
+            check_int(name, value, hint="bytes: sum p.numel() * 4 over the model's parameters and buffers")
         limit = round(gb_to_bytes(gb) * fp32_weight_bytes / full_fp32_weight_bytes)
         return cls(device=resolve_device(device), limit_bytes=limit, card_gb=float(gb),
                    reference_fp32_weight_bytes=fp32_weight_bytes,
@@ -172,3 +165,26 @@ class Budget:
                 f"{what} sets the CUDA allocator limit, but this budget is for {self.device!r}: a CPU budget is "
                 f"enforced by tensor accounting, so pass it to measure(..., budget=...) or run_guarded(...)"
             )
+
+
+def card_limit_bytes(card_gb: float, device: str, fp32_parameter_bytes: int) -> int:
+    """The course's one budget rule, worked out without a GPU: the bytes a `card_gb` GB card allows.
+
+    On CUDA the card's own bytes (the allocator enforces them). On a CPU the card scaled to the model: the same
+    ratio of budget to FP32 parameter bytes as the card has to the full model's (8,666,840,064 x 4), so that a
+    tiny model meets the same limits the full one meets on the real card.
+    """
+    check_number("card_gb", card_gb, hint="the card's size in GB, e.g. 48")
+    check_int("fp32_parameter_bytes", fp32_parameter_bytes, hint="parameters x 4")
+    kind = check_choice("device", str(device).split(":")[0], DEVICE_KINDS)
+    if kind == "cuda":
+        return gb_to_bytes(card_gb)
+    return round(gb_to_bytes(card_gb) * fp32_parameter_bytes / FULL_FP32_WEIGHT_BYTES)
+
+
+def card_budget(card_gb: float, device: str, fp32_parameter_bytes: int) -> Budget:
+    """The Budget the course puts in force for a model of `fp32_parameter_bytes` (see `card_limit_bytes`)."""
+    if resolve_device(device) == "cpu":
+        return Budget.scaled_to(fp32_parameter_bytes, gb=card_gb)
+    return Budget.for_card(card_gb, device=device)
+

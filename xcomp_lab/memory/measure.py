@@ -22,7 +22,6 @@ import traceback
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain
 from time import perf_counter
 from typing import Any
 
@@ -31,7 +30,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from xcomp_lab.memory.budget import Budget, BudgetExceededError, resolve_device
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.memory.footprint import resident_bytes
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.core.checks import check_int
 
 Sample = tuple[float, int, str]  # (seconds since entry, allocated bytes, phase label or "")
 
@@ -130,7 +131,7 @@ def _plan_for(func: torch._ops.OpOverload) -> Plan:
     return _ALL if len(fresh) == 1 else fresh
 
 
-class _CpuAccounting(TorchDispatchMode):
+class CpuAccounting(TorchDispatchMode):
     """Counts every new CPU storage an op returns, once, and subtracts it when the storage is freed.
 
     Keyed by the C++ StorageImpl address (`_cdata`), so views and in-place results, which share a storage,
@@ -238,7 +239,7 @@ class _CpuAccounting(TorchDispatchMode):
 
     @staticmethod
     def storage_bytes(storage: torch.UntypedStorage) -> int:
-        """What a new storage costs on the general path (a hook for `xcomp_lab.estimate`).
+        """What a new storage costs on the general path (a hook for `xcomp_lab.estimate.caption`).
 
         The estimator's fake tensors always take this path, and it rounds sizes as the CUDA caching allocator
         does; plain tensors take the fast path in `__torch_dispatch__`, which reads `nbytes()` itself.
@@ -277,19 +278,6 @@ class _CpuAccounting(TorchDispatchMode):
                                    in_use_bytes=self.current, budget_bytes=self.limit)
 
 
-def resident_bytes(model: torch.nn.Module | None, device: str) -> int:
-    """Bytes of the model's parameters and buffers stored on `device`, each storage counted once."""
-    if model is None:
-        return 0
-    target = torch.device(device)
-    seen: dict[int, int] = {}
-    for tensor in chain(model.parameters(), model.buffers()):
-        if tensor.device == target:
-            storage = tensor.untyped_storage()
-            seen[storage._cdata] = storage.nbytes()
-    return sum(seen.values())
-
-
 class Measurement:
     """The context manager `measure` returns; `result` holds the `MemoryResult` after the block."""
 
@@ -303,7 +291,7 @@ class Measurement:
         self.failure: OomEvent | None = None
         self._sample_every = sample_every
         self._max_samples = max_samples
-        self._cpu: _CpuAccounting | None = None
+        self._cpu: CpuAccounting | None = None
         self._timeline: list[Sample] = []
         self._kv_cache_bytes = 0
         self._state = "new"
@@ -332,7 +320,7 @@ class Measurement:
         else:
             # The weights existed before the block, so the accounting starts from them.
             start = weights
-            self._cpu = _CpuAccounting(start, self.budget, self._sample_every, self._max_samples)
+            self._cpu = CpuAccounting(start, self.budget, self._sample_every, self._max_samples)
             self._cpu.sample("start")
             self._cpu.__enter__()
             self._t0 = self._cpu.t0
@@ -386,9 +374,7 @@ class Measurement:
 
     def set_kv_cache_bytes(self, nbytes: int) -> None:
         """Tell the measurement how many bytes of the peak are KV cache (inside or after the block)."""
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-            raise ValueError(f"KV cache bytes must be a non-negative int, got {nbytes!r}: "
-                             f"sum k.nbytes + v.nbytes over the cache's layers")
+        check_int("nbytes", nbytes, minimum=0, hint="KV cache bytes: sum k.nbytes + v.nbytes over the cache's layers")
         self._kv_cache_bytes = nbytes
 
     def current_bytes(self) -> int:
@@ -439,6 +425,5 @@ def measure(device: str | torch.device, *, model: torch.nn.Module | None = None,
             raise ValueError(f"the budget is for {budget.device!r} but the measurement is on {dev!r}: "
                              f"make the budget with device={dev!r}")
     for name, value in (("sample_every", sample_every), ("max_samples", max_samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value)
     return Measurement(dev, model, label, budget, bool(raise_oom), sample_every, max_samples)

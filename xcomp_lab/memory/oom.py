@@ -20,7 +20,7 @@ import torch
 
 from xcomp_lab.memory.budget import Budget
 from xcomp_lab.memory.measure import Measurement, MemoryResult, OomEvent, measure
-from xcomp_lab.units import fmt_bytes
+from xcomp_lab.core.units import fmt_bytes
 
 T = TypeVar("T")
 

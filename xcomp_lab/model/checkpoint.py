@@ -22,13 +22,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..dtypes import check_dtype, dtype_name
-from ..scenes import VOCABULARY
-from . import configuration_internlm_xcomposer2, modeling_internlm_xcomposer2
-from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
-from .modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
-from .scales import check_scale, config_for_scale
-from .tokenizer import build_tokenizer
+from xcomp_lab.core.dtypes import check_dtype, dtype_name
+from xcomp_lab.data.scenes import VOCABULARY
+from xcomp_lab.model import configuration_internlm_xcomposer2, modeling_internlm_xcomposer2
+from xcomp_lab.model.configuration_internlm_xcomposer2 import InternLMXcomposer2Config
+from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
+from xcomp_lab.model.scales import check_scale, config_for_scale
+from xcomp_lab.model.tokenizer import build_tokenizer
 
 AUTO_MAP = {
     "AutoConfig": "configuration_internlm_xcomposer2.InternLMXcomposer2Config",

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..dtypes import check_dtype
-from .bnb_cpu import apply_cpu_path
-from .checkpoint import default_checkpoint
-from .modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
-from .scales import check_scale
+from xcomp_lab.core.dtypes import check_dtype
+from xcomp_lab.model.bnb_cpu import apply_cpu_path
+from xcomp_lab.model.checkpoint import default_checkpoint
+from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
+from xcomp_lab.model.scales import check_scale
 
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 

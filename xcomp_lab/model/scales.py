@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
+from xcomp_lab.model.configuration_internlm_xcomposer2 import InternLMXcomposer2Config
 
 SCALES: dict[str, dict[str, Any]] = {
     "full": {},

@@ -12,7 +12,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .modeling_internlm_xcomposer2 import DEFAULT_META_INSTRUCTION, IM_END, IM_START
+from xcomp_lab.model.modeling_internlm_xcomposer2 import DEFAULT_META_INSTRUCTION, IM_END, IM_START
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", IM_END, IM_START]
 TOKENIZER_VOCAB_SIZE = 1024

@@ -1,0 +1,54 @@
+"""The planner's search for the largest batch that fits, and its budget rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from xcomp_lab.course.params import check_params
+from xcomp_lab.lessons.planner import largest_batch, plan, search_largest
+from xcomp_lab.memory.budget import card_limit_bytes
+from xcomp_lab.model.inventory import parameter_count
+
+
+def linear_card(weights: int, per_image: int, budget: int):
+    tried = []
+
+    def try_batch(batch: int) -> tuple[int, bool]:
+        tried.append(batch)
+        peak = weights + batch * per_image
+        return min(peak, budget + 1), peak <= budget  # an OOM replay stops just past the budget
+
+    return try_batch, tried
+
+
+@pytest.mark.parametrize("budget", [100, 109, 110, 111, 150, 1000, 1009])
+def test_search_finds_the_largest_batch_that_fits(budget):
+    try_batch, tried = linear_card(100, 10, budget)
+    largest, peaks, capped = search_largest(try_batch, limit=256)
+    expected = max(0, (budget - 100) // 10)
+    assert largest == expected and not capped
+    assert set(peaks) == set(tried) and len(tried) <= 2 * 8 + 2
+    if largest:
+        assert peaks[largest] <= budget
+    assert (largest + 1) in peaks or largest == 0
+
+
+def test_search_stops_at_its_limit_and_says_so():
+    try_batch, _ = linear_card(100, 1, 10**9)
+    assert search_largest(try_batch, limit=20)[0::2] == (20, True)
+    with pytest.raises(ValueError, match="limit=1"):
+        search_largest(try_batch, limit=1)
+
+
+@pytest.mark.slow
+def test_largest_batch_asks_the_planner_at_tiny_scale():
+    search = largest_batch(check_params(scale="tiny", device="cpu"))
+    assert search.largest >= 2 and not search.capped
+    assert search.peaks[search.largest] <= search.budget_bytes < search.peaks[search.largest + 1]
+
+
+def test_plan_budgets_a_card_by_the_course_rule_on_either_device():
+    tiny_fp32 = parameter_count("tiny") * 4
+    on_cpu = plan(48, scale="tiny", device="cpu", new_tokens=2)
+    assert on_cpu.budget_bytes == card_limit_bytes(48, "cpu", tiny_fp32) < 10**8  # scaled to the tiny model
+    assert plan(48, scale="tiny", device="cuda", new_tokens=2).budget_bytes == 48 * 10**9  # the card itself

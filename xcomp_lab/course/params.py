@@ -1,0 +1,97 @@
+"""The parameters every notebook accepts (papermill), checked in the notebook's first cell.
+
+A wrong value fails at once with what was given, what is allowed and what to do, instead of deep inside
+a model call minutes later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
+from xcomp_lab.model.scales import check_scale
+from xcomp_lab.core.checks import check_int, check_number
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class CourseParams:
+    """Checked notebook parameters; `device` is resolved ("auto" becomes "cuda" or "cpu")."""
+
+    scale: str
+    device: str
+    budget_gb: float
+    model_name_or_path: str | None
+    batch_size: int
+    image_size: int | None
+    max_new_tokens: int
+    attn_implementation: str
+    seed: int
+    results_path: Path
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "results_path": str(self.results_path)}
+
+    def __str__(self) -> str:
+        model = self.model_name_or_path or f"synthetic replica ({self.scale})"
+        image = f"{self.image_size} px" if self.image_size else "model default"
+        return (
+            f"scale={self.scale} | device={self.device} | budget {self.budget_gb:g} GB card | model: {model} | "
+            f"batch {self.batch_size} | image {image} | {self.max_new_tokens} new tokens | "
+            f"{self.attn_implementation} attention | seed {self.seed}"
+        )
+
+
+def check_params(
+    scale: str = "tiny",
+    device: str = "auto",
+    budget_gb: float = 48,
+    model_name_or_path: str | None = None,
+    batch_size: int = 1,
+    image_size: int | None = None,
+    max_new_tokens: int = 16,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    results_path: str | os.PathLike = "results/results.jsonl",
+) -> CourseParams:
+    """Validate the notebook parameters and resolve the device."""
+    check_scale(scale)
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}; choose one of {list(DEVICES)} ('auto' picks cuda when a GPU is visible).")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu' (with scale='tiny') or 'auto'.")
+    resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    check_number("budget_gb", budget_gb, maximum=1000, hint="the card size in GB (10**9 bytes), e.g. 24, 48 or 80")
+    if scale == "full" and resolved == "cpu":
+        raise ValueError(
+            "scale='full' needs a GPU (the FP32 model alone is 32 GiB); use scale='tiny' on a CPU or device='cuda'."
+        )
+    check_int("batch_size", batch_size, hint="images captioned together")
+    if image_size is not None:
+        check_int("image_size", image_size, hint="pixels per side, a multiple of 14")
+        if image_size % 14:
+            raise ValueError(f"image_size={image_size}; it must be a multiple of the 14 px patch size, e.g. {image_size // 14 * 14 or 14}.")
+    check_int("max_new_tokens", max_new_tokens, hint="tokens generated per caption")
+    if attn_implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(f"attn_implementation={attn_implementation!r}; choose one of {list(SUPPORTED_ATTENTION)}.")
+    check_int("seed", seed, minimum=0, hint="torch.manual_seed takes it")
+    if model_name_or_path is not None and not isinstance(model_name_or_path, (str, os.PathLike)):
+        raise ValueError(f"model_name_or_path={model_name_or_path!r}; pass None, a directory or a hub id.")
+    torch.manual_seed(seed)
+    return CourseParams(
+        scale=scale,
+        device=resolved,
+        budget_gb=float(budget_gb),
+        model_name_or_path=None if model_name_or_path is None else os.fspath(model_name_or_path),
+        batch_size=batch_size,
+        image_size=image_size,
+        max_new_tokens=max_new_tokens,
+        attn_implementation=attn_implementation,
+        seed=seed,
+        results_path=Path(results_path),
+    )

@@ -1,0 +1,181 @@
+"""The planner: pick a card, a dtype, a quantization, batch, image size and new tokens; see the predicted peak.
+
+`plan()` is a plain function (it works in papermill and scripts); `planner()` wraps it in ipywidgets with
+a chart that updates when "Predict" is pressed. Predictions come from `estimate.estimate_caption`, which
+replays the captioning call on fake tensors, so nothing is allocated. The card's budget follows the course's one rule
+(`memory.budget.card_limit_bytes`): the card's bytes on CUDA, scaled to the model on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from xcomp_lab.course.charts import steps_chart
+from xcomp_lab.estimate import Estimate, estimate_caption
+from xcomp_lab.memory.budget import card_limit_bytes
+from xcomp_lab.model.inventory import parameter_count
+from xcomp_lab.model.loading import QUANTIZATIONS
+from xcomp_lab.core.checks import check_int, check_number
+from xcomp_lab.core.dtypes import DTYPE_NAMES
+from xcomp_lab.course.params import CourseParams
+from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
+from xcomp_lab.model.scales import check_scale
+
+GPU_PRESETS_GB = (16, 24, 40, 48, 80)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A prediction for one configuration on one card."""
+
+    card_gb: float
+    budget_bytes: int
+    estimate: Estimate
+
+    @property
+    def fits(self) -> bool:
+        return not self.estimate.oom
+
+    def record(self) -> dict[str, Any]:
+        """The estimate in the results-record shape the charts read."""
+        e = self.estimate
+        return {
+            "step": e.label,
+            "weights_bytes": e.weights_bytes,
+            "kv_cache_bytes": e.kv_cache_bytes,
+            "activations_bytes": e.activations_bytes,
+            "peak_bytes": e.peak_bytes,
+            "budget_bytes": self.budget_bytes,
+            "oom": bool(e.oom),
+            "predicted_peak_bytes": e.peak_bytes,
+        }
+
+
+def plan(
+    card_gb: float = 48,
+    dtype: str = "float16",
+    quantization: str = "none",
+    batch_size: int = 1,
+    image_size: int | None = None,
+    new_tokens: int = 16,
+    attn_implementation: str = "eager",
+    scale: str = "full",
+    device: str = "cuda",
+) -> Plan:
+    """Predict a captioning call (inference_mode, no autocast) on a `card_gb` card."""
+    check_number("card_gb", card_gb, maximum=1000, hint=f"a card size in GB such as {GPU_PRESETS_GB}")
+    check_scale(scale)
+    budget = card_limit_bytes(card_gb, device, parameter_count(scale) * 4)
+    label = f"{dtype}{'' if quantization == 'none' else '+' + quantization}, batch {batch_size}"
+    estimate = estimate_caption(
+        scale,
+        dtype=dtype,
+        quantization=quantization,
+        grad="inference_mode",
+        attn_implementation=attn_implementation,
+        batch_size=batch_size,
+        image_size=image_size,
+        new_tokens=new_tokens,
+        device=device,
+        budget=budget,
+        label=label,
+    )
+    return Plan(card_gb, budget, estimate)
+
+
+def plan_chart(result: Plan) -> Figure:
+    """The predicted peak as a stacked bar against the card's budget."""
+    verdict = "fits" if result.fits else "does not fit"
+    return steps_chart([result.record()], budget_bytes=result.budget_bytes,
+                       title=f"{result.card_gb:g} GB card: {verdict}")
+
+
+def planner(scale: str = "full", device: str = "cuda") -> Any:
+    """An ipywidgets planner: controls, a Predict button, the verdict table and the chart."""
+    import ipywidgets as widgets
+
+    controls = dict(
+        card_gb=widgets.Dropdown(options=GPU_PRESETS_GB, value=48, description="card (GB)"),
+        dtype=widgets.Dropdown(options=DTYPE_NAMES, value="float16", description="dtype"),
+        quantization=widgets.Dropdown(options=QUANTIZATIONS, value="none", description="quantization"),
+        batch_size=widgets.IntSlider(value=1, min=1, max=8, description="batch"),
+        image_size=widgets.IntSlider(value=490 if scale == "full" else 112, min=112, max=980, step=14, description="image px"),
+        new_tokens=widgets.IntSlider(value=16, min=1, max=512, description="new tokens"),
+        attn_implementation=widgets.Dropdown(options=SUPPORTED_ATTENTION, value="eager", description="attention"),
+    )
+    button = widgets.Button(description="Predict", button_style="primary")
+    output = widgets.Output()
+
+    def predict(_: Any = None) -> None:
+        # Filled through its `outputs` rather than `with output:`: capturing into an Output widget while a
+        # headless client (papermill, nbval) runs the cell can leave nbclient waiting forever.
+        result = plan(**{k: w.value for k, w in controls.items()}, scale=scale, device=device)
+        output.outputs = ()
+        output.append_stdout(result.estimate.table() + "\n")
+        output.append_display_data(plan_chart(result))
+
+    button.on_click(predict)
+    box = widgets.VBox([widgets.HBox(list(controls.values())[:4]), widgets.HBox([*list(controls.values())[4:], button]), output])
+    predict()
+    return box
+
+
+@dataclass(frozen=True)
+class BatchSearch:
+    """The planner's answer to "how many images at once?" and the peaks it predicted on the way."""
+
+    largest: int  # the largest batch that fits; 0 when one image does not
+    peaks: dict[int, int]  # predicted peak per batch size tried (where the replay stopped, for one that did not fit)
+    budget_bytes: int
+    capped: bool  # the search stopped at its limit with the batch still fitting: the answer is a lower bound
+
+
+def search_largest(try_batch: Callable[[int], tuple[int, bool]], limit: int = 256) -> tuple[int, dict[int, int], bool]:
+    """Largest batch in 1..`limit` for which `try_batch(batch)` -> (peak, fits) fits: doubling, then bisection.
+
+    Batches 1 and 2 are always tried (the per-image cost the worked solution reads); returns the largest batch,
+    the peaks tried and whether `limit` itself fitted.
+    """
+    check_int("limit", limit, minimum=2, hint="the largest batch to try")
+    peaks: dict[int, int] = {}
+
+    def fits(batch: int) -> bool:
+        peaks[batch], ok = try_batch(batch)
+        return ok
+
+    first, second = fits(1), fits(2)
+    if not first:
+        return 0, peaks, False
+    if not second:
+        return 1, peaks, False
+    low, high = 2, None
+    while high is None and low < limit:
+        batch = min(2 * low, limit)
+        if fits(batch):
+            low = batch
+        else:
+            high = batch
+    if high is None:
+        return low, peaks, True
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low, peaks, False
+
+
+def largest_batch(params: CourseParams, dtype: str = "float16", quantization: str = "none",
+                  limit: int = 256) -> BatchSearch:
+    """The planner's largest batch for this notebook's card, scale, image size, new tokens and attention."""
+    def try_batch(batch: int) -> tuple[int, bool]:
+        result = plan(params.budget_gb, dtype=dtype, quantization=quantization, batch_size=batch,
+                      image_size=params.image_size, new_tokens=params.max_new_tokens,
+                      attn_implementation=params.attn_implementation, scale=params.scale, device=params.device)
+        return result.estimate.peak_bytes, result.fits
+
+    largest, peaks, capped = search_largest(try_batch, limit)
+    budget = card_limit_bytes(params.budget_gb, params.device, parameter_count(params.scale) * 4)
+    return BatchSearch(largest, peaks, budget, capped)

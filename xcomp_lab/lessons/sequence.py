@@ -1,0 +1,132 @@
+"""How a caption's memory grows with its sequence: image tokens, attention scores, KV cache and logits.
+
+The formulas the course checks its measurements against (notebook 04), one function each:
+
+- `image_tokens`: patches per image at a given side, (side / patch)^2; the full model's 490 px give 1225.
+- `eager_scores_bytes`: eager attention's scores of one layer, batch x heads x T x T, in the activations'
+  dtype; the softmax makes an FP32 copy of the same shape (`dtype=torch.float32`).
+- `kv_cache_formula`: 2 (keys, values) x layers x KV heads x head dim x batch x tokens x bytes.
+- `prefill_logits_bytes`: the FP32 logits the original computes for every prompt position at prefill,
+  batch x tokens x vocab x 4 bytes.
+
+`leaf_ops` lists the ATen kernels a call really ran (composite ops decomposed), so a notebook can show which
+attention kernel `sdpa` picked on this machine, and `peak_vs_tokens_chart` draws peak memory against prompt
+length, one line per attention kind.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from xcomp_lab.course.charts import COLORS, finish, new_axes
+from xcomp_lab.core.dtypes import check_dtype
+from xcomp_lab.core.units import GIB, MIB, fmt_bytes
+from xcomp_lab.core.checks import check_int
+
+FP32_BYTES = 4
+
+
+def _element_size(dtype: str | torch.dtype) -> int:
+    return torch.empty((), dtype=check_dtype(dtype)).element_size()
+
+
+def image_tokens(config: Any, image_size: int | None = None) -> int:
+    """Image tokens per image at `image_size` px (default: the vision tower's own size): (side / patch)^2."""
+    patch = config.vision_config.patch_size
+    size = config.image_size if image_size is None else check_int("image_size", image_size)
+    if size % patch:
+        raise ValueError(f"image_size={size} is not a multiple of the {patch} px patch; use e.g. {max(patch, size // patch * patch)}.")
+    return (size // patch) ** 2
+
+
+def eager_scores_bytes(config: Any, batch: int, tokens: int, dtype: str | torch.dtype = "float16") -> int:
+    """One layer's attention scores as eager attention materialises them: batch x heads x T x T x bytes."""
+    return (check_int("batch", batch) * config.num_attention_heads * check_int("tokens", tokens) ** 2
+            * _element_size(dtype))
+
+
+def kv_cache_formula(config: Any, batch: int, tokens: int, dtype: str | torch.dtype = "float16") -> int:
+    """Bytes of the KV cache: 2 x layers x KV heads x head dim x batch x tokens x bytes per element."""
+    return (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+            * check_int("batch", batch) * check_int("tokens", tokens) * _element_size(dtype))
+
+
+def prefill_logits_bytes(config: Any, batch: int, tokens: int) -> int:
+    """The prefill's FP32 logits over the whole vocabulary for every prompt position: batch x T x vocab x 4."""
+    return check_int("batch", batch) * check_int("tokens", tokens) * config.vocab_size * FP32_BYTES
+
+
+class _LeafOps(TorchDispatchMode):
+    """Counts the kernels that run: a composite op is decomposed (with this mode on) and not counted itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        torch._C._push_on_torch_dispatch_stack(self)
+        try:
+            out = func.decompose(*args, **kwargs)
+        finally:
+            torch._C._pop_torch_dispatch_stack(None)
+        if out is not NotImplemented:
+            return out
+        self.calls[func.name()] += 1
+        return func(*args, **kwargs)
+
+
+def leaf_ops(fn: Callable[[], Any], contains: Sequence[str] = ()) -> dict[str, int]:
+    """Run `fn()` and return {kernel name: calls} of the ATen kernels it ran, e.g.
+    {"aten::_scaled_dot_product_flash_attention_for_cpu": 4}; only names containing one of `contains`
+    when given."""
+    if not callable(fn):
+        raise ValueError(f"fn must be a callable taking no arguments, got {type(fn).__name__}: wrap the call in a lambda")
+    mode = _LeafOps()
+    with mode:
+        fn()
+    return {name: n for name, n in sorted(mode.calls.items()) if not contains or any(c in name for c in contains)}
+
+
+def peak_vs_tokens_chart(series: Mapping[str, Sequence[tuple[int, int]]], *, budget_bytes: int | None = None,
+                         weights_bytes: int | None = None, title: str | None = None,
+                         path: str | Path | None = None) -> Figure:
+    """Peak memory against prompt tokens, one line per series, e.g. {"eager": [(196, peak), ...]}.
+
+    The axis is in GiB, or in MiB when everything drawn is below 1 GiB (the tiny replica). The budget, when
+    given, is a dashed line; the weights, when given, a dotted one: the gap above it is what the sequence costs.
+    """
+    if not series or not all(points for points in series.values()):
+        raise ValueError("series must map a label to at least one (prompt tokens, peak bytes) point, "
+                         "e.g. {'eager': [(196, 12_600_000)]}")
+    levels = [y for points in series.values() for _, y in points] + [b for b in (budget_bytes, weights_bytes) if b]
+    unit, name = (GIB, "GiB (1024³ bytes)") if max(levels) >= GIB else (MIB, "MiB (1024² bytes)")
+    fig, ax = new_axes(7.0, 4.2)
+    palette = [COLORS["oom"], COLORS["allocated"], COLORS["activations"], COLORS["kv_cache"]]
+    for i, (label, points) in enumerate(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, [y / unit for y in ys], marker="o", color=palette[i % len(palette)], label=label)
+        ax.annotate(fmt_bytes(ys[-1]), (xs[-1], ys[-1] / unit), textcoords="offset points", xytext=(6, -3), fontsize=8)
+    if weights_bytes is not None:
+        ax.axhline(weights_bytes / unit, color=COLORS["weights"], linestyle=":", linewidth=1.5,
+                   label=f"weights {fmt_bytes(weights_bytes)}")
+    if budget_bytes is not None:
+        ax.axhline(budget_bytes / unit, color=COLORS["budget"], linestyle="--", linewidth=1.5,
+                   label=f"budget {fmt_bytes(budget_bytes)}")
+    xmax = max(x for points in series.values() for x, _ in points)
+    ax.set_xlim(0, xmax * 1.18)
+    ax.set_ylim(0, max(levels) / unit * 1.15)
+    ax.set_xlabel("prompt tokens (text + image)")
+    ax.set_ylabel(f"peak, {name}")
+    ax.set_title(title or "Peak memory against prompt length")
+    ax.grid(alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="upper left")
+    return finish(fig, path)
