@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from xcomp_lab.run.captioning import caption_images, evaluate_captioner, prompt_batch, reference_logits
-from xcomp_lab.model.loading import load_model, quantization_config
-from xcomp_lab.model.tokenizer import CAPTION_QUERY
 from xcomp_lab.data.quality import QualityReport, quality_report
 from xcomp_lab.data.scenes import held_out_dataset, make_dataset
+from xcomp_lab.model.loading import load_model, quantization_config
+from xcomp_lab.model.tokenizer import CAPTION_QUERY
+from xcomp_lab.run.captioning import caption_images, evaluate_captioner, prompt_batch, reference_logits
 
 QUERY = "<ImageHere>" + CAPTION_QUERY
 

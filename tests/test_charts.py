@@ -12,10 +12,10 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Annotation  # noqa: E402
 
+from xcomp_lab.core.units import GIB, MIB  # noqa: E402
 from xcomp_lab.course import charts  # noqa: E402
 from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM  # noqa: E402
 from xcomp_lab.model.scales import config_for_scale  # noqa: E402
-from xcomp_lab.core.units import GIB, MIB  # noqa: E402
 
 BUDGET = 48 * 10**9  # a 48 GB card: 44.70 GiB
 

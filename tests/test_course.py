@@ -7,8 +7,8 @@ from pathlib import Path
 import papermill
 import pytest
 
-from xcomp_lab.tools.course import notebooks, run_course
 from xcomp_lab.course.results import latest_by_step, read_results
+from xcomp_lab.tools.course import notebooks, run_course
 
 FIXES = ("fp32-no-autocast", "fp32-inference-mode", "fp16-half", "fp16", "bf16", "int8", "nf4")
 

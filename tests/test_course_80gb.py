@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from xcomp_lab.tools.course import run_course
 from xcomp_lab.course.results import latest_by_step, read_results
+from xcomp_lab.tools.course import run_course
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,14 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from xcomp_lab.run.captioning import caption_images, prompt_batch, reference_logits  # noqa: E402
+from xcomp_lab.data.scenes import held_out_dataset  # noqa: E402
+from xcomp_lab.lessons.quantization import plora_effect  # noqa: E402
 from xcomp_lab.model import bnb_cpu  # noqa: E402
 from xcomp_lab.model.checkpoint import default_checkpoint  # noqa: E402
 from xcomp_lab.model.loading import load_model, quantization_config  # noqa: E402
 from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM  # noqa: E402
 from xcomp_lab.model.scales import config_for_scale  # noqa: E402
-from xcomp_lab.lessons.quantization import plora_effect  # noqa: E402
-from xcomp_lab.data.scenes import held_out_dataset  # noqa: E402
+from xcomp_lab.run.captioning import caption_images, prompt_batch, reference_logits  # noqa: E402
 
 N_SCENES = 4
 

@@ -9,6 +9,7 @@ import pytest
 from xcomp_lab.core.jsonl import read_jsonl
 from xcomp_lab.lessons.device_map import split_report
 
+
 def test_split_report_reads_the_committed_two_gpu_run():
     path = Path(__file__).resolve().parent.parent / "results" / "full-h100x2" / "split.jsonl"
     records = read_jsonl(path)

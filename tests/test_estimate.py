@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from xcomp_lab.core.units import GIB, fmt_bytes
+from xcomp_lab.course.params import check_params
+from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
+from xcomp_lab.data.scenes import make_dataset
 from xcomp_lab.estimate import Estimate, estimate_caption, estimate_step, fits, weights_only
 from xcomp_lab.estimate.accounting import SimulatedAccounting
-from xcomp_lab.model.inventory import parameter_count
 from xcomp_lab.memory import measure
-from xcomp_lab.course.params import check_params
-from xcomp_lab.data.scenes import make_dataset
-from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
-from xcomp_lab.core.units import GIB, fmt_bytes
+from xcomp_lab.model.inventory import parameter_count
 
 TOLERANCE = 0.03  # predicted peak within 3% of the measured one
 FULL_PARAMS = 8_666_840_064

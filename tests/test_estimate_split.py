@@ -7,7 +7,9 @@ import time
 
 import pytest
 
+from xcomp_lab.core.units import GB, GIB
 from xcomp_lab.estimate import estimate_caption, weights_only
+from xcomp_lab.estimate.placement import LAYER_PREFIX, meta_model, plan_from_pretrained
 from xcomp_lab.estimate.split import (
     COURSE_SPLITS,
     SplitEstimate,
@@ -15,8 +17,6 @@ from xcomp_lab.estimate.split import (
     estimate_split_caption,
 )
 from xcomp_lab.model.scales import config_for_scale
-from xcomp_lab.estimate.placement import LAYER_PREFIX, meta_model, plan_from_pretrained
-from xcomp_lab.core.units import GB, GIB
 
 TINY = config_for_scale("tiny")  # 4 decoder layers, hidden 256, 1 KV head of 64, vocabulary 1024
 CUDA_BLOCK = 512

@@ -11,9 +11,9 @@ import jupytext
 import nbformat
 import pytest
 
+from xcomp_lab.core.units import GIB, MIB
 from xcomp_lab.course.exercises import EXERCISES, UNITS, Exercise, check, parse_prediction
 from xcomp_lab.memory import MemoryResult
-from xcomp_lab.core.units import GIB, MIB
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 SOURCES = sorted((NOTEBOOKS / "src").glob("[0-9][0-9]-*.py"))

@@ -7,8 +7,8 @@ import collections
 import pytest
 import torch
 
-from xcomp_lab.lessons import forensics
 from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.lessons import forensics
 
 
 def fake_summary(monkeypatch) -> str:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from xcomp_lab.run.captioning import prompt_batch, reference_logits
 from xcomp_lab.lessons.grad_modes import dropout_modules, grad_enabled_by_part, run_prefill, run_prompt
 from xcomp_lab.memory import Budget
+from xcomp_lab.run.captioning import prompt_batch, reference_logits
 
 FP32 = 4
 

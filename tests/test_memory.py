@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from xcomp_lab.core.units import GB, GIB, MIB
 from xcomp_lab.memory import Budget, MemoryResult, measure, run_guarded
 from xcomp_lab.memory.budget import FULL_FP32_WEIGHT_BYTES
-from xcomp_lab.core.units import GB, GIB, MIB
 
 FP32 = 4
 GRAD_MODES = [torch.no_grad, torch.inference_mode]

@@ -15,8 +15,8 @@ from xcomp_lab.model.checkpoint import INDEX_NAME, build_checkpoint, write_model
 from xcomp_lab.model.loading import load_model, quantization_config
 from xcomp_lab.model.modeling_internlm_xcomposer2 import (
     ORIGINAL_KEY_MAPPING,
-    PLoRA,
     InternLMXComposer2ForCausalLM,
+    PLoRA,
 )
 from xcomp_lab.model.scales import config_for_scale
 from xcomp_lab.model.tokenizer import CAPTION_QUERY

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xcomp_lab.model.scales import config_for_scale
+from xcomp_lab.core.units import GB, GIB
 from xcomp_lab.estimate.placement import (
     LAYER_PREFIX,
     meta_model,
@@ -15,7 +15,7 @@ from xcomp_lab.estimate.placement import (
     quiet_accelerate,
     summarize_map,
 )
-from xcomp_lab.core.units import GB, GIB
+from xcomp_lab.model.scales import config_for_scale
 
 FULL_PARAMS = 8_666_840_064
 ROTARY_FP32 = 32 * 2 * 32768 * 128 * 4  # every layer's cos and sin tables: 1 GiB

@@ -4,9 +4,17 @@ import pytest
 import torch
 from torch import nn
 
+from xcomp_lab.lessons.precision import (
+    RESIDENT_KIND,
+    Reference,
+    drift_from,
+    drift_line,
+    fp32_reference,
+    measure_cast,
+    measure_load,
+    with_speed,
+)
 from xcomp_lab.memory.footprint import resident_bytes
-from xcomp_lab.lessons.precision import (RESIDENT_KIND, Reference, drift_from, drift_line, fp32_reference, measure_cast,
-                                 measure_load, with_speed)
 from xcomp_lab.run.speed import Speed
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

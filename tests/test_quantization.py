@@ -10,13 +10,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("bitsandbytes")
 
-from xcomp_lab.lessons import quantization as q
+from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.charts import weight_breakdown
+from xcomp_lab.lessons import quantization as q
 from xcomp_lab.memory.footprint import resident_bytes, statistics_bytes
 from xcomp_lab.model.loading import load_model, quantization_config
 from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
 from xcomp_lab.model.scales import config_for_scale
-from xcomp_lab.core.units import fmt_bytes
 
 
 @pytest.fixture(scope="module")

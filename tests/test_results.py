@@ -6,9 +6,9 @@ from datetime import datetime
 import pytest
 import torch
 
-from xcomp_lab.memory import Budget, measure
-from xcomp_lab.course.results import FIELDS, append_result, build_record, latest_by_step, read_results
 from xcomp_lab.core.units import MIB
+from xcomp_lab.course.results import FIELDS, append_result, build_record, latest_by_step, read_results
+from xcomp_lab.memory import Budget, measure
 
 
 @pytest.fixture

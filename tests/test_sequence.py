@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from xcomp_lab.run.call import cache_bytes
-from xcomp_lab.model.scales import config_for_scale
 from xcomp_lab.lessons.sequence import (
     eager_scores_bytes,
     image_tokens,
@@ -17,6 +15,8 @@ from xcomp_lab.lessons.sequence import (
     peak_vs_tokens_chart,
     prefill_logits_bytes,
 )
+from xcomp_lab.model.scales import config_for_scale
+from xcomp_lab.run.call import cache_bytes
 
 
 def test_image_tokens_tiny_and_full():

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from xcomp_lab.tools import train
+from xcomp_lab.data.scenes import make_dataset
 from xcomp_lab.model.checkpoint import DONE_MARKER
 from xcomp_lab.model.loading import load_model
 from xcomp_lab.model.modeling_internlm_xcomposer2 import IM_END, InternLMXComposer2ForCausalLM
 from xcomp_lab.model.scales import config_for_scale
 from xcomp_lab.model.tokenizer import CAPTION_QUERY
-from xcomp_lab.data.scenes import make_dataset
+from xcomp_lab.tools import train
 from xcomp_lab.tools.train import CaptionPrompt, answer_batch, caption_loss, train_captioner
 
 QUERY = "<ImageHere>" + CAPTION_QUERY

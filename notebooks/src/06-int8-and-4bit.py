@@ -29,7 +29,8 @@ print(params)
 # %% [markdown]
 # **Prediction.** By *params x bytes per param*, INT8 stores 1 byte per weight and NF4 half a byte, plus
 # statistics to scale them back: LLM.int8() keeps one FP32 scale per output row; NF4 one absmax per block of 64
-# weights, itself quantized to 8 bits with one FP32 absmax per 256 blocks ("double quantization"). But only
+# weights, itself quantized to 8 bits with one FP32 absmax per 256 blocks ("double quantization"), plus the two
+# small lookup tables of the codes (16 and 256 FP32 values) that every 4-bit layer holds a copy of. But only
 # `nn.Linear` layers are converted, so everything else keeps its 16 bits: the model shrinks less than its
 # linears.
 #

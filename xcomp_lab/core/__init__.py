@@ -1,0 +1,1 @@
+"""Foundations every other folder uses: units (GiB), dtypes, argument checks, JSON-lines files, resources, the machine."""

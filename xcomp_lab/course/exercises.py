@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
-from xcomp_lab.memory import MemoryResult
 from xcomp_lab.core.units import GIB, MIB, fmt_bytes
+from xcomp_lab.memory import MemoryResult
 
 KIB = 1024
 SIZE_UNITS = {"B": 1, "KiB": KIB, "MiB": MIB, "GiB": GIB}

@@ -18,9 +18,9 @@ import transformers
 from PIL import Image
 
 from xcomp_lab.core.resources import package_file
+from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.params import CourseParams, check_params
 from xcomp_lab.course.results import append_result
-from xcomp_lab.core.units import fmt_bytes
 
 SAMPLES = ("xcomp_lab.data", "samples")  # package data: the sample scenes and their true captions
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from xcomp_lab.core.checks import check_int, check_number
 from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
 from xcomp_lab.model.scales import check_scale
-from xcomp_lab.core.checks import check_int, check_number
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -14,13 +14,14 @@ from typing import Any, Sequence
 import torch
 
 from xcomp_lab.core.dtypes import check_dtype
-from xcomp_lab.run.call import CaptionRun, run_caption
+from xcomp_lab.course.params import CourseParams
+from xcomp_lab.course.results import build_record
 from xcomp_lab.memory import Budget
 from xcomp_lab.memory.budget import card_budget
 from xcomp_lab.model.inventory import parameter_count
 from xcomp_lab.model.loading import load_model, quantization_config
-from xcomp_lab.course.params import CourseParams
-from xcomp_lab.course.results import build_record
+from xcomp_lab.run.call import CaptionRun, run_caption
+
 
 @dataclass(frozen=True)
 class Step:

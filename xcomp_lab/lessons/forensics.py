@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 from xcomp_lab.core.checks import check_int
 
 Sample = tuple[float, int, str]  # (seconds, allocated bytes, marker label or "")
@@ -176,9 +177,9 @@ def measure_prefill_parts(model: Any, tokenizer: Any, images: Sequence[Any], *, 
     """
     import torch
 
-    from xcomp_lab.run.captioning import prompt_batch
-    from xcomp_lab.run.call import autocast, grad_mode
     from xcomp_lab.memory import measure
+    from xcomp_lab.run.call import autocast, grad_mode
+    from xcomp_lab.run.captioning import prompt_batch
 
     with grad_mode(grad), autocast(device, use_autocast):
         embeds, im_mask = prompt_batch(model, tokenizer, list(images), image_size=image_size)  # (B, T, C), (B, T)

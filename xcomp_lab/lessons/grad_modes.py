@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from xcomp_lab.run.captioning import prompt_batch
-from xcomp_lab.run.call import autocast, grad_mode
 from xcomp_lab.memory import Budget, MemoryResult, run_guarded
 from xcomp_lab.model.tokenizer import CAPTION_QUERY
+from xcomp_lab.run.call import autocast, grad_mode
+from xcomp_lab.run.captioning import prompt_batch
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,14 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from xcomp_lab.core.checks import check_int, check_number
+from xcomp_lab.core.dtypes import DTYPE_NAMES
 from xcomp_lab.course.charts import steps_chart
+from xcomp_lab.course.params import CourseParams
 from xcomp_lab.estimate import Estimate, estimate_caption
 from xcomp_lab.memory.budget import card_limit_bytes
 from xcomp_lab.model.inventory import parameter_count
 from xcomp_lab.model.loading import QUANTIZATIONS
-from xcomp_lab.core.checks import check_int, check_number
-from xcomp_lab.core.dtypes import DTYPE_NAMES
-from xcomp_lab.course.params import CourseParams
 from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
 from xcomp_lab.model.scales import check_scale
 

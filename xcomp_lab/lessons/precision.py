@@ -19,18 +19,18 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
+from xcomp_lab.core.checks import check_int
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.course.params import CourseParams
+from xcomp_lab.course.steps import Step, run_step
 from xcomp_lab.data import scenes
-from xcomp_lab.run.captioning import caption_images, reference_logits
-from xcomp_lab.run.call import CaptionRun
+from xcomp_lab.data.quality import QualityReport, quality_report
 from xcomp_lab.memory.budget import Budget, resolve_device
 from xcomp_lab.memory.footprint import resident_bytes
 from xcomp_lab.memory.measure import CUDA_KIND, MemoryResult, measure
-from xcomp_lab.course.params import CourseParams
-from xcomp_lab.data.quality import QualityReport, quality_report
+from xcomp_lab.run.call import CaptionRun
+from xcomp_lab.run.captioning import caption_images, reference_logits
 from xcomp_lab.run.speed import Speed
-from xcomp_lab.course.steps import Step, run_step
-from xcomp_lab.core.units import fmt_bytes
-from xcomp_lab.core.checks import check_int
 
 T = TypeVar("T")
 RESIDENT_KIND = "cpu-resident"  # CPU: resident bytes of the model before and after, no peak

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from xcomp_lab.core.checks import check_choice, check_int
 from xcomp_lab.memory.budget import resolve_device
 from xcomp_lab.memory.footprint import module_bytes, quantized_linear_bytes, statistics
-from xcomp_lab.core.checks import check_choice, check_int
 
 QUANTIZED_CLASSES = ("Linear8bitLt", "Linear4bit")
 

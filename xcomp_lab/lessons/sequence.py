@@ -25,10 +25,10 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from xcomp_lab.course.charts import COLORS, finish, new_axes
+from xcomp_lab.core.checks import check_int
 from xcomp_lab.core.dtypes import check_dtype
 from xcomp_lab.core.units import GIB, MIB, fmt_bytes
-from xcomp_lab.core.checks import check_int
+from xcomp_lab.course.charts import COLORS, finish, new_axes
 
 FP32_BYTES = 4
 

@@ -15,8 +15,8 @@ from typing import Iterator
 
 import torch
 
-from xcomp_lab.core.units import GB, fmt_bytes, gb_to_bytes
 from xcomp_lab.core.checks import check_choice, check_int, check_number
+from xcomp_lab.core.units import GB, fmt_bytes, gb_to_bytes
 
 # InternLM-XComposer2-VL-7B as the original remote code builds it: 8,666,840,064 parameters in FP32.
 FULL_MODEL_PARAMS = 8_666_840_064

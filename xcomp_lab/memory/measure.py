@@ -29,10 +29,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from xcomp_lab.core.checks import check_int
+from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.memory.budget import Budget, BudgetExceededError, resolve_device
 from xcomp_lab.memory.footprint import resident_bytes
-from xcomp_lab.core.units import fmt_bytes
-from xcomp_lab.core.checks import check_int
 
 Sample = tuple[float, int, str]  # (seconds since entry, allocated bytes, phase label or "")
 

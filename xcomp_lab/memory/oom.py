@@ -18,9 +18,9 @@ from typing import Callable, Generic, TypeVar
 
 import torch
 
+from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.memory.budget import Budget
 from xcomp_lab.memory.measure import Measurement, MemoryResult, OomEvent, measure
-from xcomp_lab.core.units import fmt_bytes
 
 T = TypeVar("T")
 

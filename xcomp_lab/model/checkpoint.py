@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from xcomp_lab.core.dtypes import check_dtype, dtype_name
+from xcomp_lab.core.resources import package_file
 from xcomp_lab.data.scenes import VOCABULARY
 from xcomp_lab.model import configuration_internlm_xcomposer2, modeling_internlm_xcomposer2
 from xcomp_lab.model.configuration_internlm_xcomposer2 import InternLMXcomposer2Config
@@ -38,8 +39,10 @@ AUTO_MAP = {
 INDEX_NAME = "model.safetensors.index.json"
 DONE_MARKER = ".xcomp-lab-complete"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-# FP16 weights of the trained tiny captioner; tiny-captioner.json beside it says how they were made.
-TRAINED_TINY_WEIGHTS = Path(__file__).parent / "trained" / "tiny-captioner.safetensors"
+# FP16 weights of the trained tiny captioner (package data); tiny-captioner.json beside them says how they
+# were made.
+TRAINED_TINY = ("xcomp_lab.model", "trained")
+TRAINED_WEIGHTS_NAME, TRAINED_RECIPE_NAME = "tiny-captioner.safetensors", "tiny-captioner.json"
 
 
 def cache_root() -> Path:
@@ -163,21 +166,22 @@ def build_checkpoint(
 def trained_tiny_checkpoint() -> Path:
     """The course's trained tiny captioner as a checkpoint directory, assembled once in the cache.
 
-    Only its FP16 weights ship with the package (TRAINED_TINY_WEIGHTS, with the record of how they were
+    Only its FP16 weights ship with the package (`xcomp_lab/model/trained/`, with the record of how they were
     trained beside them); the config, the source files and the tokenizer are written from this version
     of the package, keyed by a hash of the weights and the code, so they always match each other.
     """
     config = config_for_scale("tiny")
     config.dtype = "float16"
     digest = _source_digest(config)
-    digest.update(TRAINED_TINY_WEIGHTS.read_bytes())
+    weights = package_file(*TRAINED_TINY, TRAINED_WEIGHTS_NAME).read_bytes()
+    digest.update(weights)
     directory = cache_root() / "checkpoints" / f"trained-tiny-{digest.hexdigest()[:10]}"
     if (directory / DONE_MARKER).exists():
         return directory
     staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     write_model_files(staging, config, course_tokenizer())
-    shutil.copyfile(TRAINED_TINY_WEIGHTS, staging / "model.safetensors")
-    (staging / DONE_MARKER).write_text(TRAINED_TINY_WEIGHTS.with_suffix(".json").read_text())
+    (staging / "model.safetensors").write_bytes(weights)
+    (staging / DONE_MARKER).write_text(package_file(*TRAINED_TINY, TRAINED_RECIPE_NAME).read_text())
     return move_into_place(staging, directory)
 
 

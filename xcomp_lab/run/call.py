@@ -16,9 +16,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from xcomp_lab.memory import Budget, GuardedResult, MemoryResult, run_guarded
+from xcomp_lab.model.tokenizer import CAPTION_QUERY
 from xcomp_lab.run.captioning import prompt_batch
 from xcomp_lab.run.generate import generated_tokens, greedy_generate, turn_texts
-from xcomp_lab.model.tokenizer import CAPTION_QUERY
 
 GRAD_MODES = ("enabled", "no_grad", "inference_mode")
 

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from xcomp_lab.core.checks import check_int
 from xcomp_lab.data import scenes
+from xcomp_lab.data.quality import QualityReport, quality_report
 from xcomp_lab.model.modeling_internlm_xcomposer2 import IMAGE_PLACEHOLDER, ImageInput
 from xcomp_lab.model.tokenizer import CAPTION_QUERY
-from xcomp_lab.data.quality import QualityReport, quality_report
 from xcomp_lab.run.generate import greedy_generate, turn_texts
-from xcomp_lab.core.checks import check_int
 
 
 def _images(images: Sequence[ImageInput]) -> list[ImageInput]:

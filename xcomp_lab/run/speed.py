@@ -17,12 +17,12 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from xcomp_lab.run.captioning import prompt_batch
-from xcomp_lab.run.generate import greedy_generate
-from xcomp_lab.run.call import autocast, grad_mode
+from xcomp_lab.core.checks import check_int
 from xcomp_lab.memory.budget import resolve_device
 from xcomp_lab.model.tokenizer import CAPTION_QUERY
-from xcomp_lab.core.checks import check_int
+from xcomp_lab.run.call import autocast, grad_mode
+from xcomp_lab.run.captioning import prompt_batch
+from xcomp_lab.run.generate import greedy_generate
 
 
 @dataclass(frozen=True)

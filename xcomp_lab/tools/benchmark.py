@@ -17,18 +17,18 @@ from typing import Any, Sequence
 
 import torch
 
-from xcomp_lab.run.captioning import prompt_batch
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.course.params import CourseParams, check_params
+from xcomp_lab.course.steps import STEPS, Step, course_budget, load_for_step, run_step
+from xcomp_lab.data.scenes import make_dataset
 from xcomp_lab.estimate import estimate_step
-from xcomp_lab.model.inventory import parameter_count
-from xcomp_lab.run.call import autocast, grad_mode
-from xcomp_lab.run.generate import greedy_generate
 from xcomp_lab.memory import measure
+from xcomp_lab.model.inventory import parameter_count
 from xcomp_lab.model.scales import config_for_scale
 from xcomp_lab.model.tokenizer import CAPTION_QUERY
-from xcomp_lab.course.params import CourseParams, check_params
-from xcomp_lab.data.scenes import make_dataset
-from xcomp_lab.course.steps import STEPS, Step, course_budget, load_for_step, run_step
-from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.run.call import autocast, grad_mode
+from xcomp_lab.run.captioning import prompt_batch
+from xcomp_lab.run.generate import greedy_generate
 
 
 def _images(params: CourseParams) -> list[Any]:

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from xcomp_lab.core.resources import repository_root
 from xcomp_lab.course.params import check_params
 
-
 # A cell running longer than this fails the run instead of hanging it; at full scale on an H100 no notebook
 # took over 2 minutes in all.
 CELL_TIMEOUT_S = 900

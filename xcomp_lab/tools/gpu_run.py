@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from xcomp_lab.model.checkpoint import build_checkpoint
+from xcomp_lab.core.machine import gpu_environment
+from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.notebook import batch_of_images, record
 from xcomp_lab.course.params import check_params
 from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
-from xcomp_lab.core.machine import gpu_environment
-from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.model.checkpoint import build_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,8 +37,8 @@ from typing import Any, Iterator
 import torch
 import transformers
 
-from xcomp_lab.core.machine import gpu_environment
 from xcomp_lab.core.dtypes import DTYPE_NAMES
+from xcomp_lab.core.machine import gpu_environment
 from xcomp_lab.core.units import gb_to_bytes
 from xcomp_lab.course.notebook import batch_of_images
 from xcomp_lab.course.params import check_params

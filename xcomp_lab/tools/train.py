@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from xcomp_lab.data import scenes
-from xcomp_lab.run.captioning import evaluate_captioner
 from xcomp_lab.model.checkpoint import DONE_MARKER, course_tokenizer, move_into_place, write_model_files
 from xcomp_lab.model.modeling_internlm_xcomposer2 import (
     DEFAULT_META_INSTRUCTION,
@@ -49,6 +48,7 @@ from xcomp_lab.model.modeling_internlm_xcomposer2 import (
 )
 from xcomp_lab.model.scales import config_for_scale
 from xcomp_lab.model.tokenizer import CAPTION_QUERY
+from xcomp_lab.run.captioning import evaluate_captioner
 
 # Bump when the training recipe changes in a way the settings below do not capture.
 TRAINING_VERSION = 1
