@@ -16,6 +16,7 @@ import html
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import mistune  # comes with nbconvert
 import nbformat
@@ -23,7 +24,7 @@ from nbconvert import HTMLExporter
 
 from xcomp_lab.course.results import read_results
 from xcomp_lab.tools.course import notebooks
-from xcomp_lab.tools.guide import GUIDE
+from xcomp_lab.tools.guide import guide_paths
 from xcomp_lab.core.units import GIB
 
 STYLE = ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;line-height:1.45}"
@@ -96,8 +97,13 @@ def _links(entries: list[tuple[str, str]]) -> str:
 
 
 def build_site(out: str | Path = "site", sources: list[Path] | None = None, extra: Path | None = None,
-               guide: Path | None = GUIDE) -> Path:
-    """Render the tiny-scale notebooks, the full-scale ones in `extra`/notebooks and the guide, with an index."""
+               guide: Path | Literal["committed"] | None = "committed") -> Path:
+    """Render the tiny-scale notebooks, the full-scale ones in `extra`/notebooks and the guide, with an index.
+
+    `guide` is a markdown guide, "committed" for the checkout's docs/instructor-guide.md, or None to leave it out.
+    """
+    if guide == "committed":
+        guide = guide_paths().guide
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tiny = [render_notebook(path, out) for path in sources or notebooks()]
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", type=Path, default=None, help="a full-scale results folder (xcomp_lab.tools.gpu_run)")
     parser.add_argument("--no-guide", action="store_true", help="leave the instructor guide out")
     args = parser.parse_args(argv)
-    out = build_site(args.out, extra=args.extra, guide=None if args.no_guide else GUIDE)
+    out = build_site(args.out, extra=args.extra, guide=None if args.no_guide else "committed")
     print(f"site written to {out}/index.html")
     return 0
 
