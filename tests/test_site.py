@@ -10,7 +10,9 @@ import nbformat
 import pytest
 
 from xcomp_lab.tools.course import notebooks
-from xcomp_lab.tools.guide import FULL
+from xcomp_lab.tools.guide import guide_paths
+
+FULL = guide_paths().full
 from xcomp_lab.tools.site import build_site, render_guide
 
 pytestmark = pytest.mark.slow  # renders eleven notebooks

@@ -64,13 +64,6 @@ def guide_paths(root: Path | None = None) -> GuidePaths:
                       split=root / "results" / "full-h100x2" / "split.jsonl")
 
 
-def __getattr__(name: str) -> Path:
-    """`FULL`, the checkout's full-scale run folder, looked up when asked for: tests/test_site.py imports it."""
-    if name == "FULL":
-        return guide_paths().full
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True)
 class Goals:
     """What one notebook asks and what a learner should be able to do after it."""
