@@ -10,6 +10,7 @@ from torch import nn
 from xcomp_lab.core.units import GB, GIB, MIB
 from xcomp_lab.memory import Budget, MemoryResult, measure, run_guarded
 from xcomp_lab.memory.budget import FULL_FP32_WEIGHT_BYTES
+from xcomp_lab.memory.cards import CARDS, CONTEXT_BYTES
 
 FP32 = 4
 GRAD_MODES = [torch.no_grad, torch.inference_mode]
@@ -153,20 +154,22 @@ def test_result_is_json_friendly_and_prints_in_binary_units():
 
 def test_scaled_budget_keeps_the_full_models_ratio():
     budget = Budget.scaled_to(10 * MIB)
-    assert budget.limit_bytes == round(48 * GB * 10 * MIB / (8_666_840_064 * 4))
+    l40s = CARDS["L40S"]  # the course's 48 GB card: 44.42 GiB as PyTorch reports it, less the CUDA context
+    assert budget.limit_bytes == round((l40s.total_bytes - CONTEXT_BYTES) * 10 * MIB / (8_666_840_064 * 4))
     assert FULL_FP32_WEIGHT_BYTES == 34_667_360_256
     text = budget.describe()
-    assert "Tensor accounting on CPU" in text and "44.70 GiB" in text and "13.85 MiB allowed" in text
+    assert "Tensor accounting on CPU" in text and "L40S (48 GB): PyTorch sees 44.42 GiB" in text
+    assert "43.74 GiB usable" in text and "13.55 MiB allowed" in text
 
 
 def test_budget_raises_out_of_memory_like_cuda():
-    budget = Budget.scaled_to(4 * MIB)  # about 5.5 MiB allowed
+    budget = Budget.scaled_to(4 * MIB)  # about 5.4 MiB allowed
     with pytest.raises(torch.OutOfMemoryError) as info, measure("cpu", budget=budget) as m:
         keep = [torch.empty(MIB // FP32) for _ in range(10)]
     message = str(info.value)
     assert message.startswith("CPU budget exceeded (emulating a 48 GB card): Tried to allocate 1.00 MiB in ")
     assert "aten.empty.memory_format -> shape (262144,) float32" in message
-    assert "5.00 MiB in use of a budget of 5.54 MiB" in message
+    assert "5.00 MiB in use of a budget of 5.42 MiB" in message
     r = m.result
     assert r.oom and r.error.startswith("BudgetExceededError: CPU budget exceeded")
     assert r.peak_bytes == 5 * MIB <= r.budget_bytes

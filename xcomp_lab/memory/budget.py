@@ -16,7 +16,8 @@ from typing import Iterator
 import torch
 
 from xcomp_lab.core.checks import check_choice, check_int, check_number
-from xcomp_lab.core.units import GB, fmt_bytes, gb_to_bytes
+from xcomp_lab.core.units import GIB, fmt_bytes
+from xcomp_lab.memory.cards import CONTEXT_BYTES, MIN_VISIBLE_SHARE, card_for_gb
 
 # InternLM-XComposer2-VL-7B as the original remote code builds it: 8,666,840,064 parameters in FP32.
 FULL_MODEL_PARAMS = 8_666_840_064
@@ -61,6 +62,23 @@ class BudgetExceededError(torch.OutOfMemoryError):
         self.budget_bytes = budget_bytes
 
 
+def card_bytes(gb: float) -> tuple[int, str]:
+    """(bytes a model may allocate on the course's card of `gb` GB, a sentence naming that card).
+
+    A size with a card in `memory.cards` (16, 24, 32, 40, 48, 80) gets that card's total as PyTorch reports it
+    less the CUDA context; another size gets the smallest share of its GiB that a known card shows PyTorch
+    (`MIN_VISIBLE_SHARE`), less the context: a cautious guess, said as such.
+    """
+    card = card_for_gb(gb)
+    if card is not None:
+        return card.usable_bytes, card.describe()
+    visible = round(gb * GIB * MIN_VISIBLE_SHARE)
+    usable = visible - CONTEXT_BYTES
+    return usable, (f"a {gb:g} GB card of no known model: PyTorch assumed to see {fmt_bytes(visible)} "
+                    f"({MIN_VISIBLE_SHARE:.1%} of {gb:g} GiB, the least a known card shows), {fmt_bytes(usable)} "
+                    "usable after the CUDA context")
+
+
 @dataclass(frozen=True)
 class Budget:
     """A memory limit on one device, stated as the card it emulates.
@@ -72,26 +90,27 @@ class Budget:
     device: str
     limit_bytes: int
     card_gb: float
+    card: str  # which card the limit stands for, e.g. "L40S (48 GB): PyTorch sees 44.42 GiB, ..."
     reference_fp32_weight_bytes: int | None = None
     full_fp32_weight_bytes: int | None = None
 
     @classmethod
     def for_card(cls, gb: float = 48.0, device: str | torch.device = "cuda") -> Budget:
-        """The whole of a card of `gb` GB (10**9 bytes), e.g. a 48 GB card allows 44.70 GiB.
+        """What a model may allocate on the course's card of `gb` GB (`card_bytes`): 43.74 GiB for 48 GB.
 
         On CUDA this becomes a real allocator limit; on CPU it is enforced by tensor accounting, unscaled.
         """
         check_number("gb", gb, hint="the card's size in GB, e.g. 48")
         dev = resolve_device(device)
-        limit = gb_to_bytes(gb)
+        limit, card = card_bytes(gb)
         if dev != "cpu":
             total = torch.cuda.get_device_properties(dev).total_memory
             if limit > total:
                 raise ValueError(
-                    f"a {gb:g} GB card ({fmt_bytes(limit)}) is larger than {dev}'s {fmt_bytes(total)}: "
-                    f"choose gb <= {total / GB:.1f}"
+                    f"a {gb:g} GB card ({fmt_bytes(limit)} usable) is larger than {dev}'s {fmt_bytes(total)}: "
+                    f"choose a smaller budget_gb, at most the card you have"
                 )
-        return cls(device=dev, limit_bytes=limit, card_gb=float(gb))
+        return cls(device=dev, limit_bytes=limit, card_gb=float(gb), card=card)
 
     @classmethod
     def scaled_to(cls, fp32_weight_bytes: int, gb: float = 48.0,
@@ -106,8 +125,9 @@ class Budget:
         for name, value in (("fp32_weight_bytes", fp32_weight_bytes),
                             ("full_fp32_weight_bytes", full_fp32_weight_bytes)):
             check_int(name, value, hint="bytes: sum p.numel() * 4 over the model's parameters and buffers")
-        limit = round(gb_to_bytes(gb) * fp32_weight_bytes / full_fp32_weight_bytes)
-        return cls(device=resolve_device(device), limit_bytes=limit, card_gb=float(gb),
+        usable, card = card_bytes(gb)
+        limit = round(usable * fp32_weight_bytes / full_fp32_weight_bytes)
+        return cls(device=resolve_device(device), limit_bytes=limit, card_gb=float(gb), card=card,
                    reference_fp32_weight_bytes=fp32_weight_bytes,
                    full_fp32_weight_bytes=full_fp32_weight_bytes)
 
@@ -142,22 +162,21 @@ class Budget:
 
     def describe(self) -> str:
         """One sentence saying which kind of budget is in force, with its numbers."""
-        card_bytes = gb_to_bytes(self.card_gb)
-        card = f"a {self.card_gb:g} GB card ({card_bytes:,} bytes = {fmt_bytes(card_bytes)})"
+        card = f"the {self.card_gb:g} GB class: {self.card}"
         if self.reference_fp32_weight_bytes is not None:
-            scale = (f" scaled to this model's {fmt_bytes(self.reference_fp32_weight_bytes)} of FP32 weights "
-                     f"(budget = {self.limit_bytes / self.reference_fp32_weight_bytes:.3f} x FP32 weights, as the "
-                     f"card is to the full model's {fmt_bytes(self.full_fp32_weight_bytes)})")
+            full_limit = round(self.limit_bytes * self.full_fp32_weight_bytes / self.reference_fp32_weight_bytes)
+            scale = (f"; scaled to this model's {fmt_bytes(self.reference_fp32_weight_bytes)} of FP32 weights "
+                     f"(budget = {self.limit_bytes / self.reference_fp32_weight_bytes:.3f} x FP32 weights, as "
+                     f"{fmt_bytes(full_limit)} is to the full model's {fmt_bytes(self.full_fp32_weight_bytes)})")
         else:
             scale = ""
         if self.is_allocator_limit:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            return (f"Real allocator limit on {self.device}: emulating {card}{scale}, "
-                    f"{fmt_bytes(self.limit_bytes)} allowed = fraction {self.limit_bytes / total:.4f} of the "
-                    f"card's {fmt_bytes(total)}; the CUDA caching allocator raises torch.OutOfMemoryError "
-                    f"beyond it.")
-        return (f"Tensor accounting on CPU: emulating {card}{scale}, {fmt_bytes(self.limit_bytes)} allowed; "
-                f"every tensor allocation is counted and torch.OutOfMemoryError is raised beyond it.")
+            return (f"Real allocator limit on {self.device}: emulating {card}{scale}. {fmt_bytes(self.limit_bytes)} "
+                    f"allowed = fraction {self.limit_bytes / total:.4f} of this card's {fmt_bytes(total)}; the CUDA "
+                    f"caching allocator raises torch.OutOfMemoryError beyond it.")
+        return (f"Tensor accounting on CPU: emulating {card}{scale}. {fmt_bytes(self.limit_bytes)} allowed; every "
+                f"tensor allocation is counted and torch.OutOfMemoryError is raised beyond it.")
 
     def _require_cuda(self, what: str) -> None:
         if not self.is_allocator_limit:
@@ -170,16 +189,18 @@ class Budget:
 def card_limit_bytes(card_gb: float, device: str, fp32_parameter_bytes: int) -> int:
     """The course's one budget rule, worked out without a GPU: the bytes a `card_gb` GB card allows.
 
-    On CUDA the card's own bytes (the allocator enforces them). On a CPU the card scaled to the model: the same
-    ratio of budget to FP32 parameter bytes as the card has to the full model's (8,666,840,064 x 4), so that a
-    tiny model meets the same limits the full one meets on the real card.
+    On CUDA what a model may allocate on the course's card of that size (`card_bytes`: its total as PyTorch
+    reports it, less the CUDA context). On a CPU that figure scaled to the model: the same ratio of budget to
+    FP32 parameter bytes as the card has to the full model's (8,666,840,064 x 4), so that a tiny model meets
+    the same limits the full one meets on the real card.
     """
     check_number("card_gb", card_gb, hint="the card's size in GB, e.g. 48")
     check_int("fp32_parameter_bytes", fp32_parameter_bytes, hint="parameters x 4")
     kind = check_choice("device", str(device).split(":")[0], DEVICE_KINDS)
+    usable, _ = card_bytes(card_gb)
     if kind == "cuda":
-        return gb_to_bytes(card_gb)
-    return round(gb_to_bytes(card_gb) * fp32_parameter_bytes / FULL_FP32_WEIGHT_BYTES)
+        return usable
+    return round(usable * fp32_parameter_bytes / FULL_FP32_WEIGHT_BYTES)
 
 
 def card_budget(card_gb: float, device: str, fp32_parameter_bytes: int) -> Budget:
