@@ -223,7 +223,8 @@ def test_timeline_chart_takes_json_lists_numpy_numbers_and_no_markers():
     fig = charts.timeline_chart([[0, 10 * MIB, ""], [np.float64(1), np.int64(30 * MIB), ""]])
     ax = fig.axes[0]
     assert not [line for line in ax.lines if line.get_linestyle() == ":"]
-    assert [t for t in texts(fig) if t.startswith("peak")] == ["peak 0.0293 GiB\nat 1 s"]
+    assert [t for t in texts(fig) if t.startswith("peak")] == ["peak 30.00 MiB\nat 1 s"]  # small: in MiB
+    assert ax.get_ylabel() == "allocated, MiB (1024² bytes)"
 
 
 @pytest.mark.parametrize("bad", [[], "abc", [(0.0, 1)], [(0.0, -1, "")], [(0.0, 1, None)], [(float("nan"), 1, "")]])

@@ -27,8 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from xcomp_lab.core.checks import check_int
 from xcomp_lab.core.dtypes import check_dtype
-from xcomp_lab.core.units import GIB, MIB, fmt_bytes
-from xcomp_lab.course.charts import COLORS, finish, new_axes
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.course.charts import COLORS, AxisUnit, finish, new_axes
 
 FP32_BYTES = 4
 
@@ -107,24 +107,24 @@ def peak_vs_tokens_chart(series: Mapping[str, Sequence[tuple[int, int]]], *, bud
         raise ValueError("series must map a label to at least one (prompt tokens, peak bytes) point, "
                          "e.g. {'eager': [(196, 12_600_000)]}")
     levels = [y for points in series.values() for _, y in points] + [b for b in (budget_bytes, weights_bytes) if b]
-    unit, name = (GIB, "GiB (1024³ bytes)") if max(levels) >= GIB else (MIB, "MiB (1024² bytes)")
+    unit = AxisUnit.for_bytes(max(levels))
     fig, ax = new_axes(7.0, 4.2)
     palette = [COLORS["oom"], COLORS["allocated"], COLORS["activations"], COLORS["kv_cache"]]
     for i, (label, points) in enumerate(series.items()):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, [y / unit for y in ys], marker="o", color=palette[i % len(palette)], label=label)
-        ax.annotate(fmt_bytes(ys[-1]), (xs[-1], ys[-1] / unit), textcoords="offset points", xytext=(6, -3), fontsize=8)
+        ax.plot(xs, [unit.of(y) for y in ys], marker="o", color=palette[i % len(palette)], label=label)
+        ax.annotate(fmt_bytes(ys[-1]), (xs[-1], unit.of(ys[-1])), textcoords="offset points", xytext=(6, -3), fontsize=8)
     if weights_bytes is not None:
-        ax.axhline(weights_bytes / unit, color=COLORS["weights"], linestyle=":", linewidth=1.5,
+        ax.axhline(unit.of(weights_bytes), color=COLORS["weights"], linestyle=":", linewidth=1.5,
                    label=f"weights {fmt_bytes(weights_bytes)}")
     if budget_bytes is not None:
-        ax.axhline(budget_bytes / unit, color=COLORS["budget"], linestyle="--", linewidth=1.5,
+        ax.axhline(unit.of(budget_bytes), color=COLORS["budget"], linestyle="--", linewidth=1.5,
                    label=f"budget {fmt_bytes(budget_bytes)}")
     xmax = max(x for points in series.values() for x, _ in points)
     ax.set_xlim(0, xmax * 1.18)
-    ax.set_ylim(0, max(levels) / unit * 1.15)
+    ax.set_ylim(0, unit.of(max(levels)) * 1.15)
     ax.set_xlabel("prompt tokens (text + image)")
-    ax.set_ylabel(f"peak, {name}")
+    ax.set_ylabel(f"peak, {unit.label}")
     ax.set_title(title or "Peak memory against prompt length")
     ax.grid(alpha=0.3)
     ax.set_axisbelow(True)

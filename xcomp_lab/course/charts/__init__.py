@@ -1,4 +1,5 @@
-"""The course's figures, drawn with matplotlib's object-oriented API; every axis in GiB (1024**3 bytes).
+"""The course's figures, drawn with matplotlib's object-oriented API; memory axes in GiB (1024**3 bytes), or in
+MiB (1024**2) where everything drawn is below 1 GiB, as for the tiny replica (`AxisUnit`).
 
 - `steps_chart`: steps side by side as stacked bars (weights / KV cache / activations), budget, OOM, prediction.
 - `timeline_chart`: allocated memory during one captioning call, with its phases and its peak.
@@ -10,11 +11,11 @@ at once: pyplot wires up the notebook's inline display, and closing stops it sho
 time at the end of the cell, so a notebook shows a returned figure exactly once.
 """
 
-from xcomp_lab.course.charts.base import COLORS, finish, new_axes
+from xcomp_lab.course.charts.base import COLORS, AxisUnit, finish, new_axes
 from xcomp_lab.course.charts.breakdown import PARTS, format_breakdown, weight_breakdown, weight_breakdown_chart
 from xcomp_lab.course.charts.quality import quality_memory_chart
 from xcomp_lab.course.charts.steps import steps_chart
 from xcomp_lab.course.charts.timeline import timeline_chart
 
-__all__ = ["COLORS", "PARTS", "finish", "new_axes", "steps_chart", "timeline_chart", "weight_breakdown",
+__all__ = ["COLORS", "AxisUnit", "PARTS", "finish", "new_axes", "steps_chart", "timeline_chart", "weight_breakdown",
            "format_breakdown", "weight_breakdown_chart", "quality_memory_chart"]

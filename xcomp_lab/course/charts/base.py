@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
-from xcomp_lab.core.units import to_gib
+from xcomp_lab.core.units import GIB, MIB
 
 # One colour per kind of memory, the same in every chart.
 COLORS: dict[str, str] = {
@@ -60,10 +61,27 @@ def finish(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
-def fmt_gib(nbytes: float) -> str:
-    """'44.38 GiB' from 1 GiB up, three significant digits below ('0.0187 GiB'): one unit on every chart."""
-    gib = to_gib(nbytes)
-    return f"{gib:.2f} GiB" if gib >= 1 else f"{gib:.3g} GiB"
+@dataclass(frozen=True)
+class AxisUnit:
+    """The unit of one chart's memory axis: GiB, or MiB when everything drawn is below 1 GiB (the tiny replica)."""
+
+    name: str  # "GiB" or "MiB"
+    size: int  # bytes per unit
+
+    @classmethod
+    def for_bytes(cls, largest: float) -> AxisUnit:
+        """GiB from 1 GiB up, MiB below: a tiny model's chart reads "25.17 MiB", not "0.0246 GiB"."""
+        return cls("GiB", GIB) if largest >= GIB else cls("MiB", MIB)
+
+    def of(self, nbytes: float) -> float:
+        return nbytes / self.size
+
+    def fmt(self, nbytes: float) -> str:
+        return f"{self.of(nbytes):.2f} {self.name}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({'1024³' if self.name == 'GiB' else '1024²'} bytes)"
 
 
 def fmt_count(n: int) -> str:
@@ -92,10 +110,10 @@ def check_budget(budget_bytes: Any) -> int | None:
     return int(budget_bytes)
 
 
-def budget_line(ax: Axes, budget_bytes: int, *, vertical: bool = False) -> None:
+def budget_line(ax: Axes, budget_bytes: int, unit: AxisUnit, *, vertical: bool = False) -> None:
     """The budget as a dashed line across the axes, labelled with its size at the far end."""
-    label = f"budget {fmt_gib(budget_bytes)}"
-    value = to_gib(budget_bytes)
+    label = f"budget {unit.fmt(budget_bytes)}"
+    value = unit.of(budget_bytes)
     style = dict(color=COLORS["budget"], linestyle="--", linewidth=1.5, label=label)
     if vertical:
         ax.axvline(value, **style)

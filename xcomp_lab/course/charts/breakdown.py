@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from xcomp_lab.core.units import GIB, MIB, fmt_bytes
+from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.charts.base import (
     COLORS,
+    AxisUnit,
     finish,
     fmt_count,
     fmt_share,
@@ -118,8 +119,8 @@ def weight_breakdown_chart(model_or_rows: torch.nn.Module | Sequence[BreakdownRo
         rows = _check_rows(model_or_rows)
     total_params = sum(r[1] for r in rows)
     total_bytes = sum(r[2] for r in rows)
-    unit, scale = ("GiB", GIB) if total_bytes >= GIB else ("MiB", MIB)
-    values = np.array([r[2] / scale for r in rows])
+    unit = AxisUnit.for_bytes(total_bytes)
+    values = np.array([unit.of(r[2]) for r in rows])
     shares = [100 * r[2] / total_bytes if total_bytes else 0.0 for r in rows]
     colors = [COLORS["buffers"] if r[0] == ROTARY else COLORS["weights"] for r in rows]
 
@@ -131,7 +132,7 @@ def weight_breakdown_chart(model_or_rows: torch.nn.Module | Sequence[BreakdownRo
     ax.set_yticks(y, [f"{r[0]} (buffers)" if r[0] == ROTARY else r[0] for r in rows])
     ax.invert_yaxis()
     ax.set_xlim(0, (values.max() or 1.0) * 1.35)
-    ax.set_xlabel(f"{unit} ({'1024³' if unit == 'GiB' else '1024²'} bytes)")
+    ax.set_xlabel(unit.label)
     ax.set_title(title or f"Weights by part: {fmt_count(total_params)} parameters, "
                           f"{fmt_bytes(total_bytes)} with buffers")
     ax.grid(axis="x", alpha=0.3)

@@ -9,9 +9,9 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from xcomp_lab.core.units import to_gib
 from xcomp_lab.course.charts.base import (
     COLORS,
+    AxisUnit,
     budget_line,
     finish,
     new_axes,
@@ -36,7 +36,7 @@ def _label_points(ax: Axes, xs: list[float], ys: list[float], names: list[str], 
 def quality_memory_chart(records: Sequence[Mapping[str, Any]], *, budget_bytes: int | None = None,
                          quality_key: str = "exact_match", title: str | None = None,
                          path: str | Path | None = None) -> Figure:
-    """Quality (`extra[quality_key]`, in %) against peak memory (GiB), one labelled point per step.
+    """Quality (`extra[quality_key]`, in %) against peak memory (GiB, MiB when small), one labelled point per step.
 
     Steps that ran out of memory or have no quality or no memory figure are listed under the axis, not drawn.
     """
@@ -50,17 +50,18 @@ def quality_memory_chart(records: Sequence[Mapping[str, Any]], *, budget_bytes: 
     left_out = [f"{s.name} ({'OOM' if s.oom else 'no quality' if s.quality is None else 'no memory figure'})"
                 for s, ok in zip(steps, drawable) if not ok]
 
+    unit = AxisUnit.for_bytes(max([s.top_bytes for s in shown] + [budget or 0]))
     fig, ax = new_axes(7.5, 4.8)
-    xs = [to_gib(s.top_bytes) for s in shown]
+    xs = [unit.of(s.top_bytes) for s in shown]
     ys = [100 * s.quality for s in shown]
     ax.scatter(xs, ys, s=60, color=COLORS["quality"], zorder=3)
-    xmax = max(xs + [to_gib(budget or 0)]) * 1.2
+    xmax = max(xs + [unit.of(budget or 0)]) * 1.2
     _label_points(ax, xs, ys, [s.name for s in shown], xmax)
     if budget is not None:
-        budget_line(ax, budget, vertical=True)
+        budget_line(ax, budget, unit, vertical=True)
     ax.set_xlim(0, xmax)
     ax.set_ylim(*QUALITY_YLIM)
-    xlabel = "peak memory, GiB (1024³ bytes)"
+    xlabel = f"peak memory, {unit.label}"
     ax.set_xlabel(xlabel + (f"\nnot shown: {', '.join(left_out)}" if left_out else ""))
     ax.set_ylabel(f"{quality_key.replace('_', ' ')} (%)")
     ax.set_title(title or "Quality against peak memory")

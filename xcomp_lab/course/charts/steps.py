@@ -12,7 +12,6 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from xcomp_lab.core.units import to_gib
 from xcomp_lab.course.charts.base import (
     COLORS,
     LIFT_WITHIN,
@@ -20,20 +19,20 @@ from xcomp_lab.course.charts.base import (
     OOM_HATCH,
     QUALITY_SHORT,
     SEGMENTS,
+    AxisUnit,
     budget_line,
     finish,
-    fmt_gib,
     new_axes,
 )
 from xcomp_lab.course.charts.records import StepBar, common_budget, read_step_records
 
 
-def _bar_text(step: StepBar, quality_key: str) -> str:
+def _bar_text(step: StepBar, quality_key: str, unit: AxisUnit) -> str:
     top = step.top_bytes
     if step.oom:
-        lines = ["OOM"] + ([f"at {fmt_gib(top)}"] if top else [])
+        lines = ["OOM"] + ([f"at {unit.fmt(top)}"] if top else [])
     else:
-        lines = [fmt_gib(top)] if top else ["not measured"]
+        lines = [unit.fmt(top)] if top else ["not measured"]
     if step.quality is not None:
         lines.append(f"{QUALITY_SHORT.get(quality_key, quality_key)} {step.quality:.0%}")
     if step.tokens_per_s is not None:
@@ -52,37 +51,38 @@ def _bar_text_key(steps: list[StepBar], quality_key: str) -> str:
     return ", ".join(parts)
 
 
-def _draw_budgets(ax: Axes, steps: list[StepBar], budget_bytes: int | None, width: float) -> list[float]:
+def _draw_budgets(ax: Axes, steps: list[StepBar], budget_bytes: int | None, width: float,
+                  unit: AxisUnit) -> list[float]:
     """One line for a common budget, else a short dashed line over each bar at its own budget.
 
     Per-step budgets are labelled with their size where it changes from the bar before.
     """
     if budget_bytes is not None:
-        budget_line(ax, budget_bytes)
-        return [to_gib(budget_bytes)]
+        budget_line(ax, budget_bytes, unit)
+        return [unit.of(budget_bytes)]
     levels = []
     previous = None
     for x, step in enumerate(steps):
         if step.budget_bytes is not None:
-            level = to_gib(step.budget_bytes)
+            level = unit.of(step.budget_bytes)
             right = x + width / 2 + 0.1
             ax.plot([x - width / 2 - 0.1, right], [level, level], color=COLORS["budget"], linestyle="--",
                     linewidth=1.5, label="budget (per step)" if not levels else "_nolegend_")
             if step.budget_bytes != previous:
-                ax.text(right, level, fmt_gib(step.budget_bytes), ha="right", va="top", fontsize=7,
+                ax.text(right, level, unit.fmt(step.budget_bytes), ha="right", va="top", fontsize=7,
                         color=COLORS["budget"], bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.8))
             levels.append(level)
         previous = step.budget_bytes
     return levels
 
 
-def _draw_stacks(ax: Axes, steps: list[StepBar], width: float) -> list[tuple[Artist, str]]:
+def _draw_stacks(ax: Axes, steps: list[StepBar], width: float, unit: AxisUnit) -> list[tuple[Artist, str]]:
     """The stacked segments of every bar, OOM bars hatched red; returns the legend entries."""
     legend: list[tuple[Artist, str]] = []
-    tallest = max(to_gib(s.top_bytes or 0) for s in steps)
+    tallest = max(unit.of(s.top_bytes or 0) for s in steps)
     bottom = np.zeros(len(steps))
     for field, label, color in SEGMENTS:
-        heights = np.array([to_gib(getattr(s, field)) for s in steps])
+        heights = np.array([unit.of(getattr(s, field)) for s in steps])
         bars = ax.bar(np.arange(len(steps)), heights, width, bottom=bottom, color=COLORS[color], edgecolor="white",
                       linewidth=0.5)
         # A sliver of "other" (a few inputs resident before the step) is not worth a legend entry.
@@ -100,9 +100,9 @@ def _draw_stacks(ax: Axes, steps: list[StepBar], width: float) -> list[tuple[Art
     return legend
 
 
-def _draw_predicted(ax: Axes, steps: list[StepBar]) -> list[float]:
-    """The predicted peaks as hollow diamonds (one line artist); returns their levels in GiB."""
-    predicted = [(i, to_gib(s.predicted_peak_bytes)) for i, s in enumerate(steps) if s.predicted_peak_bytes is not None]
+def _draw_predicted(ax: Axes, steps: list[StepBar], unit: AxisUnit) -> list[float]:
+    """The predicted peaks as hollow diamonds (one line artist); returns their levels in the axis unit."""
+    predicted = [(i, unit.of(s.predicted_peak_bytes)) for i, s in enumerate(steps) if s.predicted_peak_bytes is not None]
     if not predicted:
         return []
     px, py = zip(*predicted)
@@ -111,21 +111,22 @@ def _draw_predicted(ax: Axes, steps: list[StepBar]) -> list[float]:
     return list(py)
 
 
-def _write_bar_texts(ax: Axes, steps: list[StepBar], budget_bytes: int | None, ymax: float, quality_key: str) -> None:
+def _write_bar_texts(ax: Axes, steps: list[StepBar], budget_bytes: int | None, ymax: float, quality_key: str,
+                     unit: AxisUnit) -> None:
     """The text above each bar, lifted over a budget line or prediction marker sitting just above the bar."""
     for i, step in enumerate(steps):
-        top = to_gib(step.top_bytes or 0)
+        top = unit.of(step.top_bytes or 0)
         budget = budget_bytes if budget_bytes is not None else step.budget_bytes
-        nearby = [to_gib(v) for v in (budget, step.predicted_peak_bytes) if v is not None]
+        nearby = [unit.of(v) for v in (budget, step.predicted_peak_bytes) if v is not None]
         anchor = max([top] + [level for level in nearby if top <= level < top + LIFT_WITHIN * ymax])
-        ax.annotate(_bar_text(step, quality_key), (i, anchor), xytext=(0, 4), textcoords="offset points",
+        ax.annotate(_bar_text(step, quality_key, unit), (i, anchor), xytext=(0, 4), textcoords="offset points",
                     ha="center", va="bottom", fontsize=8, color=COLORS["oom"] if step.oom else "black",
                     fontweight="bold" if step.oom else "normal")
 
 
 def steps_chart(records: Sequence[Mapping[str, Any]], *, budget_bytes: int | None = None, title: str | None = None,
                 quality_key: str = "exact_match", path: str | Path | None = None) -> Figure:
-    """Each step's peak as a stacked bar (weights / KV cache / activations / other), in GiB.
+    """Each step's peak as a stacked bar (weights / KV cache / activations / other), in GiB (MiB when small).
 
     The budget (given, or the one all records share; else each record's own) is a dashed line; an OOM step's
     bar is hatched red up to the memory in use when it failed and says "OOM"; the predicted peak is a hollow
@@ -134,18 +135,21 @@ def steps_chart(records: Sequence[Mapping[str, Any]], *, budget_bytes: int | Non
     steps = read_step_records(records, quality_key)
     budget = common_budget(steps, budget_bytes)
     width = 0.6
+    drawn = [s.top_bytes or 0 for s in steps] + [s.budget_bytes or 0 for s in steps]
+    drawn += [budget or 0] + [s.predicted_peak_bytes or 0 for s in steps]
+    unit = AxisUnit.for_bytes(max(drawn))
     fig, ax = new_axes(max(6.0, 1.3 * len(steps) + 3.0), 4.8)
-    legend = _draw_stacks(ax, steps, width)
-    levels = _draw_budgets(ax, steps, budget, width) + _draw_predicted(ax, steps)
-    ymax = max([to_gib(s.top_bytes or 0) for s in steps] + levels) or 1.0
-    _write_bar_texts(ax, steps, budget, ymax, quality_key)
+    legend = _draw_stacks(ax, steps, width, unit)
+    levels = _draw_budgets(ax, steps, budget, width, unit) + _draw_predicted(ax, steps, unit)
+    ymax = max([unit.of(s.top_bytes or 0) for s in steps] + levels) or 1.0
+    _write_bar_texts(ax, steps, budget, ymax, quality_key, unit)
 
     ax.set_ylim(0, ymax * 1.3)
     long_names = len(steps) > 5 or max(len(s.name) for s in steps) > 12
     ax.set_xticks(np.arange(len(steps)), [s.name for s in steps], rotation=20 if long_names else 0,
                   ha="right" if long_names else "center")
     ax.set_xlim(-0.7, len(steps) - 0.3)
-    ax.set_ylabel("GiB (1024³ bytes)")
+    ax.set_ylabel(unit.label)
     ax.set_xlabel(_bar_text_key(steps, quality_key), fontsize=8)
     ax.set_title(title or "Peak memory per step")
     ax.grid(axis="y", alpha=0.3)

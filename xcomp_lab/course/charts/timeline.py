@@ -11,13 +11,12 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
-from xcomp_lab.core.units import GIB, to_gib
 from xcomp_lab.course.charts.base import (
     COLORS,
+    AxisUnit,
     budget_line,
     check_budget,
     finish,
-    fmt_gib,
     is_number,
     new_axes,
 )
@@ -37,7 +36,7 @@ def _read_timeline(timeline: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
                              f"t must be a finite number of seconds, allocated bytes a non-negative number and "
                              f"label a string ('' for a plain sample)")
         times.append(float(t))
-        sizes.append(to_gib(nbytes))
+        sizes.append(float(nbytes))
         labels.append(label)
     return np.array(times), np.array(sizes), labels
 
@@ -65,32 +64,34 @@ def _phase_markers(ax: Axes, times: np.ndarray, labels: list[str], span: float) 
 
 def timeline_chart(timeline: Sequence[Sequence[Any]], *, budget_bytes: int | None = None, title: str | None = None,
                    path: str | Path | None = None) -> Figure:
-    """Allocated memory (GiB) over time, a dotted line and label at each phase marker, the peak annotated.
+    """Allocated memory (GiB, MiB when small) over time, a dotted line and label at each marker, the peak annotated.
 
     Samples are `(t_seconds, allocated_bytes, label)`; a non-empty label marks the start of a phase. A run of
     markers with the same label (one per decoded token, say) gets a line each but one label, and markers at
     the same moment ("start", "load") share one label.
     """
-    times, gib, labels = _read_timeline(timeline)
+    times, nbytes, labels = _read_timeline(timeline)
     budget = check_budget(budget_bytes)
+    unit = AxisUnit.for_bytes(max(float(nbytes.max()), budget or 0))
+    level = nbytes / unit.size
     fig, ax = new_axes(9.0, 4.5)
-    ax.plot(times, gib, drawstyle="steps-post", color=COLORS["allocated"], linewidth=1.5, label="allocated")
-    ax.fill_between(times, gib, step="post", color=COLORS["allocated"], alpha=0.15)
+    ax.plot(times, level, drawstyle="steps-post", color=COLORS["allocated"], linewidth=1.5, label="allocated")
+    ax.fill_between(times, level, step="post", color=COLORS["allocated"], alpha=0.15)
 
     span = (times[-1] - times[0]) or 1.0
     _phase_markers(ax, times, labels, span)
-    peak = int(np.argmax(gib))
+    peak = int(np.argmax(level))
     position = (times[peak] - times[0]) / span
     align = "right" if position > 0.8 else "left" if position < 0.2 else "center"
-    ax.plot([times[peak]], [gib[peak]], marker="o", color=COLORS["oom"], linestyle="none", label="peak")
-    ax.annotate(f"peak {fmt_gib(gib[peak] * GIB)}\nat {times[peak]:.3g} s", (times[peak], gib[peak]),
+    ax.plot([times[peak]], [level[peak]], marker="o", color=COLORS["oom"], linestyle="none", label="peak")
+    ax.annotate(f"peak {unit.fmt(nbytes[peak])}\nat {times[peak]:.3g} s", (times[peak], level[peak]),
                 xytext=(0, 8), textcoords="offset points", ha=align, va="bottom", fontsize=9, color=COLORS["oom"])
     if budget is not None:
-        budget_line(ax, budget)
-    ymax = max(float(gib.max()), to_gib(budget or 0)) or 1.0
+        budget_line(ax, budget, unit)
+    ymax = max(float(level.max()), unit.of(budget or 0)) or 1.0
     ax.set_ylim(0, ymax * 1.25)
     ax.set_xlabel("time since the call started (s)")
-    ax.set_ylabel("allocated, GiB (1024³ bytes)")
+    ax.set_ylabel(f"allocated, {unit.label}")
     ax.set_title(title or "Allocated memory during one captioning call")
     ax.grid(axis="y", alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=8)
