@@ -17,6 +17,8 @@ import jupytext
 import nbformat
 from nbclient import NotebookClient
 
+from xcomp_lab.course.editions import stamp
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -27,7 +29,7 @@ def build(source: Path) -> Path:
     target = NOTEBOOKS / f"{source.stem}.ipynb"
     start = time.perf_counter()
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    nbformat.write(notebook, target)
+    nbformat.write(stamp(notebook, source, {"scale": "tiny", "device": "cpu"}), target)
     print(f"{target.name}: executed in {time.perf_counter() - start:.1f} s")
     return target
 

@@ -1,0 +1,45 @@
+"""No executed notebook in the repository is older than its source: tiny copies and full-scale GPU copies alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from xcomp_lab.course.editions import METADATA_KEY, source_digest, stale_copies, stamp
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCES = REPO / "notebooks" / "src"
+FULL_EDITIONS = sorted(p for p in (REPO / "results").glob("full-*/notebooks") if any(p.glob("[0-9][0-9]-*.ipynb")))
+
+
+def test_the_tiny_copies_were_built_from_the_current_sources():
+    stale = stale_copies(REPO / "notebooks", SOURCES)
+    assert not stale, ("rebuild with `python scripts/build_notebooks.py " + " ".join(s.notebook.name[:2] for s in stale)
+                       + "`:\n" + "\n".join(map(str, stale)))
+
+
+@pytest.mark.parametrize("edition", FULL_EDITIONS, ids=lambda p: p.parent.name)
+def test_the_full_scale_copies_were_executed_from_the_current_sources(edition: Path):
+    stale = stale_copies(edition, SOURCES)
+    assert not stale, (f"re-execute on a GPU with `python -m xcomp_lab.tools.course --scale full --device cuda "
+                       f"--edition {edition.parent.relative_to(REPO)}`:\n" + "\n".join(map(str, stale)))
+
+
+def test_a_changed_source_makes_its_copy_stale(tmp_path: Path):
+    sources, executed = tmp_path / "src", tmp_path / "executed"
+    sources.mkdir(), executed.mkdir()
+    source = sources / "00-demo.py"
+    source.write_text("# %%\nprint(1)\n")
+    notebook = nbformat.v4.new_notebook()
+    nbformat.write(stamp(notebook, source, {"scale": "tiny", "results_path": "x"}), executed / "00-demo.ipynb")
+    assert stale_copies(executed, sources) == []
+    recorded = nbformat.read(executed / "00-demo.ipynb", as_version=4).metadata[METADATA_KEY]
+    assert recorded["source_sha256"] == source_digest(source) and recorded["parameters"] == {"scale": "tiny"}
+    source.write_text("# %%\nprint(2)\n")
+    (stale,) = stale_copies(executed, sources)
+    assert "00-demo.py changed after it was executed" in str(stale)
+    nbformat.write(nbformat.v4.new_notebook(), executed / "01-unstamped.ipynb")
+    (sources / "01-unstamped.py").write_text("")
+    assert "records no source digest" in str(stale_copies(executed, sources)[1])
