@@ -222,23 +222,31 @@ def check(key: str, prediction: Any, *, measured: float, lower_bound: bool = Fal
 # The worked solutions: each takes the measured value as the notebook passed it, then its own figures.
 
 def _fp32_footprint(measured: float, n_params: int) -> str:
+    from xcomp_lab.memory.cards import card_for_gb
+
+    card = card_for_gb(48)
     params = n_params * 4
     return (f"- params x bytes: {n_params:,} parameters x 4 bytes (FP32) = {fmt_bytes(params)}.\n"
             f"- The count misses the buffers: the rotary cos/sin tables every decoder layer keeps, "
             f"{fmt_bytes(measured - params)}.\n"
-            f"- Parameters + buffers = {fmt_bytes(measured)}, before the first token. In decimal GB (10**9 bytes, "
-            f"the unit cards are sold in) that is {measured / 1e9:.2f} GB.")
+            f"- Parameters + buffers = {fmt_bytes(measured)}, before the first token. Set it against what PyTorch "
+            f"sees on a card, not against the size it is sold with: the course's 48 GB card, "
+            f"{card.describe()}, keeps {fmt_bytes(card.usable_bytes - measured)} beside it for the caption.")
 
 
 def _autocast_extra(measured: float, extra_bytes: int, copies_bytes: int, weights_bytes: int) -> str:
+    ratio = extra_bytes / copies_bytes if copies_bytes else 0.0
+    near = ("close to the copies, not equal to them: the two calls peak at different moments" if 0.8 <= ratio <= 1.2
+            else "not the copies alone: the two calls differ in more than autocast's cache")
     return (f"- Autocast runs each matrix product in FP16: it casts every FP32 linear and convolution weight to an "
-            f"FP16 copy, 2 bytes per parameter, and under no_grad keeps each copy until the autocast block ends.\n"
+            f"FP16 copy, 2 bytes per parameter, and while the weight requires grad (parameters do, even under "
+            f"no_grad) keeps each copy until the autocast block ends; inside inference_mode it keeps none (torch 2.10 "
+            f"and later).\n"
             f"- Those copies add up to {fmt_bytes(copies_bytes)} = {_x(copies_bytes, weights_bytes)} the FP32 "
             f"parameters ({fmt_bytes(weights_bytes)}): half of their 4 bytes, less the parameters that are not "
             f"linear or convolution weights (embeddings, norms).\n"
             f"- Measured: the quick start peaks {fmt_bytes(extra_bytes)} above inference_mode = x{measured:.2f} the "
-            f"weights, {_x(extra_bytes, copies_bytes)} the copies: the two calls peak at different moments, so the "
-            f"difference is close to the copies, not equal to them.")
+            f"weights, {_x(extra_bytes, copies_bytes)} the copies: {near}.")
 
 
 def _fp16_peak(measured: float, fp32: MemoryResult, fp16: MemoryResult) -> str:
