@@ -2,7 +2,8 @@
 
 `load_model()` checks every argument first, so a typo fails with a message instead of deep inside
 transformers, then loads exactly as the model card says. With `model_name_or_path=None` it loads the
-course's own checkpoint for `scale` (building it on first use).
+course's own checkpoint for `scale` (building it on first use). A local checkpoint's shards are checked before
+loading (`xcomp_lab.model.manifest.verify_checkpoint`), so a damaged one fails with a message naming the shard.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTraine
 from xcomp_lab.core.dtypes import check_dtype
 from xcomp_lab.model.bnb_cpu import apply_cpu_path
 from xcomp_lab.model.checkpoint import default_checkpoint
+from xcomp_lab.model.manifest import verify_checkpoint
 from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
 from xcomp_lab.model.scales import check_scale
 
@@ -50,17 +52,26 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.fl
 
 
 def resolve_checkpoint(model_name_or_path: str | os.PathLike | None, scale: str = "tiny") -> str:
-    """The directory (or hub id) to load: the course checkpoint for `scale` when none is given."""
+    """The directory (or hub id) to load: the course checkpoint for `scale` when none is given.
+
+    A directory's shards are verified first: checkpoints the course builds against their manifest of checksums
+    (hashed once, then trusted while each shard's size and timestamps stay the same); real checkpoints, which
+    have no manifest, only against their own safetensors headers, which catches empty and truncated shards but
+    not bytes changed inside the tensor data. A hub id is left to transformers to download and is not verified.
+    """
     if model_name_or_path is None:
-        return str(default_checkpoint(check_scale(scale)))
+        directory = default_checkpoint(check_scale(scale))
+        verify_checkpoint(directory)
+        return str(directory)
     path = Path(model_name_or_path)
     looks_like_hub_id = not path.is_absolute() and len(path.parts) == 2 and not str(model_name_or_path).startswith(".")
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"{os.fspath(path)!r} exists but has no config.json; point model_name_or_path at a checkpoint "
-                "directory (xcomp_lab.build_checkpoint() makes one)."
+                "directory (xcomp_lab.model.checkpoint.build_checkpoint() makes one)."
             )
+        verify_checkpoint(path)
         return os.fspath(path)
     if looks_like_hub_id:
         return os.fspath(model_name_or_path)
