@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from xcomp_lab.lessons.sequence import (
+    PeakTerms,
+    crossover_tokens,
     eager_scores_bytes,
     image_tokens,
     kv_cache_formula,
     leaf_ops,
+    logits_peak_bytes,
+    measure_peak_terms,
+    peak_setter,
     peak_vs_tokens_chart,
     prefill_logits_bytes,
 )
@@ -57,6 +64,52 @@ def test_prefill_logits_bytes_matches_the_logits(tiny_model):
         logits = model(inputs_embeds=torch.randn(1, 9, cfg.hidden_size), use_cache=False).logits
     assert logits.dtype == torch.float32
     assert prefill_logits_bytes(cfg, 1, 9) == logits.numel() * logits.element_size()
+
+
+def test_logits_peak_bytes_is_the_head_output_and_its_fp32_copy():
+    full = config_for_scale("full")
+    assert logits_peak_bytes(full, 1, 1357, "float16") == 1357 * 92544 * (2 + 4)
+    assert logits_peak_bytes(full, 2, 10, "float32") == prefill_logits_bytes(full, 2, 10)  # .float() is a no-op
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16(tiny_model):
+    model, _ = tiny_model
+    return copy.deepcopy(model).half()  # the session's model stays FP32 for the other tests
+
+
+def test_measure_peak_terms_against_the_formulas(tiny_fp16):
+    cfg = tiny_fp16.config
+    terms = measure_peak_terms(tiny_fp16, 300, device="cpu")
+    assert terms.tokens == 300 and terms.scores_bytes == eager_scores_bytes(cfg, 1, 300, "float16")
+    assert terms.logits_bytes == logits_peak_bytes(cfg, 1, 300, "float16")  # the head's FP16 output + its FP32 copy
+    # masked scores, FP32 softmax (2x), its FP16 cast (the CPU also converts the input to FP32 first: 5x)
+    assert 4 <= terms.eager_multiple <= 5
+    assert terms.sdpa_bytes < terms.scores_bytes  # the fused kernel never stores the scores
+    assert terms.larger == "eager attention"  # the tiny vocabulary (1024) is small against 300 tokens x 4 heads
+    with pytest.raises(ValueError, match="tokens"):
+        measure_peak_terms(tiny_fp16, 0, device="cpu")
+
+
+def test_crossover_tokens_is_where_the_two_terms_meet():
+    for scale in ("tiny", "full"):
+        cfg = config_for_scale(scale)
+        t = crossover_tokens(cfg, 4.0)
+        eager = 4.0 * cfg.num_attention_heads * t * t * 2
+        assert eager == pytest.approx(logits_peak_bytes(cfg, 1, 1) * t)
+    assert crossover_tokens(config_for_scale("full"), 4.0) == pytest.approx(92544 * 6 / (4 * 32 * 2))
+    with pytest.raises(ValueError, match="eager_multiple"):
+        crossover_tokens(config_for_scale("tiny"), 0)
+
+
+def test_peak_setter_reads_the_gap():
+    scores = 4 * 2**20
+    attention_wins = PeakTerms(tokens=708, scores_bytes=scores, eager_bytes=5 * scores, sdpa_bytes=0, logits_bytes=scores)
+    assert peak_setter(attention_wins, 4 * scores).startswith("eager attention sets the eager peak")
+    logits_win = PeakTerms(tokens=1357, scores_bytes=scores, eager_bytes=4 * scores, sdpa_bytes=0, logits_bytes=7 * scores)
+    assert peak_setter(logits_win, 300 * 1024).startswith("the logits set both peaks")
+    assert peak_setter(logits_win, -300 * 1024).startswith("the logits set both peaks")
+    assert "no more than sdpa" in peak_setter(PeakTerms(1, 1, 1, 1, 1), 0)
 
 
 def test_leaf_ops_shows_the_attention_kernels():

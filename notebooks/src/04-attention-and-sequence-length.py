@@ -1,8 +1,9 @@
 # %% [markdown]
-# # 04 · Beyond the weights, the peak grows with the prompt: eager attention's T x T scores, batch, KV cache and logits
+# # 04 · Beyond the weights, the peak grows with the prompt; eager attention's T x T scores set it only where they outweigh the logits of every position
 #
 # Where the memory of a caption comes from once the weights are loaded, and how it grows with the image's
-# tokens, the batch and the kind of attention: each part measured, then checked against its formula.
+# tokens, the batch and the kind of attention: each part measured and checked against its formula, then the
+# part that sets the peak found at this scale, and why the tiny and the full model differ there.
 
 # %% tags=["parameters"]
 scale = "tiny"
@@ -30,16 +31,17 @@ print(params)
 # Notebook 02 halved the weights. What remains on top of them is made while the caption runs. The prompt is
 # one sequence of T tokens: the system prompt, the image's tokens and the query. Eager attention, the
 # original's, computes in every layer the scores Q·Kᵀ of every token against every token: a tensor of
-# **batch x heads x T x T**, then adds the causal mask and takes the softmax in FP32, a second tensor of the
-# same shape. It is freed after the layer, but it sets the height of the peak. Generation keeps the keys and
-# values of every token (the KV cache), and the prefill ends with logits for every position.
+# **batch x heads x T x T**, then adds the causal mask and takes the softmax in FP32, a tensor of the same
+# shape at twice the bytes. Both are freed when the layer ends. Generation keeps the keys and values of every
+# token (the KV cache), and the prefill ends with the logits of every position over the whole vocabulary.
+# Which of these sets the peak is a question of their sizes, which this notebook measures.
 
 # %%
 import dataclasses
 import gc
 
 import torch
-from xcomp_lab.lessons.sequence import eager_scores_bytes, image_tokens
+from xcomp_lab.lessons.sequence import eager_scores_bytes, image_tokens, logits_peak_bytes
 from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
 from xcomp_lab.core.units import fmt_bytes
 
@@ -54,20 +56,23 @@ images = batch_of_images(params)
 first_run, first_record = run_step(step, model, tokenizer, images, params, budget)
 record(params, first_record)
 n_image = image_tokens(cfg, params.image_size)
+m = first_run.memory
 print(f"{first_kind} attention | prompt {first_run.prompt_tokens} tokens = {n_image} image tokens + "
       f"{first_run.prompt_tokens - n_image} text tokens | one layer's scores {fmt_bytes(eager_scores_bytes(cfg, params.batch_size, first_run.prompt_tokens))} in FP16")
+print(f"of the peak: weights {m.weights_bytes / m.peak_bytes:.0%}, KV cache {m.kv_cache_bytes / m.peak_bytes:.0%}, "
+      f"activations {m.activations_bytes / m.peak_bytes:.0%}")
 
 # %% [markdown]
-# The weights are most of the peak at this prompt length; the rest splits into the KV cache and the
-# activations, the memory that lives only while the call runs.
+# The last line splits the peak into what was loaded (the weights) and what the call made: the KV cache and
+# the activations, the memory that lives only while the call runs.
 #
 # ## Step 2: the batch
 #
 # The usual advice for an OOM is "use a smaller batch". Batching multiplies every activation and the KV cache
-# by the batch, and leaves the weights alone. The peak of a caption is reached at the prefill (the first
-# forward pass over the whole prompt); the decode steps that follow add one token each. So the runs below
-# generate a single token (prefill only), measured without a budget to see each peak in full. First the check
-# that prefill alone reaches the peak of the whole caption:
+# by the batch, and leaves the weights alone. The prefill (the first forward pass, over the whole prompt) makes
+# the largest tensors; the decode steps that follow add one token each. So the runs below generate a single
+# token (prefill only), measured without a budget to see each peak in full. First the check that prefill alone
+# reaches the peak of the whole caption:
 
 # %%
 def sweep(model, step, kind, size, batch):
@@ -80,15 +85,17 @@ def sweep(model, step, kind, size, batch):
 
 
 default_size = params.image_size or cfg.image_size
-runs = {(first_kind, default_size, 1): sweep(model, step, first_kind, default_size, 1)}
-prefill_peak = runs[(first_kind, default_size, 1)].memory.peak_bytes
+runs = {(first_kind, default_size, params.batch_size): sweep(model, step, first_kind, default_size, params.batch_size)}
+prefill_peak = runs[(first_kind, default_size, params.batch_size)].memory.peak_bytes
+caption_over_prefill = first_run.memory.peak_bytes / prefill_peak
 print(f"whole caption ({first_run.new_tokens} new tokens, batch {params.batch_size}) peak "
-      f"{fmt_bytes(first_run.memory.peak_bytes)} | prefill only, batch 1: {fmt_bytes(prefill_peak)} | "
-      f"x{first_run.memory.peak_bytes / prefill_peak:.3f}")
+      f"{fmt_bytes(first_run.memory.peak_bytes)} | prefill only, same batch: {fmt_bytes(prefill_peak)} | "
+      f"x{caption_over_prefill:.3f}: "
+      + ("the prefill sets the caption's peak" if caption_over_prefill < 1.01 else "decoding adds to the prefill's peak"))
 
 # %% [markdown]
-# At batch 1 the whole caption peaks where its prefill does (ratio 1.000, or very close), so a prefill-only run
-# measures the peak. Now two and four images at once:
+# The ratio and its verdict say whether a prefill-only run measures the caption's peak. Now two and four
+# images at once:
 
 # %% [markdown]
 # **Exercise 4.1: predict, then measure.** Before running the next cell: the usual advice says four images take
@@ -100,14 +107,16 @@ print(f"whole caption ({first_run.new_tokens} new tokens, batch {params.batch_si
 my_batch4_peak_x = None  # your prediction: peak at batch 4 / peak at batch 1
 
 # %%
-for batch in (2, 4):
-    runs[(first_kind, default_size, batch)] = sweep(model, step, first_kind, default_size, batch)
+for batch in (1, 2, 4):
+    if (first_kind, default_size, batch) not in runs:
+        runs[(first_kind, default_size, batch)] = sweep(model, step, first_kind, default_size, batch)
 one = runs[(first_kind, default_size, 1)].memory
 for batch in (1, 2, 4):
     m = runs[(first_kind, default_size, batch)].memory
     made, made_one = m.activations_bytes + m.kv_cache_bytes, one.activations_bytes + one.kv_cache_bytes
     print(f"batch {batch} | peak {fmt_bytes(m.peak_bytes):>10s} (x{m.peak_bytes / one.peak_bytes:.2f}) | "
           f"activations + KV {fmt_bytes(made):>10s} (x{made / made_one:.2f}) | weights {fmt_bytes(m.weights_bytes)}")
+print(f"the weights are {one.weights_bytes / one.peak_bytes:.0%} of the batch-1 peak: no batch size removes them")
 
 # %%
 from xcomp_lab.course.exercises import check
@@ -117,10 +126,9 @@ answer_4_1 = check("4.1", my_batch4_peak_x,
                    one=one, four=runs[(first_kind, default_size, 4)].memory)
 
 # %% [markdown]
-# What the call makes grows about in proportion to the batch; the peak grows less, because the weights do not
-# change. So a smaller batch helps exactly as much as the activations weigh against the weights: little when
-# the weights are most of the peak, as here, and nothing at all for an OOM that happens with one image, like
-# the one notebook 01 reproduced.
+# What the call makes is made per image, so it grows with the batch; the peak grows less, because the weights
+# do not change. A smaller batch helps exactly as much as the activations weigh against the weights (the last
+# line above), and cannot help an OOM that happens with one image, like the one notebook 01 reproduced.
 #
 # ## Step 3: count the tokens an image brings
 #
@@ -139,9 +147,13 @@ for size in sizes:
     side = size // cfg.vision_config.patch_size
     print(f"{size:4d} px -> {side}x{side} = {image_tokens(cfg, size):5d} image tokens, prompt {text_tokens + image_tokens(cfg, size):5d} tokens")
 print(f"full model at {full_cfg.image_size} px -> {image_tokens(full_cfg):5d} image tokens")
+more = [s for s in sizes if image_tokens(cfg, s) > text_tokens]
+print(f"the image tokens outnumber the {text_tokens} text tokens from {more[0]} px on" if more else
+      f"the {text_tokens} text tokens outnumber the image tokens at every size here")
 
 # %% [markdown]
-# Tripling the side multiplies the image tokens by nine, and image tokens soon outnumber the text.
+# Tripling the side multiplies the image tokens by nine; the last line says from which size the image makes
+# most of the prompt.
 
 # %% [markdown]
 # **Exercise 4.2: predict, then measure.** Step 4 captions one image at each size of the table above (prefill
@@ -169,31 +181,32 @@ for size in sizes:
     print(f"{size:4d} px | {run.prompt_tokens:5d} tokens | peak {fmt_bytes(m.peak_bytes):>10s} | activations "
           f"{fmt_bytes(m.activations_bytes):>10s} | one layer's scores {fmt_bytes(eager_scores_bytes(cfg, 1, run.prompt_tokens)):>10s}"
           f" | {'within' if m.peak_bytes <= budget.limit_bytes else 'OVER'} the budget")
-longest = runs[(first_kind, sizes[-1], 1)].prompt_tokens
+short, long = runs[(first_kind, sizes[0], 1)], runs[(first_kind, sizes[-1], 1)]
+prompt_growth = long.prompt_tokens / short.prompt_tokens
+activation_growth = long.memory.activations_bytes / short.memory.activations_bytes
+print(f"prompt x{prompt_growth:.2f}, activations x{activation_growth:.2f} = x{activation_growth / prompt_growth:.2f} "
+      f"the prompt's growth: " + ("faster than the prompt, so a term that grows with T² weighs"
+                                  if activation_growth > 1.25 * prompt_growth else
+                                  "about as the prompt, so the terms that grow with T make the activations"))
 if rotary_positions > cfg.max_position_embeddings:
-    print(f"the {longest}-token prompt passed the {cfg.max_position_embeddings} positions of the rotary tables: "
+    print(f"the {long.prompt_tokens}-token prompt passed the {cfg.max_position_embeddings} positions of the rotary tables: "
           f"every layer rebuilt them for {rotary_positions} positions (dynamic NTK), as the original does")
 else:
-    print(f"the rotary tables cover all {longest} positions: nothing was rebuilt")
-weights_fp16 = first_run.memory.weights_bytes
-full_prompt = text_tokens + image_tokens(full_cfg)
-print(f"one layer's FP16 scores at {first_run.prompt_tokens} tokens: {eager_scores_bytes(cfg, 1, first_run.prompt_tokens) / weights_fp16:.1%} "
-      f"of this model's weights | full model at {full_prompt} tokens: "
-      f"{eager_scores_bytes(full_cfg, 1, full_prompt) / (8_666_840_064 * 2):.1%} of its FP16 parameters (formula)")
+    print(f"the rotary tables cover all {long.prompt_tokens} positions: nothing was rebuilt")
 
 # %%
-answer_4_2 = check("4.2", my_activation_growth_x,
-                   measured=runs[(first_kind, sizes[-1], 1)].memory.activations_bytes
-                   / runs[(first_kind, sizes[0], 1)].memory.activations_bytes,
-                   short_tokens=runs[(first_kind, sizes[0], 1)].prompt_tokens,
-                   long_tokens=runs[(first_kind, sizes[-1], 1)].prompt_tokens)
+answer_4_2 = check("4.2", my_activation_growth_x, measured=activation_growth,
+                   short_tokens=short.prompt_tokens, long_tokens=long.prompt_tokens,
+                   scores_bytes=eager_scores_bytes(cfg, 1, long.prompt_tokens),
+                   logits_bytes=logits_peak_bytes(cfg, 1, long.prompt_tokens))
 
 # %% [markdown]
-# Activations grow much faster than the prompt: the scores grow with T², the rest with T. The last line says
-# how much harder this bites at tiny scale: a small model's weights shrink faster than its attention scores,
-# so at full scale the same prompts cost a far smaller share of the card. At tiny scale the 336 px prompt also
-# passes the rotary tables' 512 positions (the full model has 32,768); the original then rebuilds its tables
-# in every layer at a stretched base, which costs memory and changes the positions it encodes.
+# The scores grow with T², the hidden states, the MLP's activations and the logits with T: the activations
+# grow faster than the prompt only where the scores are the larger part, and the growth line says which case
+# this run is. Step 6 measures the parts one by one. When a prompt passes the positions of the rotary tables
+# (512 in the tiny configuration, 32,768 in the full one), the original rebuilds the tables of every layer at
+# a stretched base, which costs memory and changes the positions it encodes; the last line says whether that
+# happened here.
 #
 # ## Step 5: switch to sdpa
 #
@@ -235,11 +248,15 @@ second_kind = model.config._attn_implementation
 kernels[second_kind] = attention_kernels(model)
 for kind, ops in kernels.items():
     print(f"{kind:6s} ran: {', '.join(f'{name} x{n}' for name, n in ops.items())}")
+fused = not any("bmm" in name or "softmax" in name for name in kernels[second_kind])
+print(f"{second_kind}: " + ("a fused kernel, no bmm and no softmax: the scores never exist as a tensor" if fused
+                            else "bmm and softmax again: this machine fell back to the unfused math path"))
 
 # %% [markdown]
-# Eager attention runs two batched matmuls and a softmax per layer: the scores exist as a tensor. The sdpa
-# path runs one fused kernel per layer instead; its name says which (on a CPU, PyTorch's flash-attention kernel
-# for CPU rather than the unfused math fallback). Now the same caption and the same prompts:
+# Eager attention runs two batched matmuls and a softmax per layer: the scores exist as a tensor. A fused sdpa
+# kernel replaces all three, and its name says which one PyTorch picked on this machine (flash,
+# memory-efficient, cuDNN; the unfused math fallback would show bmm and softmax again). Now the same caption
+# and the same prompts:
 
 # %%
 second_run, second_record = run_step(sdpa_step, model, tokenizer, images, params, budget)
@@ -256,25 +273,107 @@ peak_vs_tokens_chart(series, budget_bytes=budget.limit_bytes, weights_bytes=firs
                      title=f"FP16 prefill, {params.scale} replica on {params.device}: eager vs sdpa")
 
 # %% [markdown]
-# Both lines start from the same weights; the eager line bends upward with the square of the prompt, the sdpa
-# line rises far less. The gap between them, against one layer's scores tensor:
+# Both lines start from the same weights. How far apart they are at each prompt length, against one layer's
+# scores tensor:
 
 # %%
+gaps = {}
 for size in sizes:
     eager_m, sdpa_m = runs[(first_kind, size, 1)].memory, runs[(second_kind, size, 1)].memory
     tokens = runs[(first_kind, size, 1)].prompt_tokens
-    gap = eager_m.peak_bytes - sdpa_m.peak_bytes
+    gaps[size] = eager_m.peak_bytes - sdpa_m.peak_bytes
     scores = eager_scores_bytes(cfg, 1, tokens)
-    print(f"{tokens:5d} tokens | {first_kind} - {second_kind} peak {fmt_bytes(gap):>10s} | scores B x H x T x T in FP16 "
-          f"{fmt_bytes(scores):>10s} | x{gap / scores:.2f}")
+    print(f"{tokens:5d} tokens | {first_kind} - {second_kind} peak {fmt_bytes(gaps[size]):>10s} | scores B x H x T x T in FP16 "
+          f"{fmt_bytes(scores):>10s} | x{gaps[size] / scores:.2f}")
 
 # %% [markdown]
-# The gap grows faster than the scores tensor itself. At its softmax, eager attention holds at once the masked
-# scores (FP16), their softmax in FP32 (two FP16-sized copies) and its cast back to FP16, beside the additive
-# mask: four to five times one layer's scores, of which sdpa holds none. Where the ratio is lower, the peak is
-# set somewhere else (the logits, the MLP) and the scores stay below it.
+# Where sdpa lowers the peak, the gap is a few of these tensors; where it does not, something else sets the
+# peak. The next step finds what.
 #
-# ## Step 6: the KV cache, predicted and measured
+# ## Step 6: find what sets the peak: one layer's attention against the logits
+#
+# Two transient terms compete. At its softmax, eager attention holds a few tensors of one layer's scores
+# shape (the masked scores, their FP32 softmax, its cast back to FP16), sdpa hardly any. At the end of the
+# prefill, the output head writes the logits of every position in FP16 and the original's forward upcasts them
+# to FP32 (`logits.float()`), both alive at once: batch x T x vocab x (2 + 4) bytes. Each is freed before the
+# next layer or step, so the larger one should set the peak, on top of the weights, the KV cache and the hidden
+# states; the gaps of Step 5 test that. First the logits at the longest prompt, measured in plain PyTorch:
+
+# %%
+from xcomp_lab.memory import measure
+
+tokens = long.prompt_tokens
+hidden = torch.zeros(1, tokens, cfg.hidden_size, dtype=model.dtype, device=model.device)  # the last layer's output
+if params.device == "cuda":
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        logits = model.output(hidden).float()  # the forward's last line: the head, then the FP32 upcast
+    logits_peak = torch.cuda.max_memory_allocated() - before
+    how = "torch.cuda.max_memory_allocated() - memory_allocated() before: the CUDA allocator's own peak"
+else:
+    with measure("cpu") as meter, torch.inference_mode():
+        logits = model.output(hidden).float()
+    logits_peak = meter.result.peak_bytes - meter.result.start_bytes
+    how = "the course's tensor accounting (xcomp_lab.memory.measure): a CPU keeps no allocator statistics"
+del logits, hidden
+formula = logits_peak_bytes(cfg, 1, tokens)
+print(f"measured with {how}")
+print(f"head + FP32 upcast at {tokens} tokens: {fmt_bytes(logits_peak)} | formula 1 x {tokens} x {cfg.vocab_size} x (2 + 4) B "
+      f"= {fmt_bytes(formula)} | x{logits_peak / formula:.2f}")
+
+# %% [markdown]
+# The ratio says how well the formula counts what the head makes. `measure_peak_terms` repeats that
+# measurement with `xcomp_lab.memory.measure` (the same allocator calls on CUDA, the tensor accounting on a
+# CPU), on one layer's eager and sdpa attention too, at every prompt length of Step 4; each row then reads the
+# measured gap between the two peaks against them:
+
+# %%
+from xcomp_lab.lessons.sequence import measure_peak_terms, peak_setter
+
+terms = {size: measure_peak_terms(model, runs[(first_kind, size, 1)].prompt_tokens, device=params.device)
+         for size in sizes}
+for size, t in terms.items():
+    print(f"{t.tokens:5d} tokens | one layer: eager {fmt_bytes(t.eager_bytes):>10s} (x{t.eager_multiple:.1f} its scores), "
+          f"sdpa {fmt_bytes(t.sdpa_bytes):>10s} | logits {fmt_bytes(t.logits_bytes):>10s} | larger: {t.larger}")
+    print(f"{'':5s}        -> {peak_setter(t, gaps[size])}")
+
+# %% [markdown]
+# Where one layer's eager attention holds more than the logits, it sets the eager peak and sdpa, which does not
+# hold the scores, lowers it; where the logits hold more, they set both peaks, and sdpa, which still never stores
+# the scores, saves nothing at the peak. Which case a model is in depends on its shape: per prompt token the
+# logits take vocab x 6 bytes, one layer's eager attention k x heads x T x 2 bytes, with k the multiple just
+# measured. The scores catch up with the logits at T* = 3 x vocab / (k x heads) tokens. Both configurations,
+# with this run's k, and the prompts this notebook runs at each scale:
+
+# %%
+from xcomp_lab.lessons.sequence import crossover_tokens
+
+k = max(t.eager_multiple for t in terms.values())
+tiny_cfg = config_for_scale("tiny")
+verdicts = {}
+for name, c in (("tiny", tiny_cfg), ("full", full_cfg)):
+    t_star = crossover_tokens(c, k)
+    prompts = [text_tokens + image_tokens(c, s) for s in sorted({112, 224, 336, c.image_size})]
+    verdicts[name] = ("the scores" if min(prompts) > t_star else "the logits" if max(prompts) < t_star
+                      else "the scores past T*, the logits below it")
+    print(f"{name:4s} | vocab {c.vocab_size:6,d} | {c.num_attention_heads:2d} heads x {c.head_dim} = hidden {c.hidden_size:4d} | "
+          f"T* = {t_star:6.0f} tokens | prompts {min(prompts)}-{max(prompts)} tokens: {verdicts[name]} outweigh")
+print("the two scales " + (f"disagree: {verdicts['tiny']} set the tiny model's eager peak, {verdicts['full']} the full model's"
+                           if verdicts["tiny"] != verdicts["full"] else f"agree: {verdicts['tiny']} set both eager peaks"))
+full_prompt = text_tokens + image_tokens(full_cfg)
+print(f"full model at {full_prompt} tokens: logits {fmt_bytes(logits_peak_bytes(full_cfg, 1, full_prompt))}, one layer's "
+      f"scores {fmt_bytes(eager_scores_bytes(full_cfg, 1, full_prompt))} (x{k:.1f}: "
+      f"{fmt_bytes(k * eager_scores_bytes(full_cfg, 1, full_prompt))}), by the formulas")
+
+# %% [markdown]
+# The vocabulary sets the logits and the heads set the scores. A large vocabulary against few heads pushes T*
+# up; the lines above give each model's T* and where its prompts fall, so this is where the tiny and the full
+# editions of this notebook part ways when they do. Generation reads the logits of the last position only:
+# computing just those would remove that term (Question 3).
+#
+# ## Step 7: the KV cache, predicted and measured
 #
 # Every layer keeps the keys and values of every token seen, for all KV heads (8 at full scale, fewer than the
 # 32 query heads: grouped-query attention):
@@ -296,32 +395,14 @@ for name, run, batch, steps in kv_rows:
     predicted = kv_cache_formula(cfg, batch, tokens, model.dtype)
     print(f"{name:24s} | {batch} x {tokens:4d} tokens | predicted {fmt_bytes(predicted):>10s} | measured "
           f"{fmt_bytes(run.memory.kv_cache_bytes):>10s} | x{run.memory.kv_cache_bytes / predicted:.2f}")
-kv_full = kv_cache_formula(full_cfg, 1, text_tokens + image_tokens(full_cfg) + params.max_new_tokens - 1, "float16")
+kv_full = kv_cache_formula(full_cfg, 1, full_prompt + params.max_new_tokens - 1, "float16")
 print(f"full model, one 490 px caption in FP16: {fmt_bytes(kv_full)} by the formula")
 
 # %% [markdown]
-# The formula predicts the cache exactly (ratio 1.00). It grows in a straight line with tokens and batch, never
-# with T², and it lives for the whole caption, while each layer's scores are freed as soon as the layer ends.
+# The ratios say how closely the formula predicts the cache. By the formula it grows in a straight line with
+# tokens and batch, never with T², and it lives for the whole caption, while each layer's scores are freed as
+# soon as the layer ends.
 #
-# ## Step 7: the logits of the whole prompt, in FP32
-#
-# The original's forward computes the output head for every prompt position and upcasts the result to FP32
-# (`logits.float()`), although generation needs only the last position: batch x T x vocab x 4 bytes, at once.
-
-# %%
-from xcomp_lab.lessons.sequence import prefill_logits_bytes
-
-for name, run in ((first_kind, first_run), (second_kind, second_run)):
-    logits = prefill_logits_bytes(cfg, params.batch_size, run.prompt_tokens)
-    print(f"{name:6s} | FP32 logits {params.batch_size} x {run.prompt_tokens} x {cfg.vocab_size} x 4 B = {fmt_bytes(logits)} | "
-          f"{logits / run.memory.activations_bytes:.0%} of the activations ({fmt_bytes(run.memory.activations_bytes)})")
-print(f"full model: {full_prompt} x {full_cfg.vocab_size} x 4 B = {fmt_bytes(prefill_logits_bytes(full_cfg, 1, full_prompt))} by the formula")
-
-# %% [markdown]
-# The logits are a large share of what the prefill makes, and a share that grows with the vocabulary, not with
-# the model's width: keeping only the last position's logits would save almost all of it.
-
-# %% [markdown]
 # ## What we learned
 
 # %%
@@ -333,21 +414,23 @@ sdpa_growth = runs[(sk, hi, 1)].memory.activations_bytes / runs[(sk, lo, 1)].mem
 b4 = runs[(fk, default_size, 4)].memory
 kv_ratios = [run.memory.kv_cache_bytes / kv_cache_formula(cfg, b, run.prompt_tokens + n - 1, model.dtype)
              for _, run, b, n in kv_rows]
-logits_share = prefill_logits_bytes(cfg, params.batch_size, first_run.prompt_tokens) / first_run.memory.activations_bytes
+top = terms[hi]
 print(f"- From {lo} to {hi} px the prompt grows from {t_lo} to {t_hi} tokens (x{t_hi / t_lo:.1f}); activations grow "
       f"x{eager_growth:.1f} with {fk} attention and x{sdpa_growth:.1f} with {sk}.")
-print(f"- At {t_hi} tokens {sk} saves {fmt_bytes(runs[(fk, hi, 1)].memory.peak_bytes - runs[(sk, hi, 1)].memory.peak_bytes)} "
-      f"of peak; the {fk} peak {'exceeds' if runs[(fk, hi, 1)].memory.peak_bytes > budget.limit_bytes else 'stays within'} "
+print(f"- At {t_hi} tokens one layer's {fk} attention holds {fmt_bytes(top.eager_bytes)}, the logits {fmt_bytes(top.logits_bytes)}; "
+      f"{peak_setter(top, gaps[hi])}. The scores overtake the logits at {crossover_tokens(cfg, k):.0f} tokens at this "
+      f"scale ({crossover_tokens(tiny_cfg, k):.0f} tiny, {crossover_tokens(full_cfg, k):.0f} full).")
+print(f"- At {t_hi} tokens the {fk} peak {'exceeds' if runs[(fk, hi, 1)].memory.peak_bytes > budget.limit_bytes else 'stays within'} "
       f"the budget, the {sk} peak {'exceeds' if runs[(sk, hi, 1)].memory.peak_bytes > budget.limit_bytes else 'stays within'} it.")
 print(f"- Batch 4 multiplies the peak by {b4.peak_bytes / one.peak_bytes:.2f} and what the call makes by "
       f"{(b4.activations_bytes + b4.kv_cache_bytes) / (one.activations_bytes + one.kv_cache_bytes):.2f}: "
       f"a smaller batch saves activations, never weights.")
-print(f"- The KV cache formula matches every measurement (ratios {min(kv_ratios):.2f} to {max(kv_ratios):.2f}); "
+print(f"- The KV cache formula against every measurement: ratios {min(kv_ratios):.2f} to {max(kv_ratios):.2f}; "
       f"a 490 px caption of the full model needs {fmt_bytes(kv_full)} of it in FP16.")
-print(f"- The prefill's FP32 logits are {logits_share:.0%} of the {fk} caption's activations here.")
 
 # %% [markdown]
 # **Questions.** (1) At what prompt length would one layer's FP32 softmax of the full model (32 heads) reach
 # 1 GiB, and which image size gives that many tokens? (2) Why does grouped-query attention shrink the KV cache
-# but not the eager scores? (3) Which would you change first for a 2-image prompt on a tight card: attention
-# kind, batch or image size, and by how much would each lower the peak?
+# but not the eager scores? (3) If the forward computed the logits of the last position only, where would the
+# full model's peak move, and would sdpa then lower it? (4) Which would you change first for a 2-image prompt on
+# a tight card: attention kind, batch or image size, and by how much would each lower the peak?

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 05 · device_map fills cards layer by layer; offloading frees the card at the cost of speed, not of the caption
+# # 05 · device_map places whole decoder layers by each device's limit; offloading frees the weights it moves, keeps the caption, and costs the time to move them
 #
 # How `device_map="auto"` and `max_memory` decide where each part of the model goes (planned at full scale
 # without allocating a byte), then offloading measured on this machine: memory on the device, peak, speed,
@@ -26,44 +26,55 @@ params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_pa
 print(params)
 
 # %% [markdown]
-# ## Step 1: size every module of the full model, without its weights
+# ## Step 1: build the full model without its weights
 #
 # `from_pretrained(..., device_map="auto", max_memory=...)` works in two moves, both done by `accelerate`.
 # First it sizes every module from its shapes alone. Then it fills the devices in order (GPU 0, GPU 1, ...,
 # then `cpu`, then `disk`), module by module, and never cuts a module whose class is in the model's
 # `_no_split_modules`: a decoder layer adds its input back to its output (the residual), so all of it must
 # run on one device. Both moves only read shapes, so we can plan for cards this machine does not have, on the
-# `meta` device.
+# `meta` device: tensors with a shape and a dtype and no storage.
 
 # %%
 import torch
+from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
 from xcomp_lab.model.scales import config_for_scale
-from xcomp_lab.estimate import meta_model, plan_device_map, plan_from_pretrained
+from xcomp_lab.estimate import plan_from_pretrained
 from xcomp_lab.core.units import GB, fmt_bytes
 
-full = meta_model(config_for_scale("full"))
-print(f"never split: {sorted(full._no_split_modules)}")
+with torch.device("meta"):  # every tensor made in this block has a shape and a dtype, and no storage
+    full = InternLMXComposer2ForCausalLM(config_for_scale("full"))
+print(f"the full model on {full.device}: {sum(p.numel() for p in full.parameters()):,} parameters, no storage | "
+      f"never split: {sorted(full._no_split_modules)}")
 two_cards = plan_from_pretrained(full, {0: "24GB", 1: "24GB"}, dtype="float32")
-print(f"full model in FP32: {fmt_bytes(two_cards.total_bytes)} (parameters and rotary tables) | "
-      f"one 24 GB card: {fmt_bytes(24 * GB)} | two: {fmt_bytes(48 * GB)}")
+fits_one, fits_two = two_cards.total_bytes <= 24 * GB, two_cards.total_bytes <= 48 * GB
+print(f"full model in FP32: {fmt_bytes(two_cards.total_bytes)} (parameters and rotary tables) | one 24 GB card: "
+      f"{fmt_bytes(24 * GB)} | two: {fmt_bytes(48 * GB)} | {'fits' if fits_one else 'larger than'} one card, "
+      f"{'fits' if fits_two else 'larger than'} two")
 
 # %% [markdown]
-# The FP32 model is larger than one 24 GB card and smaller than two.
+# The last line compares the FP32 model with one and with two 24 GB cards (accelerate reads "24GB" as
+# 24 x 10⁹ bytes).
 #
 # ## Step 2: two 24 GB cards, FP32
 #
 # With several GPUs, `from_pretrained(device_map="auto")` first evens out the cards (transformers'
-# `get_balanced_memory`), then fills them in order. `plan_from_pretrained` makes the same two calls:
+# `get_balanced_memory`), then fills them in order. `plan_from_pretrained` makes the same two calls on the meta
+# model:
 
 # %%
 print(two_cards.describe())
+half, largest = two_cards.total_bytes / 2, max(two_cards.module_bytes.values())
+print(f"GPU 0 may hold {fmt_bytes(two_cards.max_memory[0])} = half the model {fmt_bytes(half)} + "
+      f"{fmt_bytes(two_cards.max_memory[0] - half)} (x{(two_cards.max_memory[0] - half) / largest:.2f} the largest "
+      f"module, {fmt_bytes(largest)}); GPU 1, the last card, keeps its whole {fmt_bytes(two_cards.max_memory[1])}")
 print(f"no-split modules cut across devices: {list(two_cards.split_modules) or 'none'} | "
       f"offloaded to cpu or disk: {fmt_bytes(two_cards.offloaded_bytes)}")
 
 # %% [markdown]
-# Every decoder layer sits whole on one card and nothing is offloaded. Balancing allows GPU 0 only about half
-# the model plus a margin, and GPU 1 its whole card for the rest. What the plan does not count: activations,
-# the KV cache and autocast's copies (notebooks 01 and 04) must fit in what the weights leave free, on each card.
+# Balancing caps every card but the last at about an even share of the model plus a margin; the lines above
+# give both, and the map that results. What the plan does not count: activations, the KV cache and autocast's
+# copies (notebooks 01 and 04) must fit in what the weights leave free, on each card.
 #
 # **Each card's peak.** The estimator replays the caption with the model dispatched by accelerate's own hooks
 # over two stand-in cards, and counts every allocation on the card where it happens: the hidden state that a
@@ -79,39 +90,58 @@ print(split.transfer_table(min_bytes=2**20))
 
 # %% [markdown]
 # Measured on two H100s (each emulating a 24 GB card, `python -m xcomp_lab.tools.gpu_split_run`, results committed in
-# `results/full-h100x2/`), against the same prediction on the map the load really made, and the speed against
-# the whole model on one card:
+# `results/full-h100x2/`), against the same prediction on the map the load really made (read there from
+# `model.hf_device_map`), and the speed against the whole model on one card:
 
 # %%
-from xcomp_lab.lessons.device_map import split_report
+from xcomp_lab.lessons.device_map import split_layers, split_report
 
-print(split_report("../results/full-h100x2/split.jsonl"))
+split_path = "../results/full-h100x2/split.jsonl"
+print(split_report(split_path))
+loaded = split_layers(split_path, dtype="float32")
+planned = {card: two_cards.layers_per_device()[card] for card in (0, 1)}
+print(f"the FP32 load's map: {' + '.join(str(len(v)) for v in loaded.values())} decoder layers | the plan above: "
+      f"{' + '.join(str(len(v)) for v in planned.values())} | the same layers on the same cards: {loaded == planned}")
 
 # %% [markdown]
-# The ratios say how close the per-card prediction came on real cards. The speed says what the split costs:
-# `device_map="auto"` runs the cards one after the other (pipeline without overlap), so a second card adds
-# memory, not speed, and every new token's hidden state crosses between them.
+# The ratios say how close the per-card prediction came on real cards, and the last line whether the plan
+# made here is the map the load made there. The speed says what the split costs: `device_map="auto"` runs the
+# cards one after the other (a pipeline without overlap), and every new token's hidden state crosses between
+# them.
 #
 # ## Step 3: one 24 GB card and the CPU, FP32
 #
-# With `max_memory={0: "24GB", "cpu": "64GiB"}` the card fills first and the rest goes to CPU memory:
+# With `max_memory={0: "24GB", "cpu": "64GiB"}` the card fills first and the rest goes to CPU memory. First
+# accelerate's own call on the meta model, as `from_pretrained` makes it with a single GPU:
 
 # %%
+from collections import Counter
+
+from accelerate import infer_auto_device_map
+from xcomp_lab.estimate import plan_device_map, quiet_accelerate
+
+with quiet_accelerate():  # where there is no GPU 0, accelerate logs that it is not available: planning needs none
+    device_map = infer_auto_device_map(full, max_memory={0: "24GB", "cpu": "64GiB"},
+                                       no_split_module_classes=full._no_split_modules, dtype=torch.float32)
+print(f"{len(device_map)} entries, modules per device: {dict(Counter(device_map.values()))} | first: "
+      f"{list(device_map.items())[:2]} | last: {list(device_map.items())[-2:]}")
 one_card = plan_device_map(full, {0: "24GB", "cpu": "64GiB"}, dtype="float32")
+print(f"plan_device_map, which makes the same call and sums the bytes: same map: {one_card.device_map == device_map}")
 print(one_card.describe())
 print(f"offloaded to the CPU: {fmt_bytes(one_card.offloaded_bytes)} ({one_card.offloaded_bytes / one_card.total_bytes:.0%} "
       f"of the model) | no-split modules cut: {list(one_card.split_modules) or 'none'}")
 largest_name, largest_bytes = max(one_card.module_bytes.items(), key=lambda kv: kv[1])
-print(f"left free on GPU 0: {fmt_bytes(one_card.max_memory[0] - one_card.bytes_per_device()[0])} | largest module of the map: "
-      f"{largest_name}, {fmt_bytes(largest_bytes)}")
+left = one_card.max_memory[0] - one_card.bytes_per_device()[0]
+print(f"left free on GPU 0: {fmt_bytes(left)} | largest module of the map: {largest_name}, {fmt_bytes(largest_bytes)} | "
+      f"room kept for it: {left >= largest_bytes}")
 print(f"buffers of the offloaded modules that stay on GPU 0 anyway: {fmt_bytes(one_card.offloaded_buffer_bytes)} "
       f"(accelerate warns with the same number: {any(str(one_card.offloaded_buffer_bytes) in n for n in one_card.notes)})")
 
 # %% [markdown]
 # The card takes whole layers up to its limit, less room kept for the largest module, which it may have to
-# load from the CPU; the last layers, the output head and the vision tower go to the CPU. The parameters move, but each offloaded
-# layer's rotary tables are buffers, and `dispatch_model` keeps buffers on the GPU unless told
-# `offload_buffers=True`: memory the map does not show on the card.
+# load from the CPU (the last line but one checks that room); what is left goes to the CPU, the parts listed
+# above. The parameters move, but each offloaded layer's rotary tables are buffers, and `dispatch_model` keeps
+# buffers on the GPU unless told `offload_buffers=True`: memory the map does not show on the card.
 #
 # Half precision changes the picture. The same plans in FP16:
 
@@ -122,15 +152,16 @@ for card_gb in (24, 16):
     to_cpu = [n for n, d in plan.placement.items() if "cpu" in d and not n.startswith("model.layers.")]
     print(f"FP16, {card_gb} GB card + CPU: {fmt_bytes(on_card)} on the card, {len(plan.layers_per_device()[0])} "
           f"decoder layers | offloaded {fmt_bytes(plan.offloaded_bytes)}: {len(plan.layers_per_device().get('cpu', []))} "
-          f"layers{' + ' + ', '.join(to_cpu) if to_cpu else ''}")
+          f"layers{' + ' + ', '.join(to_cpu) if to_cpu else ''}"
+          f" | {'the whole model fits the card' if plan.offloaded_bytes == 0 else 'part of it goes to the CPU'}")
 
 # %% [markdown]
-# In FP16 the whole model fits a 24 GB card; a 16 GB card takes all but the last few layers, the head and the
-# vision tower. Offloading is the last resort after half precision, not the first.
+# Each line ends with whether half precision alone fits the model on that card. Where it does, offloading is not
+# needed at all: it is the last resort after half precision, not the first.
 #
 # ## Step 4: the reference on this machine
 #
-# Now for real, on this device. First the model without offloading, in FP16, captioned as before:
+# Now for real, on this device. First the model without offloading, in FP16:
 
 # %%
 import gc
@@ -146,27 +177,70 @@ model, tokenizer = load_for_step(step, params)
 cfg = model.config
 budget = course_budget(params, model.config)
 images = batch_of_images(params)
-reference, reference_record = run_step(step, model, tokenizer, images, params, budget)
-record(params, reference_record)
-print(f"caption: {reference.captions[0]!r}")
 
 # %% [markdown]
-# The speed of the reference, timed outside the measurement (the CPU accounting slows every operation):
+# One caption measured in plain PyTorch: on a GPU each device keeps its own counters, read with
+# `torch.cuda.memory_allocated(i)` and `torch.cuda.max_memory_allocated(i)` after
+# `torch.cuda.reset_peak_memory_stats(i)` (over several cards, one reading per card); a CPU keeps none, so there
+# the course's tensor accounting (`xcomp_lab.memory.measure`) stands in.
+
+# %%
+from xcomp_lab.memory import measure
+from xcomp_lab.run.captioning import caption_images
+
+caption = lambda model: caption_images(model, tokenizer, images, max_new_tokens=params.max_new_tokens,
+                                       image_size=params.image_size)
+if params.device == "cuda":
+    cards = range(torch.cuda.device_count())
+    for i in cards:
+        torch.cuda.reset_peak_memory_stats(i)
+    before = {i: torch.cuda.memory_allocated(i) for i in cards}
+    captions = caption(model)
+    after = {i: torch.cuda.memory_allocated(i) for i in cards}
+    for i in cards:
+        print(f"cuda:{i} (torch.cuda counters) | before {fmt_bytes(before[i])} | peak "
+              f"{fmt_bytes(torch.cuda.max_memory_allocated(i))} | after {fmt_bytes(after[i])}: the call kept "
+              f"{fmt_bytes(after[i] - before[i])}")
+    torch._C._cuda_clearCublasWorkspaces()  # PyTorch's documented way to free them (CUDA semantics, cuBLAS workspaces)
+    freed = sum(after[i] - torch.cuda.memory_allocated(i) for i in cards)
+    print(f"freeing cuBLAS's workspaces returns {fmt_bytes(freed)}: "
+          + ("they are what the call kept" if freed else "what the call kept is something else"))
+else:
+    with measure("cpu", model=model) as meter:
+        captions = caption(model)
+    r = meter.result
+    print(f"cpu (the course's tensor accounting) | before {fmt_bytes(r.start_bytes)} | peak {fmt_bytes(r.peak_bytes)} "
+          f"| after {fmt_bytes(r.end_bytes)}: the call kept {fmt_bytes(r.end_bytes - r.start_bytes)}")
+
+# %% [markdown]
+# What a call keeps is memory it made and did not free. On a GPU, PyTorch gives each pair of cuBLAS handle and
+# CUDA stream that runs a matrix multiply needing one a workspace, and keeps it until
+# `torch._C._cuda_clearCublasWorkspaces()` is called (PyTorch documentation, "CUDA semantics", cuBLAS
+# workspaces): the first call of a process makes it, later calls find it allocated. The next call, timed outside
+# any measurement (the CPU accounting slows every operation), runs the same matrix multiplies again, so that
+# the measured calls after it start with whatever they keep already allocated and count it in none of their
+# activations:
 
 # %% tags=["nbval-ignore-output"]
 from time import perf_counter
 
-from xcomp_lab.run.captioning import caption_images
-
 
 def seconds_per_caption(model):
     start = perf_counter()
-    caption_images(model, tokenizer, images, max_new_tokens=params.max_new_tokens, image_size=params.image_size)
+    caption(model)
     return perf_counter() - start
 
 
 reference_s = seconds_per_caption(model)
-print(f"reference: {reference_s:.2f} s for {len(images)} caption(s), {reference.new_tokens / reference_s:.1f} new tokens/s")
+print(f"reference: {reference_s:.2f} s for {len(images)} caption(s)")
+
+# %% [markdown]
+# Now the same caption measured by the course's step, which records it:
+
+# %%
+reference, reference_record = run_step(step, model, tokenizer, images, params, budget)
+record(params, reference_record)
+print(f"caption: {reference.captions[0]!r} | the same as the plain call's: {reference.captions == captions}")
 del model  # before loading the next: at full scale two models may not fit together
 gc.collect()
 if params.device == "cuda":
@@ -200,7 +274,7 @@ import os
 import tempfile
 
 from xcomp_lab.model.loading import load_model
-from xcomp_lab.estimate import offload_layers_map, quiet_accelerate, summarize_map
+from xcomp_lab.estimate import offload_layers_map, summarize_map
 
 main, target = (0, "cpu") if params.device == "cuda" else ("cpu", "disk")
 n_offloaded = cfg.num_hidden_layers // 2
@@ -210,6 +284,9 @@ with quiet_accelerate():  # its log line names the devices in a random order
     model, tokenizer = load_model(params.model_name_or_path, scale=params.scale, dtype="float16",
                                   device_map=device_map, offload_folder=folder.name,  # changed line
                                   attn_implementation=params.attn_implementation)
+away = [n for n, d in model.hf_device_map.items() if d == target]
+print(f"model.hf_device_map, the map the load applied: modules per device {dict(Counter(str(d) for d in model.hf_device_map.values()))} "
+      f"| on {target}: {away[0]} ... {away[-1]}")
 placed = summarize_map(model, model.hf_device_map, dtype="float16")
 print(placed.describe())
 offloaded_layer = model.model.layers[-1]
@@ -222,15 +299,24 @@ print(f"{len(hooked)} modules of the last layer carry an offload hook, e.g. {nam
 if target == "disk":
     index = hook.weights_map.dataset.index
     sources = sorted({os.path.basename(entry.get("safetensors_file", "offload folder")) for entry in index.values()})
-    print(f"files written to the offload folder: {len(os.listdir(folder.name))} | the offloaded weights are read from: {sources}")
+    written = len(os.listdir(folder.name))
+    print(f"files written to the offload folder: {written} | the offloaded weights are read from: {sources}"
+          + (" | nothing copied: accelerate reads the checkpoint's own file" if written == 0 else ""))
 else:
     print("the offloaded weights wait in CPU memory")
+with measure(params.device) as meter:
+    moved = hook.weights_map["weight"].to(hook.execution_device)  # what the hook does before its module runs
+seen = meter.result.peak_bytes - meter.result.start_bytes
+print(f"bringing {name}.weight in as its hook does: {fmt_bytes(moved.nbytes)} on {moved.device}, {fmt_bytes(seen)} "
+      f"of it seen by the measurement")
+del moved
 
 # %% [markdown]
-# The offloaded layers' parameters are on the `meta` device: shapes only. A hook on each module with weights
-# loads them when the module runs and drops them after. For disk offload, transformers did not copy anything
-# into the offload folder here: it points accelerate at the checkpoint's own safetensors file, which it reads
-# (and converts, if the dtype differs) each time a layer runs.
+# The offloaded layers' parameters are on the device the line says (`meta`: shapes only). A hook on each
+# module with weights loads them when the module runs and drops them after; with disk offload, the line above
+# says whether transformers copied anything into the offload folder or pointed accelerate at the checkpoint's
+# own safetensors file. The last line brings one weight in as its hook does and says how much of it the
+# measurement sees.
 #
 # Now the same caption under the same budget:
 
@@ -251,9 +337,6 @@ expected = ref_m.weights_bytes - placed.offloaded_bytes + placed.offloaded_buffe
 print(f"predicted resident: {fmt_bytes(ref_m.weights_bytes)} - offloaded {fmt_bytes(placed.offloaded_bytes)} "
       f"+ their buffers {fmt_bytes(placed.offloaded_buffer_bytes)} = {fmt_bytes(expected)} | measured "
       f"{fmt_bytes(off_m.weights_bytes)} | x{off_m.weights_bytes / expected:.2f}")
-largest = max(p.numel() * 2 for p in offloaded_layer.parameters())
-print(f"activations with offloading minus without: {fmt_bytes(off_m.activations_bytes - ref_m.activations_bytes)} | "
-      f"largest offloaded weight in FP16: {fmt_bytes(largest)}")
 
 # %%
 from xcomp_lab.course.exercises import check
@@ -263,39 +346,58 @@ answer_5_1 = check("5.1", my_offload_resident_x, measured=off_m.weights_bytes / 
                    kept_buffer_bytes=placed.offloaded_buffer_bytes, layers=n_offloaded, of_layers=cfg.num_hidden_layers)
 
 # %% [markdown]
-# Offloading moves weights, not arithmetic: the same operations run on the same values, so the captions are
-# identical. Resident memory drops by the offloaded parameters, less the rotary buffers that stay behind, as
-# predicted. During the call each offloaded weight is brought in only while its module runs. On a GPU the
-# allocator counts that copy, so the activations grow by the weights in flight. On a CPU the accounting sees only
-# tensors that torch operations create, and a weight read from a safetensors file is not one: a difference of
-# zero means the loaded weights are the part this measurement cannot see, one weight at a time at most.
+# Offloading moves weights, not arithmetic: the same operations run on the same values, so the captions should
+# be identical, and the first line says whether they are. The predicted line checks that resident memory drops
+# by the offloaded parameters, less the rotary buffers that stay behind. During the call each offloaded weight
+# is brought in only while its module runs, and the measurement counts that copy (Step 5's last line): whether
+# it raises the peak depends on what else is alive at that moment. The activations of the two runs, taken apart:
+
+# %%
+from xcomp_lab.lessons.device_map import offload_effect
+
+largest_weight = max(p.numel() * p.element_size() for p in offloaded_layer.parameters())
+effect = offload_effect(ref_m, off_m, largest_weight_bytes=largest_weight, seen_weight_bytes=seen)
+print(effect)
+
+# %% [markdown]
+# Activations count from each run's start, less what was already allocated there: memory a run makes and keeps
+# counts in its own activations and in no later run's, which is why the difference is corrected before it is
+# read. The last line reads what is left.
 #
-# The price is time:
+# What it costs in time:
 
 # %% tags=["nbval-ignore-output"]
 offloaded_s = seconds_per_caption(model)
-print(f"offloaded: {offloaded_s:.2f} s for {len(images)} caption(s), {offloaded.new_tokens / offloaded_s:.1f} new tokens/s "
-      f"| x{offloaded_s / reference_s:.1f} the reference's time")
+passes = -(-offloaded.new_tokens // len(images))  # forward passes: the prefill and each decode step
+moved_bytes = placed.offloaded_bytes * passes
+extra_s = offloaded_s - reference_s
+print(f"reference: {reference.new_tokens / reference_s:.1f} new tokens/s | offloaded: {offloaded_s:.2f} s for {len(images)} "
+      f"caption(s), {offloaded.new_tokens / offloaded_s:.1f} new tokens/s | x{offloaded_s / reference_s:.1f} the reference's time")
+print(f"{passes} forward passes x {fmt_bytes(placed.offloaded_bytes)} offloaded = {fmt_bytes(moved_bytes)} brought in | "
+      + (f"{extra_s:.2f} s more: {fmt_bytes(moved_bytes / extra_s)}/s" if extra_s > 0 else "no slower in this run"))
 del model, offloaded_layer, hooked, hook
 gc.collect()
 folder.cleanup()
 
 # %% [markdown]
-# Every forward pass reads the offloaded weights again, once per generated token: from disk on a CPU, across
-# PCIe on a GPU. The ratio above is this run's price; at full scale every token moves the offloaded gigabytes
-# again, so the price grows with what is offloaded.
+# Every forward pass brings the offloaded weights in again, once per generated token: from the offload folder
+# on a CPU, across PCIe from CPU memory on a GPU. The lines above are this run's price and the rate it implies;
+# the bytes brought in grow with what is offloaded and with the tokens generated.
 #
 # ## What we learned
 
 # %%
 gpu0, gpu1 = (two_cards.layers_per_device()[d] for d in (0, 1))
-print(f"- The full model in FP32 ({fmt_bytes(two_cards.total_bytes)}) fits two 24 GB cards as {len(gpu0)} + {len(gpu1)} "
-      f"whole decoder layers, {fmt_bytes(two_cards.offloaded_bytes)} offloaded.")
+print(f"- The full model in FP32 ({fmt_bytes(two_cards.total_bytes)}) goes on two 24 GB cards as {len(gpu0)} + {len(gpu1)} "
+      f"whole decoder layers, {fmt_bytes(two_cards.offloaded_bytes)} offloaded; the load on two H100s made "
+      f"{'the same map' if loaded == planned else 'a different map'}.")
 print(f"- On one 24 GB card, {fmt_bytes(one_card.offloaded_bytes)} ({one_card.offloaded_bytes / one_card.total_bytes:.0%}) goes "
       f"to the CPU, and {fmt_bytes(one_card.offloaded_buffer_bytes)} of its buffers stay on the card.")
 print(f"- Here, offloading {n_offloaded} of {cfg.num_hidden_layers} layers to {target} cut resident weights by "
       f"{1 - off_m.weights_bytes / ref_m.weights_bytes:.0%} and the peak by {1 - off_m.peak_bytes / ref_m.peak_bytes:.0%}; "
       f"the captions were {'identical' if same else 'DIFFERENT'}.")
+verdict = effect.splitlines()[-1]
+print(f"- During the offloaded caption, {verdict}.")
 
 # %% [markdown]
 # **Questions.** (1) Why does `infer_auto_device_map` keep room on GPU 0 for the largest module when it

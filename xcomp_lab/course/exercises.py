@@ -295,18 +295,30 @@ def _batch_peak(measured: float, one: MemoryResult, four: MemoryResult) -> str:
             f"- What the call makes, activations + KV cache, is per image: {fmt_bytes(made_one)} at batch 1, "
             f"{fmt_bytes(made_four)} at batch 4 ({_x(made_four, made_one)}, about 4).\n"
             f"- So the peak goes from {fmt_bytes(one.peak_bytes)} to {fmt_bytes(four.peak_bytes)}: x{measured:.2f}, "
-            f"far from x4 because the weights are {one.weights_bytes / one.peak_bytes:.0%} of the batch-1 peak.")
+            f"{'far from' if measured < 3 else 'close to'} x4 because the weights are "
+            f"{one.weights_bytes / one.peak_bytes:.0%} of the batch-1 peak.")
 
 
-def _activation_growth(measured: float, short_tokens: int, long_tokens: int) -> str:
+def _activation_growth(measured: float, short_tokens: int, long_tokens: int, scores_bytes: int | None = None,
+                       logits_bytes: int | None = None) -> str:
     r = long_tokens / short_tokens
     closer = ("closer to the T² growth: the T x T attention scores make most of the activations at the long prompt"
               if measured > r**1.5 else
-              "closer to the linear growth: the T x T scores are not stored (sdpa) or still small next to the rest")
-    return (f"- The prompt grows x{r:.2f}, from {short_tokens} to {long_tokens} tokens.\n"
-            f"- What grows with T (hidden states, MLP activations, the logits of every position) grows x{r:.2f}; eager "
-            f"attention's scores, batch x heads x T x T, grow with T²: x{r * r:.1f}.\n"
-            f"- Measured x{measured:.1f}, {measured / r:.1f} times the linear growth: {closer}.")
+              "closer to the linear growth: the T x T scores are not stored (sdpa) or smaller than a term that grows "
+              "with T")
+    lines = [f"- The prompt grows x{r:.2f}, from {short_tokens} to {long_tokens} tokens.",
+             f"- What grows with T (hidden states, MLP activations, the logits of every position) grows x{r:.2f}; eager "
+             f"attention's scores, batch x heads x T x T, grow with T²: x{r * r:.1f}."]
+    if scores_bytes is not None and logits_bytes is not None:
+        held = 4 * scores_bytes  # masked scores, FP32 softmax (two FP16-sized), its FP16 cast
+        larger = ("eager attention's is the larger: it sets the eager peak" if held > logits_bytes else
+                  "the logits are the larger: they set the peak, and the scores stay below it")
+        lines.append(f"- At {long_tokens} tokens one layer's scores take {fmt_bytes(scores_bytes)}, and eager attention "
+                     f"holds at least four of them at its softmax (masked scores, FP32 softmax, its FP16 cast): "
+                     f"{fmt_bytes(held)}, against {fmt_bytes(logits_bytes)} for the logits of every position in FP16 "
+                     f"and FP32: {larger}.")
+    lines.append(f"- Measured x{measured:.1f}, {measured / r:.1f} times the linear growth: {closer}.")
+    return "\n".join(lines)
 
 
 def _offload_resident(measured: float, reference_bytes: int, offloaded_bytes: int, kept_buffer_bytes: int,

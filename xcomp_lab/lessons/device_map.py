@@ -1,19 +1,54 @@
-"""Notebook 05's helpers: what a model split over two GPUs measured against its per-card prediction."""
+"""Notebook 05's helpers: the two-GPU run against its per-card prediction, and what offloading did to the peak.
+
+- `split_report`: one line per split run of `results/<run>/split.jsonl` (written by
+  `python -m xcomp_lab.tools.gpu_split_run`): each card's measured peak against its prediction, and the speed
+  against one card.
+- `split_layers`: the decoder layers on each card in the map that load really made, to compare with a plan.
+- `offload_effect`: the activations of an offloaded caption against the reference's, taken apart into what
+  each run found allocated at its start and what the offloaded weights in flight added to the peak.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from xcomp_lab.core.checks import check_int
 from xcomp_lab.core.jsonl import read_jsonl
 from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.memory import MemoryResult
+
+LAYER_PREFIX = "model.layers."
+
+
+def _split_records(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    return read_jsonl(path, what="two-GPU runs", hint=f"run `python -m xcomp_lab.tools.gpu_split_run --out "
+                      f"{path.parent}` on a machine with two GPUs first")
+
+
+def _layers_by_card(device_map: dict[str, Any]) -> dict[int, list[int]]:
+    """Decoder layer indices per card of a recorded map (cards recorded as strings: "0", "1")."""
+    out: dict[int, list[int]] = {}
+    for name, card in device_map.items():
+        if name.startswith(LAYER_PREFIX):
+            out.setdefault(int(card), []).append(int(name[len(LAYER_PREFIX):]))
+    return {card: sorted(layers) for card, layers in sorted(out.items())}
+
+
+def split_layers(path: str | Path, dtype: str = "float32") -> dict[int, list[int]]:
+    """{card: decoder layer indices} of the map the two-GPU load of `dtype` really made (`model.hf_device_map`)."""
+    records = [r for r in _split_records(path) if r["kind"] == "split" and r["dtype"] == dtype and r.get("device_map")]
+    if not records:
+        raise ValueError(f"{path} holds no split run of dtype={dtype!r} with its map; it has "
+                         f"{sorted({r['dtype'] for r in _split_records(path) if r['kind'] == 'split'})}.")
+    return _layers_by_card(records[-1]["device_map"])
 
 
 def split_report(path: str | Path) -> str:
     """One line per run of a `split.jsonl` written by `python -m xcomp_lab.tools.gpu_split_run`: each card's
     measured peak against its prediction, and tokens/s against the same dtype on one card."""
-    path = Path(path)
-    records = read_jsonl(path, what="two-GPU runs", hint=f"run `python -m xcomp_lab.tools.gpu_split_run --out "
-                         f"{path.parent}` on a machine with two GPUs first")
+    records = _split_records(path)
     one_card = {r["dtype"]: r for r in records if r["kind"] == "one-card"}
     lines = []
     for r in (r for r in records if r["kind"] == "split"):
@@ -26,4 +61,43 @@ def split_report(path: str | Path) -> str:
         if alone and alone["tokens_per_s"] and r["tokens_per_s"]:
             speed += f" (one card: {alone['tokens_per_s']:.1f}, x{r['tokens_per_s'] / alone['tokens_per_s']:.2f})"
         lines.append(f"{r['case']}: {cards} | {speed}")
+    return "\n".join(lines)
+
+
+def offload_effect(reference: MemoryResult, offloaded: MemoryResult, *, largest_weight_bytes: int,
+                   seen_weight_bytes: int) -> str:
+    """The offloaded caption's activations against the reference's, taken apart, one line per figure.
+
+    Activations are counted from each run's start, less what was already allocated there beside the weights
+    (`MemoryResult.activations_bytes`). So memory one run makes and keeps (on a GPU, the cuBLAS workspace of a
+    process's first matrix multiplies) counts in its own activations and not in a later run's: the difference is
+    corrected for that before it is read as what the offloaded weights in flight added. `largest_weight_bytes`:
+    the largest weight a hook brings in; `seen_weight_bytes`: how much of one brought-in weight the measurement
+    saw (0 when it cannot see them, and then the difference says nothing about them).
+    """
+    check_int("largest_weight_bytes", largest_weight_bytes)
+    check_int("seen_weight_bytes", seen_weight_bytes, minimum=0, hint="bytes of one brought-in weight the measurement saw")
+    diff = offloaded.activations_bytes - reference.activations_bytes
+    held_ref = max(reference.start_bytes - reference.weights_bytes, 0)
+    held_off = max(offloaded.start_bytes - offloaded.weights_bytes, 0)
+    kept = reference.end_bytes - reference.start_bytes
+    in_flight = diff + held_off - held_ref
+    lines = [f"activations, offloaded minus reference: {fmt_bytes(diff)}",
+             f"allocated at each start beside the weights, counted in neither run's activations: reference "
+             f"{fmt_bytes(held_ref)}, offloaded {fmt_bytes(held_off)}",
+             f"the reference's call ended {fmt_bytes(kept)} above its start (memory it made and kept, in its own peak)",
+             f"corrected for what each run found allocated: {fmt_bytes(in_flight)}"]
+    if seen_weight_bytes == 0:
+        lines.append("this measurement did not see a weight brought in by a hook: the difference says nothing about "
+                     "the weights in flight")
+    elif in_flight >= largest_weight_bytes / 100:
+        lines.append(f"the weights in flight raised the peak by {fmt_bytes(in_flight)} (the largest offloaded weight: "
+                     f"{fmt_bytes(largest_weight_bytes)})")
+    elif in_flight > -largest_weight_bytes / 100:
+        lines.append(f"the weights in flight did not raise the peak (under 1% of the largest offloaded weight, "
+                     f"{fmt_bytes(largest_weight_bytes)}): it came while no offloaded module was running, and each "
+                     f"weight leaves the device as soon as its module has run")
+    else:
+        lines.append(f"the offloaded run peaked {fmt_bytes(-in_flight)} lower than the reference after the correction: "
+                     f"something the two runs do differently, not the weights in flight")
     return "\n".join(lines)

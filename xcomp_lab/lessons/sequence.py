@@ -8,6 +8,14 @@ The formulas the course checks its measurements against (notebook 04), one funct
 - `kv_cache_formula`: 2 (keys, values) x layers x KV heads x head dim x batch x tokens x bytes.
 - `prefill_logits_bytes`: the FP32 logits the original computes for every prompt position at prefill,
   batch x tokens x vocab x 4 bytes.
+- `logits_peak_bytes`: what the prefill's last step holds at once, the output head's logits in the
+  activations' dtype and their FP32 upcast: batch x tokens x vocab x (2 + 4) bytes in FP16.
+
+Which of these sets the peak depends on the model's shape: `measure_peak_terms` measures, at one prompt
+length, one layer's eager attention, one layer's sdpa attention and the output head with its upcast, each on
+its own (`memory.measure`: the CUDA allocator's peak, or the CPU tensor accounting); `crossover_tokens` is
+the prompt length at which one layer's eager attention catches up with the logits; `peak_setter` reads the
+measured gap between the eager and the sdpa peaks against those terms.
 
 `leaf_ops` lists the ATen kernels a call really ran (composite ops decomposed), so a notebook can show which
 attention kernel `sdpa` picked on this machine, and `peak_vs_tokens_chart` draws peak memory against prompt
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +38,8 @@ from xcomp_lab.core.checks import check_int
 from xcomp_lab.core.dtypes import check_dtype
 from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.charts import COLORS, AxisUnit, finish, new_axes
+from xcomp_lab.memory import measure
+from xcomp_lab.model.modeling_internlm_xcomposer2 import eager_attention, sdpa_attention
 
 FP32_BYTES = 4
 
@@ -61,6 +72,88 @@ def kv_cache_formula(config: Any, batch: int, tokens: int, dtype: str | torch.dt
 def prefill_logits_bytes(config: Any, batch: int, tokens: int) -> int:
     """The prefill's FP32 logits over the whole vocabulary for every prompt position: batch x T x vocab x 4."""
     return check_int("batch", batch) * check_int("tokens", tokens) * config.vocab_size * FP32_BYTES
+
+
+def logits_peak_bytes(config: Any, batch: int, tokens: int, dtype: str | torch.dtype = "float16") -> int:
+    """The prefill's last step: the head's logits in `dtype` and their FP32 upcast, alive together,
+    batch x T x vocab x (bytes + 4); FP32 alone when `dtype` is FP32 (`.float()` then returns the same tensor)."""
+    size = _element_size(dtype)
+    return prefill_logits_bytes(config, batch, tokens) + (0 if size == FP32_BYTES else
+                                                          batch * tokens * config.vocab_size * size)
+
+
+@dataclass(frozen=True)
+class PeakTerms:
+    """The transient terms of one prefill at one prompt length, each measured on its own above its inputs."""
+
+    tokens: int
+    scores_bytes: int  # one layer's B x H x T x T in the activations' dtype (formula)
+    eager_bytes: int  # one layer's eager attention: scores, mask added, FP32 softmax and its cast back
+    sdpa_bytes: int  # one layer's sdpa attention
+    logits_bytes: int  # the output head over every position and the FP32 upcast
+
+    @property
+    def eager_multiple(self) -> float:
+        """Eager attention's peak in units of one layer's scores tensor."""
+        return self.eager_bytes / self.scores_bytes
+
+    @property
+    def larger(self) -> str:
+        """Which of one layer's eager attention and the logits holds more: "eager attention" or "logits"."""
+        return "eager attention" if self.eager_bytes > self.logits_bytes else "logits"
+
+
+def measure_peak_terms(model: torch.nn.Module, tokens: int, *, device: str, batch: int = 1) -> PeakTerms:
+    """Measure, at a prompt of `tokens`, one layer's eager and sdpa attention and the output head with its
+    FP32 upcast, on zero inputs of the model's shapes and dtype, each as its peak above its inputs."""
+    config = model.config
+    check_int("tokens", tokens)
+    check_int("batch", batch)
+    dtype = model.output.weight.dtype
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    on = model.output.weight.device
+    q = torch.zeros(batch, heads, tokens, head_dim, dtype=dtype, device=on)  # (B, H, T, D), after repeat_kv
+    mask = torch.zeros(batch, 1, tokens, tokens, dtype=dtype, device=on)  # the additive causal mask eager gets
+    hidden = torch.zeros(batch, tokens, config.hidden_size, dtype=dtype, device=on)  # (B, T, C), the last layer's
+
+    def above_inputs(fn: Callable[[], Any]) -> int:
+        with torch.inference_mode(), measure(device) as m:
+            fn()
+        return m.result.peak_bytes - m.result.start_bytes
+
+    return PeakTerms(
+        tokens=tokens,
+        scores_bytes=eager_scores_bytes(config, batch, tokens, dtype),
+        eager_bytes=above_inputs(lambda: eager_attention(q, q, q, mask)),
+        sdpa_bytes=above_inputs(lambda: sdpa_attention(q, q, q, None)),
+        logits_bytes=above_inputs(lambda: model.output(hidden).float()),
+    )
+
+
+def crossover_tokens(config: Any, eager_multiple: float, dtype: str | torch.dtype = "float16") -> float:
+    """The prompt length at which one layer's eager attention, `eager_multiple` x B x H x T x T x bytes, equals
+    the prefill's logits, B x T x vocab x (bytes + 4): T* = vocab x (bytes + 4) / (multiple x heads x bytes)."""
+    if not eager_multiple > 0:
+        raise ValueError(f"eager_multiple={eager_multiple!r}; give eager attention's peak in units of one layer's "
+                         f"scores, e.g. PeakTerms.eager_multiple (4 to 5).")
+    per_token_logits = logits_peak_bytes(config, 1, 1, dtype)
+    return per_token_logits / (eager_multiple * config.num_attention_heads * _element_size(dtype))
+
+
+def peak_setter(terms: PeakTerms, gap_bytes: int) -> str:
+    """What set the eager peak, read from the measured eager-minus-sdpa peak gap at the same prompt.
+
+    Eager attention sets its peak when the gap is a sizeable part (a quarter or more) of what one layer's eager
+    attention holds beyond sdpa; otherwise both peaks are set by the same term, one both kinds share.
+    """
+    extra = terms.eager_bytes - terms.sdpa_bytes
+    if extra <= 0:
+        return "eager attention holds no more than sdpa here: the same term sets both peaks"
+    share = f"x{gap_bytes / extra:.2f} of what eager attention holds beyond sdpa"
+    if gap_bytes >= extra / 4:
+        return f"eager attention sets the eager peak: sdpa's is {fmt_bytes(gap_bytes)} lower, {share}"
+    shared = "the logits" if terms.larger == "logits" else "a term both kinds share"
+    return f"{shared} set both peaks: they differ by {fmt_bytes(gap_bytes)}, {share}"
 
 
 class _LeafOps(TorchDispatchMode):
