@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from xcomp_lab.lessons.grad_modes import dropout_modules, grad_enabled_by_part, run_prefill, run_prompt
+from xcomp_lab.lessons.grad_modes import copies_kept, dropout_modules, grad_enabled_by_part, run_prefill, run_prompt
 from xcomp_lab.memory import Budget
+from xcomp_lab.run.call import autocast_copy_bytes
 from xcomp_lab.run.captioning import prompt_batch, reference_logits
 
 FP32 = 4
@@ -48,7 +49,7 @@ def test_prefill_keeps_activations_only_with_gradients(tiny_model, scene_image):
 def test_prefill_with_gradients_runs_out_of_a_tight_budget_and_releases(tiny_model, scene_image):
     model, tokenizer = tiny_model
     fits = run_prefill(model, tokenizer, [scene_image], device="cpu", grad="no_grad")
-    budget = Budget(device="cpu", limit_bytes=fits.memory.peak_bytes + 1024, card_gb=48.0)
+    budget = Budget(device="cpu", limit_bytes=fits.memory.peak_bytes + 1024, card_gb=48.0, card="a test card")
     assert run_prefill(model, tokenizer, [scene_image], device="cpu", grad="no_grad", budget=budget).ok
     failed = run_prefill(model, tokenizer, [scene_image], device="cpu", grad="enabled", budget=budget, label="x")
     assert not failed.ok and "OOM in step 'x'" in failed.oom_report
@@ -79,3 +80,30 @@ def test_unknown_grad_mode_is_refused(tiny_model, scene_image, grad):
     model, tokenizer = tiny_model
     with pytest.raises(ValueError, match="grad mode"):
         run_prefill(model, tokenizer, [scene_image], device="cpu", grad=grad)
+
+
+def test_autocast_keeps_weight_copies_under_no_grad_unless_its_cache_is_off(tiny_model, scene_image):
+    model, tokenizer = tiny_model
+    plain = run_prefill(model, tokenizer, [scene_image], device="cpu", grad="no_grad")
+    runs = {(grad, cache): run_prefill(model, tokenizer, [scene_image], device="cpu", grad=grad, use_autocast=True,
+                                       cache_enabled=cache)
+            for grad, cache in (("no_grad", True), ("inference_mode", True), ("no_grad", False))}
+    copies = autocast_copy_bytes(model)
+    cached = runs["no_grad", True]
+    # The cache holds the copies as they pile up, layer by layer: most of them are alive at the peak.
+    assert cached.memory.peak_bytes - runs["no_grad", False].memory.peak_bytes >= 0.7 * copies
+    assert copies_kept(cached, plain, copies)
+    assert not copies_kept(runs["no_grad", False], plain, copies)
+    # torch 2.10 and later: inference_mode stops the cache too (PyTorch PR #165068).
+    assert not copies_kept(runs["inference_mode", True], plain, copies)
+    assert runs["inference_mode", True].memory.peak_bytes == runs["no_grad", False].memory.peak_bytes
+
+
+def test_copies_kept_needs_a_reference_that_fits(tiny_model, scene_image):
+    model, tokenizer = tiny_model
+    fits = run_prefill(model, tokenizer, [scene_image], device="cpu", grad="no_grad")
+    tight = Budget(device="cpu", limit_bytes=fits.memory.start_bytes + 1024, card_gb=48.0, card="a test card")
+    failed = run_prefill(model, tokenizer, [scene_image], device="cpu", grad="no_grad", budget=tight, label="tight")
+    assert copies_kept(failed, fits, 1) is True  # out of memory where the pass without autocast fit
+    with pytest.raises(ValueError, match="'tight'.*ran out of memory"):
+        copies_kept(fits, failed, 1)

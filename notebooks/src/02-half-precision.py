@@ -1,10 +1,10 @@
 # %% [markdown]
-# # 02 · Half precision halves the weights, but `.half()` after an FP32 load pays for the FP32 model first
+# # 02 · Half precision: 16 bits halve the weights, and `.half()` after an FP32 load needs the FP32 model first
 #
 # Three ways to run InternLM-XComposer2-VL in 16 bits: load FP32 and call `.half()`, ask for
 # `dtype=torch.float16` at load, or ask for `dtype=torch.bfloat16`. Here we measure for each the memory while
 # loading, the weights it keeps, the peak of a caption, its speed, and how far its captions and logits drift
-# from the FP32 model's.
+# from the FP32 model's; then the host RAM each way of loading needs before the model reaches the device.
 
 # %% tags=["parameters"]
 scale = "tiny"
@@ -27,23 +27,62 @@ params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_pa
 print(params)
 
 # %% [markdown]
-# **Prediction.** By *params x bytes per param*, 16 bits halve the weights (the first cell below prints the
+# **Prediction.** By *params x bytes per param*, 16 bits halve the weights (the first cells below print the
 # arithmetic for the model loaded here). FP16 keeps 10 mantissa bits and 5 exponent bits, BF16 keeps FP32's 8
-# exponent bits but only 7 mantissa bits: both round every weight, so answers may drift. And `.half()` can only
-# convert a model that already exists in FP32: while loading, that path needs the FP32 model first.
+# exponent bits but only 7 mantissa bits (IEEE 754 binary16; Google's bfloat16). A weight stored in FP16 is held
+# exactly in FP16 and rounded in BF16; either way the arithmetic runs in 16 bits, so answers may drift. And
+# `.half()` can only convert a model that already exists in FP32: while loading, that path needs the FP32 model
+# first.
 #
 # ## Step 1: load the FP32 reference and measure the load
 #
-# Every comparison needs a reference: the FP32 model, loaded as in notebook 01 (`dtype=torch.float32`). The
-# load itself is measured. On a GPU the allocator sees every byte the load allocates, so its peak is printed;
-# on a CPU the course's tensor accounting only sees tensors made by PyTorch operations, and safetensors creates
-# the loaded tensors straight from the file, so on a CPU only the weights resident before and after are exact.
+# Every comparison needs a reference: the FP32 model, loaded as in notebook 01 (`dtype=torch.float32`). First
+# the measurement in plain PyTorch. On a GPU the CUDA caching allocator counts every byte it hands out:
+# `torch.cuda.reset_peak_memory_stats()` before the load, `torch.cuda.max_memory_allocated()` after it. On a CPU
+# the counterpart is the course's tensor accounting (`xcomp_lab.memory.measure`, a `TorchDispatchMode` that
+# counts the storage of every tensor an operation makes). The cell says which one ran.
 
 # %%
 import torch
-from xcomp_lab.lessons.precision import measure_cast, measure_load, fp32_reference, drift_line, free, run_precision_step
-from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
+from transformers import AutoModel
 from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.lessons.precision import free
+from xcomp_lab.memory.footprint import resident_bytes
+from xcomp_lab.memory.measure import measure
+from xcomp_lab.model.loading import resolve_checkpoint
+
+path = resolve_checkpoint(params.model_name_or_path, params.scale)
+fp32_kwargs = dict(trust_remote_code=True, dtype=torch.float32, attn_implementation=params.attn_implementation)
+if params.device == "cuda":  # the CUDA allocator's own counters
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = AutoModel.from_pretrained(path, device_map={"": "cuda"}, **fp32_kwargs)
+    plain_peak, plain_end = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    counter = "CUDA allocator (torch.cuda.max_memory_allocated)"
+else:  # the CPU counterpart: the course's tensor accounting
+    with measure("cpu", label="FP32 load") as m:
+        model = AutoModel.from_pretrained(path, **fp32_kwargs)
+    plain_peak, plain_end = m.result.peak_bytes, m.result.end_bytes
+    counter = "CPU tensor accounting (xcomp_lab.memory.measure)"
+held = resident_bytes(model, params.device)
+print(f"{counter}: peak {fmt_bytes(plain_peak)} during the load, {fmt_bytes(plain_end)} at its end | "
+      f"the model holds {fmt_bytes(held)} on {params.device}")
+print(f"the counter saw {plain_end / held:.0%} of the model's bytes"
+      + ("" if plain_end >= held else ": transformers makes the loaded tensors in a pool of worker threads, and "
+         "the accounting watches only the thread it runs in, so it cannot measure a load"))
+del model
+free(params.device)
+
+# %% [markdown]
+# On a GPU the allocator's peak is the load's true peak. On a CPU the last line says how much of the model the
+# accounting saw: a load needs another counter there, the process's resident memory, which Step 5 measures.
+# `measure_load()` wraps the same idiom for every load below: on a GPU it reports the allocator's peak, on a CPU
+# only the weights resident before and after, which are exact.
+
+# %%
+from xcomp_lab.lessons.precision import measure_cast, measure_load, fp32_reference, drift_line, run_precision_step
+from xcomp_lab.lessons.precision import stored_dtypes, weights_are_random
+from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
 
 fp32_step = STEPS["fp32-no-autocast"]
 (model, tokenizer), fp32_load = measure_load(lambda: load_for_step(fp32_step, params), params.device,
@@ -51,28 +90,38 @@ fp32_step = STEPS["fp32-no-autocast"]
 n_params = sum(p.numel() for p in model.parameters())
 fp32_params = sum(p.numel() * p.element_size() for p in model.parameters())
 budget = course_budget(params, model.config)
+stored = stored_dtypes(path)
 print(fp32_load)
+if params.device == "cuda":
+    print(f"measure_load's peak is the plain idiom's: {fp32_load.peak_bytes == plain_peak}")
 print(f"{n_params:,} parameters x 4 bytes = {fmt_bytes(n_params * 4)} | parameters measured {fmt_bytes(fp32_params)} "
       f"| buffers (rotary tables) {fmt_bytes(fp32_load.after_bytes - fp32_params)}")
 print(f"prediction for 16 bits: {n_params:,} x 2 bytes = {fmt_bytes(n_params * 2)} of parameters, "
       f"{fmt_bytes(fp32_load.after_bytes / 2)} with the buffers")
+print("the checkpoint stores: " + (", ".join(f"{dtype} {fmt_bytes(n)}" for dtype, n in stored.items())
+                                   or "unknown (a hub id: no local file to read)"))
 
 # %% [markdown]
 # The resident weights are the parameter count times 4 bytes plus the buffers the count misses (the rotary
-# tables of notebook 00); the last line is what every 16-bit model below should keep.
+# tables of notebook 00); the second-to-last line is what every 16-bit model below should keep, and the last one
+# what the checkpoint holds on disk (read from its safetensors headers), which the FP32 load converted.
 #
 # Now the reference itself: greedy captions of a held-out subset of scenes the model never saw in training, and
 # the prefill logits (the scores of every vocabulary entry at every prompt position) of the first few prompts.
+# At full scale the course's checkpoint holds random weights: its captions are noise, and every caption figure
+# below says so when that is the case.
 
 # %%
 from xcomp_lab.data.quality import quality_report
 
+random_weights = weights_are_random(params)
 n_eval, n_logits = 8, 2  # held-out scenes captioned by every model; prompts whose logits are compared
 reference = fp32_reference(model, tokenizer, n=n_eval, n_logits=n_logits, max_new_tokens=params.max_new_tokens,
                            image_size=params.image_size)
 fp32_quality = quality_report(reference.captions, reference.truths)
 images = batch_of_images(params)  # what the measured captioning calls caption
-print(f"FP32 captions: exact match {fp32_quality.exact_match:.0%} of {fp32_quality.n} held-out scenes")
+print(f"FP32 captions: exact match {fp32_quality.exact_match:.0%} of {fp32_quality.n} held-out scenes"
+      + (" (random weights: noise)" if random_weights else ""))
 print(f"first scene | truth: {reference.truths[0]!r} | FP32: {reference.captions[0]!r}")
 
 # %% [markdown]
@@ -82,8 +131,8 @@ print(f"first scene | truth: {reference.truths[0]!r} | FP32: {reference.captions
 # Speed is timed outside any memory measurement (the CPU accounting slows every operation), with the same work for
 # every model: the prefill (one forward pass over the prompt, big matrix products) and a generation of exactly
 # `max_new_tokens` tokens (one token at a time, where per-step overhead weighs as much as arithmetic at tiny scale).
-# On a CPU the timing runs on one thread: with more, other processes on a shared machine stall PyTorch's thread
-# pool and the figures swing tenfold.
+# On a CPU the timing runs on one thread, so that other processes on a shared machine do not stall PyTorch's
+# thread pool in the middle of a timing.
 
 # %% tags=["nbval-ignore-output"]
 from xcomp_lab.run.speed import generation_speed
@@ -112,9 +161,11 @@ from xcomp_lab.lessons.precision import load_extra, with_speed
 fp32_run, fp32_record = run_step(fp32_step, model, tokenizer, images, params, budget,
                                  extra={**fp32_quality.as_dict(), **load_extra(fp32_load)})
 fp32_record = record(params, with_speed(fp32_record, speeds["FP32"]))
+print(f"the weights are {fp32_run.memory.weights_bytes / fp32_run.memory.peak_bytes:.0%} of this peak; the "
+      f"budget is {budget.limit_bytes / fp32_run.memory.peak_bytes:.2f} x the peak")
 
 # %% [markdown]
-# It fits, as in notebook 01: FP32 weights plus a few activations, without autocast's copies.
+# The line above says whether it fits, and how much of the peak is the weights themselves.
 
 # %% [markdown]
 # **Exercise 2.1: predict, then measure.** 16 bits halve the weights. Do they halve the peak of a caption? Predict
@@ -131,8 +182,8 @@ my_fp16_peak_x = None  # your prediction: FP16 caption peak / FP32 caption peak
 # The quick fix most people try: keep the quick start's load and convert afterwards. `.half()` walks the model
 # tensor by tensor, making an FP16 copy of each and dropping the FP32 original, so the FP32 model must be there
 # in full when it starts. On a GPU, where the quick start's `.cuda()` already put the FP32 model, that is GPU
-# memory; with `.half().cuda()` it is host memory instead. Here the cast runs where the model is
-# (`params.device`).
+# memory; with `.half().cuda()` it is host memory instead (Step 5 measures that). Here the cast runs where the
+# model is (`params.device`).
 
 # %%
 half_step = STEPS["fp16-half"]
@@ -144,18 +195,18 @@ print(f"peak while loading by this path: {'' if half_cast.peak_bytes is not None
       f"{fmt_bytes(half_load_peak)} = {half_load_peak / half_cast.after_bytes:.2f} x the FP16 weights it keeps")
 
 # %% [markdown]
-# The weights halve, but the path through FP32 needed about twice what it keeps (on a GPU the printed peak is
-# the allocator's; on a CPU it is the FP32 model that existed before the cast, a floor for the true peak).
+# The last line is what this path costs: its peak while loading against the weights it keeps (on a GPU the
+# allocator's peak; on a CPU the FP32 model that existed before the cast, a floor for the true peak).
 
 # %% tags=["nbval-ignore-output"]
 speeds[".half()"] = speed_of(half_step)
 print(f".half(): {speeds['.half()']}\n{versus_fp32('.half()')}")
 
 # %% [markdown]
-# The factors compare with FP32 on the same device and the same work. On a GPU, 16-bit matrix products run on the
-# tensor cores; on a CPU without 16-bit matrix instructions they are converted on the fly, which costs time, most
-# visibly in the prefill. The factors printed above say which case this machine is (timings on a shared machine
-# are noisy).
+# The factors compare with FP32 on the same device and the same work. On NVIDIA GPUs since Volta, 16-bit matrix
+# products run on the tensor cores; on a CPU, 16-bit arithmetic is fast only with the instructions for it
+# (AVX512-FP16, AVX512-BF16, AMX), and otherwise the values are converted on the fly. The factors printed above
+# are this machine's (timings on a shared machine are noisy).
 #
 # Now the same measured caption as in Step 1, with the quick start's settings (`no_grad` and autocast), and the
 # drift from FP32:
@@ -164,7 +215,7 @@ print(f".half(): {speeds['.half()']}\n{versus_fp32('.half()')}")
 half = run_precision_step(half_step, model, tokenizer, images, params, budget, reference, half_cast,
                           load_peak_bytes=half_load_peak, speed=speeds[".half()"])
 record(params, half.record)
-print(drift_line(half.drift.report))
+print(drift_line(half.drift.report, noise=random_weights))
 
 # %%
 from xcomp_lab.course.exercises import check
@@ -178,8 +229,9 @@ answer_2_1 = check("2.1", my_fp16_peak_x, measured=half.run.memory.peak_bytes / 
 #
 # ## Step 3: `dtype=torch.float16` at load
 #
-# Asking `from_pretrained` for FP16 (the released weights' own dtype) builds the model in FP16 from the start:
-# no FP32 copy ever exists. The previous model is freed first, so the GPU measurement starts from an empty card.
+# Asking `from_pretrained` for FP16 (the released weights' own dtype, per the model card) builds the model in
+# FP16 from the start: no FP32 copy ever exists. The previous model is freed first, so the GPU measurement starts
+# from an empty card.
 
 # %%
 del model
@@ -189,36 +241,43 @@ print(fp16_step.describe())
 (model, tokenizer), fp16_load = measure_load(lambda: load_for_step(fp16_step, params), params.device,
                                              label="dtype=torch.float16 at load")  # <- changed line
 print(fp16_load)
+print(f"the same weights as the .half() path kept: {fp16_load.after_bytes == half_cast.after_bytes} | peak while "
+      f"loading {'' if fp16_load.peak_bytes is not None else 'at least '}{fmt_bytes(fp16_load.peak_or_lower_bound)} "
+      f"against {'' if half_cast.peak_bytes is not None else 'at least '}{fmt_bytes(half_load_peak)} by .half()")
 
 # %% [markdown]
-# The weights the `.half()` path kept, without the FP32 model on the way (on a CPU the line can only show the
-# weights after the load).
+# The last line compares the two paths: the weights each keeps, and the peak each needed on the way (on a CPU
+# both peaks are floors: the resident weights).
 
 # %% tags=["nbval-ignore-output"]
 speeds["FP16"] = speed_of(fp16_step)
 print(f"FP16: {speeds['FP16']}\n{versus_fp32('FP16')}")
+print(f"FP16 at load against .half(): prefill "
+      f"x{speeds['FP16'].prefill_tokens_per_s / speeds['.half()'].prefill_tokens_per_s:.2f}, generation "
+      f"x{speeds['FP16'].tokens_per_s / speeds['.half()'].tokens_per_s:.2f}")
 
 # %% [markdown]
-# Same weights and the same arithmetic as `.half()`: a gap between these speeds and those of `.half()` is the
-# noise of timing on this machine.
+# When the two paths hold the same weights (the next cell checks), they run the same arithmetic: the last factor's
+# distance from x1.00 is then the noise of timing on this machine.
 
 # %%
 fp16 = run_precision_step(fp16_step, model, tokenizer, images, params, budget, reference, fp16_load,
                           speed=speeds["FP16"])
 record(params, fp16.record)
-print(drift_line(fp16.drift.report))
+print(drift_line(fp16.drift.report, noise=random_weights))
 print(f"same captions and logit figures as the .half() path: {fp16.drift.captions == half.drift.captions} and "
       f"{fp16.drift.report.logit_stats == half.drift.report.logit_stats}")
 
 # %% [markdown]
-# The released weights are FP16: loading them as FP32 is exact and `.half()` rounds them back exactly, so both
-# paths should hold the same bits and answer alike; the last line checks captions and logits.
+# When the checkpoint stores FP16 (Step 1 printed what it stores), loading it as FP32 is exact and `.half()` rounds
+# each value back to the same bits: both paths then hold the same weights and answer alike, which the last line
+# checks on captions and logits.
 #
 # ## Step 4: `dtype=torch.bfloat16` at load
 #
 # BF16 trades precision for range: FP32's exponent, so no value overflows where FP32 would not, but each weight
-# is rounded more coarsely than in FP16. The released weights are FP16, so loading them as BF16 rounds them once
-# more. The course runs BF16 without autocast (autocast would compute in FP16) and under `inference_mode`.
+# is rounded more coarsely than in FP16. A checkpoint stored in FP16 is rounded once more on the way to BF16.
+# The course runs BF16 without autocast (autocast would compute in FP16) and under `inference_mode`.
 
 # %%
 del model
@@ -228,9 +287,7 @@ print(bf16_step.describe())
 (model, tokenizer), bf16_load = measure_load(lambda: load_for_step(bf16_step, params), params.device,
                                              label="dtype=torch.bfloat16 at load")  # <- changed line
 print(bf16_load)
-
-# %% [markdown]
-# Same bytes as FP16.
+print(f"the same bytes as FP16 at load: {bf16_load.after_bytes == fp16_load.after_bytes}")
 
 # %% tags=["nbval-ignore-output"]
 speeds["BF16"] = speed_of(bf16_step)
@@ -244,21 +301,119 @@ print(f"BF16: {speeds['BF16']}\n{versus_fp32('BF16')}")
 bf16 = run_precision_step(bf16_step, model, tokenizer, images, params, budget, reference, bf16_load,
                           speed=speeds["BF16"])
 record(params, bf16.record)
-print(drift_line(bf16.drift.report))
+print(drift_line(bf16.drift.report, noise=random_weights))
 bf16_mean, fp16_mean = (r.drift.report.logit_stats["mean_abs_diff"] for r in (bf16, fp16))
 print(f"BF16's mean |logit diff| from FP32 is "
       + (f"x{bf16_mean / fp16_mean:.1f} FP16's" if fp16_mean > 0 else f"{bf16_mean:.2g}, FP16's is 0"))
 
 # %% [markdown]
 # The last line compares the two roundings: how many times further BF16's coarser mantissa moves the logits
-# from FP32 than FP16's does, and the drift line how often that changes a caption.
+# from FP32 than FP16's does, and the drift line how often that changes a caption (with random weights, the
+# logit figures measure rounding alone, and the caption figures nothing).
+#
+# ## Step 5: host RAM while loading
+#
+# Everything above is memory on the device. But a model is made in the host's RAM first unless `from_pretrained`
+# sends each tensor to the device as it reads it (`device_map`), and the quick start loads with no `device_map`
+# and moves the model with `.cuda()` afterwards: with `.half().cuda()`, the FP32 model sits whole in host RAM
+# before the cast. A machine whose RAM holds the FP16 model but not the FP32 one fails there, before any GPU
+# figure above is reached. Host RAM is the process's resident set (RSS): its pages in RAM, its own memory and the
+# files it has mapped (safetensors maps the checkpoint).
+#
+# The measurement in plain code, on Linux: writing `5` to `/proc/self/clear_refs` resets the kernel's high-water
+# mark of the process's RSS (`VmHWM` in `/proc/self/status`, since Linux 4.0) to its current RSS, so after a load
+# `VmHWM` is that load's peak, however briefly it lasted. Elsewhere, or where a sandbox refuses the write, the
+# helper below samples the RSS from a thread instead (a floor for the peak). The model on the device is freed
+# first.
+
+# %% tags=["nbval-ignore-output"]
+from xcomp_lab.lessons.host_memory import compare_loads, host_peaks_chart, peak_method, release_freed
+
+del model
+free(params.device)
+fp16_kwargs = {**fp32_kwargs, "dtype": torch.float16}
+
+
+def status_bytes(field):  # a "kB" line of /proc/self/status, in bytes
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+if peak_method() == "VmHWM":
+    release_freed()  # garbage collected, freed heap pages handed back: a baseline the process really holds
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = status_bytes("VmRSS")
+    model = AutoModel.from_pretrained(path, **fp16_kwargs)  # dtype=torch.float16 at load, into host RAM
+    print(f"dtype=torch.float16 at load: VmRSS {fmt_bytes(before)} before | VmHWM {fmt_bytes(status_bytes('VmHWM'))} "
+          f"during the load | VmRSS {fmt_bytes(status_bytes('VmRSS'))} after, the model alive")
+    del model
+else:
+    print(f"VmHWM cannot be reset here (peak method: {peak_method()}); the helper below samples the RSS instead")
 
 # %% [markdown]
-# ## Step 5: compare the four side by side
+# The process itself (Python, PyTorch, transformers, and on a GPU the CUDA context) already holds far more than a
+# tiny model, so each load is read as its rise above the RSS it started from. And a process that has already
+# loaded and dropped models, like this notebook's, reuses memory its allocator kept, which makes a load look
+# cheaper than it is by an amount that depends on what ran before: `compare_loads()` therefore runs each load in a
+# fresh Python process (forked from one that has imported torch and transformers and loaded nothing), as a
+# learner's script would, with the idiom above inside it. Three loads, each plain `from_pretrained(path,
+# trust_remote_code=True, **load)`: (a) FP32, then `.half()` in host RAM; (b) `dtype=torch.float16`; (c) the same
+# with `device_map={"": params.device}`, which sends each tensor to the device as it is read. They take turns,
+# twice over: the spread of the repeats is the noise a difference has to stand out from.
+
+# %% tags=["nbval-ignore-output"]
+loads = {  # from_pretrained keywords as plain JSON, and the cast after the load ("then")
+    "(a) FP32, then .half()": {"dtype": "float32", "then": "half"},
+    "(b) float16 at load": {"dtype": "float16"},
+    f"(c) float16, device_map {params.device}": {"dtype": "float16", "device_map": {"": params.device}},
+}
+for load in loads.values():
+    load["attn_implementation"] = params.attn_implementation
+host = compare_loads(path, loads, repeats=2)
+print(host.table())
+
+# %% tags=["nbval-ignore-output"]
+host_peaks_chart(host, references={"FP16 weights": fp16_load.after_bytes, "FP32 weights": fp32_load.after_bytes},
+                 title=f"Host RAM while loading ({params.scale}, {params.device})")
+
+# %% [markdown]
+# Each bar is a load's median peak above the RSS its process started from, the whiskers the range of its
+# repeats, the narrow bar what the process still held when the load returned (the model alive), the diamond the
+# sampled peak of its own (anonymous) memory; the lines are the model's FP16 and FP32 weights. The lines below
+# compare two loads only where the gap is over three times the noise of this run and over 5% of the larger
+# figure; otherwise they say that this run cannot tell.
+
+# %% tags=["nbval-ignore-output"]
+half_path, fp16_path, map_path = loads
+stored_bytes = sum(stored.values())
+print(f"- {host.difference(half_path, fp16_path).line()}")
+print(f"- {host.difference(map_path, fp16_path).line()}")
+if stored_bytes:
+    print(f"- (b) rose {fmt_bytes(host.rise(fp16_path))} for {fmt_bytes(stored_bytes)} of stored weights: the "
+          f"{fmt_bytes(host.rise(fp16_path) - stored_bytes)} beyond them ({host.rise(fp16_path) / stored_bytes - 1:.0%} "
+          f"of the weights) is what a fresh process's first load spends besides the weights.")
+for name in loads:
+    anon = host.anon_rise(name)
+    if anon is not None:
+        print(f"- {name}: of its {fmt_bytes(host.rise(name))} rise, at least {fmt_bytes(anon)} was the process's own "
+              f"(anonymous) memory (sampled), at most the rest pages mapped from files (the checkpoint, code).")
+kept = host.difference(half_path, fp16_path, of="held")
+print(f"- When the load returned: {kept.line()}")
+print(f"- (a) still held {fmt_bytes(host.held(half_path))} of its {fmt_bytes(host.rise(half_path))} peak when it "
+      f"returned ({host.held(half_path) / host.rise(half_path):.0%})"
+      + (": the memory the cast freed stayed with the process, kept by its allocator for reuse."
+         if host.held(half_path) > 0.9 * host.rise(half_path) else
+         ": the cast handed most of the FP32 model's memory back to the system." if kept.clear and
+         host.held(half_path) < 0.6 * host.rise(half_path) else "."))
+
+# %% [markdown]
+# ## Step 6: compare the four side by side
 #
-# Peak while loading (on a CPU a floor, marked >=), weights kept, peak of one caption under the budget, and the
-# drift: exact match against the true captions, then agreement with FP32's captions, top-1 agreement and largest
-# difference of the prompt logits (the FP32 row is the reference itself).
+# Peak while loading on the device (on a CPU a floor, marked >=), weights kept, peak of one caption under the
+# budget, and the drift: exact match against the true captions, then agreement with FP32's captions, top-1
+# agreement and largest difference of the prompt logits (the FP32 row is the reference itself). With random
+# weights the caption and top-1 columns are noise and are left out.
 
 # %%
 rows = [("FP32", fp32_load, fp32_load.peak_or_lower_bound, fp32_run, fp32_quality)]
@@ -266,44 +421,64 @@ rows += [(name, r.load, peak, r.run, r.drift.report) for name, r, peak in (
     (".half()", half, half_load_peak), ("FP16 at load", fp16, fp16_load.peak_or_lower_bound),
     ("BF16 at load", bf16, bf16_load.peak_or_lower_bound))]
 floor = "" if params.device == "cuda" else ">="
-print(f"{'':13s} {'load peak':>13s} {'weights':>10s} {'caption peak':>13s} {'exact':>6s} {'=FP32':>6s} "
-      f"{'top-1':>6s} {'max|diff|':>9s}")
+quality_header = "" if random_weights else f" {'exact':>6s} {'=FP32':>6s} {'top-1':>6s}"
+print(f"{'':13s} {'load peak':>13s} {'weights':>10s} {'caption peak':>13s}{quality_header} {'max|diff|':>9s}")
 for name, load, load_peak, run, q in rows:
     stats = q.logit_stats or {"top1_agreement": 1.0, "max_abs_diff": 0.0}
     agree = 1.0 if q.agreement_with_reference is None else q.agreement_with_reference
+    quality = "" if random_weights else f" {q.exact_match:6.0%} {agree:6.0%} {stats['top1_agreement']:6.1%}"
     print(f"{name:13s} {floor + fmt_bytes(load_peak):>13s} {fmt_bytes(load.after_bytes):>10s} "
-          f"{fmt_bytes(run.memory.peak_bytes):>13s} {q.exact_match:6.0%} {agree:6.0%} "
-          f"{stats['top1_agreement']:6.1%} {stats['max_abs_diff']:9.3g}")
+          f"{fmt_bytes(run.memory.peak_bytes):>13s}{quality} {stats['max_abs_diff']:9.3g}")
+if random_weights:
+    print("caption and top-1 columns left out: random weights (full scale, the course's own checkpoint)")
 
 # %%
 from xcomp_lab.course.charts import steps_chart
+from xcomp_lab.lessons.precision import without_quality
 
-steps_chart([fp32_record, half.record, fp16.record, bf16.record], budget_bytes=budget.limit_bytes,
-            title=f"FP32 and three ways to 16 bits ({params.scale}, {params.device})")
+chart_records = [fp32_record, half.record, fp16.record, bf16.record]
+steps_chart([without_quality(r) for r in chart_records] if random_weights else chart_records,
+            budget_bytes=budget.limit_bytes, title=f"FP32 and three ways to 16 bits ({params.scale}, {params.device})")
 
 # %% [markdown]
 # Each bar is one caption's peak: the weights at the bottom, then the KV cache and the activations; above it,
-# the exact match on the held-out scenes.
+# the exact match on the held-out scenes (left out with random weights).
 #
 # ## What we learned
 
 # %%
-del model
-free(params.device)
 fp16_weights = fp16.load.after_bytes
 worst_top1 = min(r.drift.report.logit_stats["top1_agreement"] for r in (half, fp16, bf16))
 print(f"- 16 bits keep {fmt_bytes(fp16_weights)} of weights against {fmt_bytes(fp32_load.after_bytes)} in FP32 "
       f"(x{fp16_weights / fp32_load.after_bytes:.2f}); a caption peaks at {fmt_bytes(fp16.run.memory.peak_bytes)} "
-      f"against {fmt_bytes(fp32_run.memory.peak_bytes)}.")
-print(f"- `.half()` after an FP32 load needs {'' if params.device == 'cuda' else 'at least '}"
+      f"against {fmt_bytes(fp32_run.memory.peak_bytes)} (x{fp16.run.memory.peak_bytes / fp32_run.memory.peak_bytes:.2f}).")
+print(f"- On the device, `.half()` after an FP32 load needs {'' if params.device == 'cuda' else 'at least '}"
       f"{fmt_bytes(half_load_peak)} while loading, x{half_load_peak / fp16_weights:.2f} what `dtype=torch.float16` "
-      f"at load keeps: ask for the dtype in `from_pretrained`.")
-print(f"- Against FP32: .half() and FP16 at load agree on {half.drift.report.agreement_with_reference:.0%} and "
-      f"{fp16.drift.report.agreement_with_reference:.0%} of {n_eval} captions, BF16 on "
-      f"{bf16.drift.report.agreement_with_reference:.0%}; the top-scoring token of the prompt logits matches at "
-      f"{worst_top1:.1%} of positions or more.")
+      f"at load keeps ({'' if params.device == 'cuda' else 'at least '}"
+      f"{fmt_bytes(fp16_load.peak_or_lower_bound)} on its way).")
+if random_weights:
+    print(f"- Drift from FP32, logits only (random weights: captions and top-1 are noise): mean |diff| "
+          + ", ".join(f"{name} {r.drift.report.logit_stats['mean_abs_diff']:.2g}"
+                      for name, r in ((".half()", half), ("FP16", fp16), ("BF16", bf16))) + ".")
+else:
+    print(f"- Against FP32: .half() and FP16 at load agree on {half.drift.report.agreement_with_reference:.0%} and "
+          f"{fp16.drift.report.agreement_with_reference:.0%} of {n_eval} captions, BF16 on "
+          f"{bf16.drift.report.agreement_with_reference:.0%}; the top-scoring token of the prompt logits matches at "
+          f"{worst_top1:.1%} of positions or more.")
+
+# %% [markdown]
+# The lines that depend on this machine (host RAM and speed) come last:
 
 # %% tags=["nbval-ignore-output"]
+first, mapped = host.difference(half_path, fp16_path), host.difference(map_path, fp16_path)
+verdict = ("no verdict: not clear of this run's noise" if not first.clear else
+           f"(a) needed x{first.first_bytes / first.second_bytes:.2f} (b)'s: ask for the dtype in from_pretrained"
+           if first.bytes > 0 else "(a) needed less than (b) here")
+print(f"- Host RAM ({host.method}, a fresh process per load): (a) FP32 then .half() rose "
+      f"{fmt_bytes(host.rise(half_path))}, (b) float16 at load {fmt_bytes(host.rise(fp16_path))}: {verdict}. "
+      f"(c) device_map to {params.device} rose {fmt_bytes(host.rise(map_path))}: "
+      + ("no clear difference from (b)." if not mapped.clear else
+         f"{'less' if mapped.bytes < 0 else 'more'} than (b), x{mapped.first_bytes / mapped.second_bytes:.2f}."))
 cpu = torch.backends.cpu.get_cpu_capability()
 where = torch.cuda.get_device_name(0) if params.device == "cuda" else f"CPU ({cpu})"
 print(f"- Speed on {where}, prefill | generation: " + ", ".join(
@@ -316,5 +491,6 @@ for phase, speed in (("prefill", lambda s: s.prefill_tokens_per_s), ("generation
 # %% [markdown]
 # **Questions.** (1) On a 24 GB card, which of the three paths can load the full model at all, and why does the
 # order `.half().cuda()` change the answer? (2) BF16 rounds each weight more coarsely than FP16; why is it still
-# the usual choice for training? (3) The logits move while most captions stay the same: which positions of a
-# caption would you expect to flip first?
+# the usual choice for training? (3) When the logits move, which positions of a caption would you expect to flip
+# first? (4) Step 5's load in the checkpoint's own dtype kept the checkpoint's mapped pages as its weights: what
+# happens to them when the machine runs short of RAM, and what would the FP32 path do instead?

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 03 · `.eval()` fixes the answers, not the memory; `no_grad` fixes the memory, and `generate()` brings its own
+# # 03 · `.eval()` switches dropout off; the gradient mode decides what autograd keeps, and `generate()` sets its own
 #
 # The usual advice for inference is "call `.eval()` and wrap it in `torch.no_grad()`, or you will run out of
 # memory". These are two different switches: `.eval()` changes what some modules compute (dropout), the
@@ -37,6 +37,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 from xcomp_lab.model.loading import resolve_checkpoint
 from xcomp_lab.course.steps import course_budget
+from xcomp_lab.lessons.precision import weights_are_random
 
 path = resolve_checkpoint(params.model_name_or_path, params.scale)
 model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32, device_map={"": params.device},
@@ -46,20 +47,20 @@ training_at_load = model.training
 modules_training = sum(m.training for m in model.modules())
 print(f"model.training after from_pretrained: {training_at_load} | modules in training mode: "
       f"{modules_training} of {sum(1 for _ in model.modules())}")
+print("so the quick start's .eval() " + ("changes nothing: the model is in eval mode already" if not modules_training
+                                         else f"switches {modules_training} modules to eval mode"))
 budget = course_budget(params, model.config)
+random_weights = weights_are_random(params)
 print(budget.describe())
 
 # %% [markdown]
-# `from_pretrained` already calls `.eval()` before it returns: the quick start's `.eval()` is harmless and
-# changes nothing.
-#
 # ## Step 2: what `.eval()` switches off
 #
-# `.eval()` sets `training = False` on every module. Only modules that read that flag behave differently; in
-# this model that leaves the dropout layers of PLoRA (p = 0.05 in the released config), since the vision tower's
-# attention dropout is 0. In training mode each forward pass drops a different random 5% of the PLoRA inputs,
-# so the same prompt scores differently twice. `reference_logits` runs under `torch.inference_mode()`: the
-# gradient switch does not touch dropout.
+# `.eval()` sets `training = False` on every module. Only modules that read that flag behave differently: in this
+# model's code that is the dropout inside each PLoRA projection (`Plora_B(Plora_A(lora_dropout(x)))`, p = 0.05 in
+# the released config), and the vision tower's attention dropout, whose p is printed below. In training mode each
+# forward pass drops a different random share p of the PLoRA inputs. `reference_logits` runs under
+# `torch.inference_mode()`: the gradient switch does not touch dropout.
 
 # %%
 from xcomp_lab.run.captioning import caption_images, reference_logits
@@ -74,13 +75,14 @@ model.eval()  # the quick start's .eval()
 eval_a, eval_b = (reference_logits(model, tokenizer, images, image_size=params.image_size) for _ in range(2))
 train_diff = (train_a - train_b).abs().max().item()
 eval_diff = (eval_a - eval_b).abs().max().item()
-print(f"same prompt twice, train mode: max |logit diff| {train_diff:.3g}, top-1 token agreement "
-      f"{(train_a.argmax(-1) == train_b.argmax(-1)).float().mean().item():.1%}")
+train_top1 = (train_a.argmax(-1) == train_b.argmax(-1)).float().mean().item()
+print(f"same prompt twice, train mode: max |logit diff| {train_diff:.3g}, top-1 token agreement {train_top1:.1%}"
+      + (" (random weights: top-1 is noise)" if random_weights else ""))
 print(f"same prompt twice, eval mode:  max |logit diff| {eval_diff:.3g}, identical: {torch.equal(eval_a, eval_b)}")
 
 # %% [markdown]
-# In training mode two passes over the same prompt disagree; in eval mode they are bit-identical. Do the
-# captions change too? Eight held-out scenes, greedy, once in each mode:
+# The two lines compare two passes over the same prompt in each mode: how far apart they land, and whether they
+# are bit-identical. Do the captions change too? Eight held-out scenes, greedy, once in each mode:
 
 # %%
 from xcomp_lab.data import scenes
@@ -94,7 +96,8 @@ model.eval()
 eval_captions = caption_images(model, tokenizer, scene_images, max_new_tokens=params.max_new_tokens,
                                image_size=params.image_size)
 changed = sum(a != b for a, b in zip(train_captions, eval_captions))
-print(f"captions that differ between train and eval mode: {changed} of {len(eval_captions)}")
+print(f"captions that differ between train and eval mode: {changed} of {len(eval_captions)}"
+      + (" (random weights: captions are noise)" if random_weights else ""))
 
 # %% [markdown]
 # Whatever the count, a train-mode caption is a random draw: rerun it and it may change. That is the reason for
@@ -129,9 +132,9 @@ print(f"train mode peak {fmt_bytes(train_prefill.memory.peak_bytes)} | eval mode
       f"({eval_mode_delta / eval_prefill.memory.peak_bytes:.1%} of the peak)")
 
 # %% [markdown]
-# The weights, the layers' outputs and the logits take the same room in both modes. The only extra in training
-# mode is dropout's own output and mask, made and dropped inside each PLoRA layer: the difference printed above,
-# a small share of the peak and nothing worth calling a saving.
+# The weights, the layers' outputs and the logits are the same in both modes; what training mode adds is
+# dropout's own output and mask, made and dropped inside each PLoRA layer. The last line gives its size as a share
+# of the peak; Step 4 measures the gradient mode on the same pass, for scale.
 
 # %% [markdown]
 # **Exercise 3.1: predict, then measure.** Step 4 runs the same forward pass over the caption prompt (a scoring
@@ -146,12 +149,63 @@ my_grad_scoring_x = None  # your prediction: peak with gradients enabled / peak 
 # %% [markdown]
 # ## Step 4: a scoring call under each gradient mode
 #
-# Gradient mode is what decides the memory. With gradients enabled (the default), every operation on a tensor
+# The gradient mode decides what autograd keeps. With gradients enabled (the default), every operation on a tensor
 # that requires grad (the weights do) saves what its backward pass will need: the activations of every layer,
 # kept for as long as the output lives. `torch.no_grad()` records nothing; `torch.inference_mode()` records
-# nothing either and also skips autograd's version counters. One forward pass over the caption prompt in each
-# mode, under the budget; when gradients enabled run out of memory, once more without a budget to see what they
-# would need.
+# nothing either and also skips autograd's version counters, and its outputs are *inference tensors*, which
+# autograd refuses later (PyTorch's autograd mechanics notes).
+#
+# First in plain PyTorch, one pass under each context: on a GPU with the allocator's counters
+# (`torch.cuda.reset_peak_memory_stats()`, then `max_memory_allocated()` and `memory_allocated()` against the
+# memory at the start), on a CPU with the course's tensor accounting (`xcomp_lab.memory.measure`). The third pass
+# adds the quick start's autocast with `cache_enabled=False`, which computes in FP16 without keeping autocast's
+# FP16 copies of the FP32 weights (Step 5 shows what the cache costs).
+
+# %%
+import contextlib
+
+from xcomp_lab.memory.measure import measure
+from xcomp_lab.run.captioning import prompt_batch
+
+with torch.no_grad():
+    embeds, im_mask = prompt_batch(model, tokenizer, images, image_size=params.image_size)  # (N, T, C), (N, T)
+
+
+@contextlib.contextmanager
+def peak_above_start(name):
+    if params.device == "cuda":  # the CUDA allocator's counters
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        yield
+        peak, end = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    else:  # the CPU counterpart: the course's tensor accounting
+        with measure("cpu") as m:
+            yield
+        start, peak, end = m.result.start_bytes, m.result.peak_bytes, m.result.end_bytes
+    print(f"{name:42s} peak +{fmt_bytes(peak - start):>10s} | held after it +{fmt_bytes(end - start):>10s}",
+          end=" | ")
+
+
+print(f"measured by {'the CUDA allocator' if params.device == 'cuda' else 'the CPU tensor accounting'}")
+with peak_above_start("torch.no_grad()"), torch.no_grad():
+    logits = model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False).logits  # (N, T, vocab)
+print(f"requires_grad {logits.requires_grad}, inference tensor {logits.is_inference()}")
+del logits
+with peak_above_start("torch.inference_mode()"), torch.inference_mode():
+    logits = model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False).logits
+print(f"requires_grad {logits.requires_grad}, inference tensor {logits.is_inference()}")
+del logits
+with peak_above_start("no_grad + autocast(cache_enabled=False)"), torch.no_grad(), \
+        torch.autocast(params.device, dtype=torch.float16, cache_enabled=False):
+    logits = model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False).logits
+print(f"requires_grad {logits.requires_grad}, inference tensor {logits.is_inference()}")
+del logits, embeds, im_mask
+
+# %% [markdown]
+# Each line is one pass: how far the memory rose above its start, what the logits still hold after it, and what
+# kind of tensor they are. `run_prefill()` wraps the same measurement with the course budget and survives an
+# out-of-memory error; with it, one pass in each gradient mode, and when gradients enabled run out of memory,
+# once more without a budget to see what they would need.
 
 # %%
 prefill = {"enabled": run_prefill(model, tokenizer, images, device=params.device, grad="enabled",  # the bug
@@ -194,22 +248,54 @@ answer_3_1 = check("3.1", my_grad_scoring_x, measured=needed.memory.peak_bytes /
 # %% [markdown]
 # Under `no_grad` and `inference_mode` the output holds only the logits, and the activations of each layer are
 # freed as the pass moves on. With gradients enabled the output holds a graph with every saved activation: the
-# memory "held by the output" stays allocated for as long as the logits are kept, and the last line shows how much
-# of the peak's rise is still held once the pass is over: the peak is the saved activations themselves, not a
-# passing temporary. Forgetting the gradient mode in a scoring call (a perplexity, a logit comparison like
-# notebook 02's) is a real memory bug.
+# memory "held by the output" stays allocated for as long as the logits are kept, and the last line says how much
+# of the peak's rise is still held once the pass is over. Forgetting the gradient mode in a scoring call (a
+# perplexity, a logit comparison like notebook 02's) costs what those lines measure.
+#
+# ## Step 5: where `no_grad` and `inference_mode` differ: autocast's weight cache
+#
+# Without autocast the two modes peak alike (the lines above). The quick start adds `torch.cuda.amp.autocast()`,
+# which casts each FP32 weight to FP16 for its matrix product and, while the autocast block lasts, keeps the copy
+# of every weight that requires grad (parameters do, even under `no_grad`). Inside `inference_mode` autocast keeps
+# no copies from torch 2.10 on (PyTorch PR #165068); `torch.autocast(..., cache_enabled=False)` keeps none on any
+# version. The same scoring pass under autocast, in the three ways, under the budget:
+
+# %%
+from xcomp_lab.lessons.grad_modes import copies_kept
+from xcomp_lab.run.call import autocast_copy_bytes
+
+copies = autocast_copy_bytes(model)
+amp_runs = {name: run_prefill(model, tokenizer, images, device=params.device, grad=grad, use_autocast=True,
+                              cache_enabled=cache, budget=budget, image_size=params.image_size, label=label)
+            for name, grad, cache, label in (
+                ("no_grad + autocast", "no_grad", True, "03-prefill-no-grad-autocast"),
+                ("inference_mode + autocast", "inference_mode", True, "03-prefill-inference-mode-autocast"),
+                ("no_grad + autocast(cache_enabled=False)", "no_grad", False, "03-prefill-no-grad-autocast-uncached"))}
+for run in amp_runs.values():
+    record(params, prefill_record(run.memory.label, run))
+print(f"torch {torch.__version__} | autocast's FP16 copies of this model's linear weights: {fmt_bytes(copies)} | "
+      f"the pass without autocast under no_grad peaked {fmt_bytes(prefill['no_grad'].memory.peak_bytes)}")
+for name, run in amp_runs.items():
+    rise = run.memory.peak_bytes - prefill["no_grad"].memory.peak_bytes
+    print(f"{name:40s} {'fits' if run.ok else 'OOM ':4s} peak {fmt_bytes(run.memory.peak_bytes):>10s} "
+          f"({'+' if rise >= 0 else '-'}{fmt_bytes(abs(rise))}) | kept the copies: "
+          f"{copies_kept(run, prefill['no_grad'], copies)}")
+
+# %% [markdown]
+# "Kept the copies" is read from the peak: out of memory where the pass without autocast fits, or a peak at least
+# half the copies higher. Whether `inference_mode` avoids the cache depends on the torch version printed above.
 
 # %% [markdown]
 # **Exercise 3.2: predict, then measure.** Now a whole captioning call (`model.generate`, as the quick start
 # makes it) with gradients left enabled. Predict its peak as a multiple of the same call's peak under `no_grad`:
-# a plain number, as in Exercise 3.1. Write it into `my_grad_caption_x`; the cell after Step 5's comparison
+# a plain number, as in Exercise 3.1. Write it into `my_grad_caption_x`; the cell after Step 6's comparison
 # checks it against this run, and `answer_3_2.solution()` shows the worked reasoning.
 
 # %%
 my_grad_caption_x = None  # your prediction: caption peak with gradients enabled / under no_grad
 
 # %% [markdown]
-# ## Step 5: a captioning call without `no_grad`
+# ## Step 6: a captioning call without `no_grad`
 #
 # Captions come from `model.generate()`, and transformers decorates `generate` with `@torch.no_grad()`: inside
 # it, gradients are off whatever the caller does. What runs *before* `generate` is the caller's: the vision
@@ -225,12 +311,13 @@ with grad_enabled_by_part(model) as grad_on:
     grad_caption, grad_caption_record = run_step(STEPS["fp32-grad-enabled"], model, tokenizer, images, params, budget)
 for part, seen in grad_on.items():
     print(f"{part:13s} ran with gradients enabled: {sorted(seen)}")
+graph_parts = [part for part, seen in grad_on.items() if True in seen]
+print(f"parts that ran with autograd on: {graph_parts}")
 
 # %% [markdown]
-# The decoder and the output head ran with autograd off, although the caller left it on: only the vision tower,
-# the projector and the embedding lookup of the prompt's text recorded a graph. How much memory is that? The same
-# call under `no_grad` and under `inference_mode` (both without autocast, so only the gradient mode differs), and
-# the prompt-building part alone under each mode:
+# The last line names the parts that recorded a graph although only the caller's mode was left on. How much
+# memory is that? The same call under `no_grad` and under `inference_mode` (both without autocast, so only the
+# gradient mode differs), and the prompt-building part alone under each mode:
 
 # %%
 import dataclasses
@@ -257,18 +344,20 @@ for step in caption_steps:
           f"{fmt_bytes(run.memory.peak_bytes - no_grad_peak):>9s} | "
           + (f"caption {run.captions[0]!r:.40}" if run.ok else "OOM under the budget"))
 graph_bytes = prompt["enabled"].held_bytes - prompt["no_grad"].held_bytes
+grad_extra = grad_caption.memory.peak_bytes - no_grad_peak
 print(f"vision + projector + splice: output held {fmt_bytes(prompt['no_grad'].held_bytes)} under no_grad, "
       f"{fmt_bytes(prompt['enabled'].held_bytes)} with gradients enabled: a graph of {fmt_bytes(graph_bytes)}")
+print(f"the call with gradients enabled peaked {fmt_bytes(grad_extra)} above no_grad: "
+      f"x{grad_extra / graph_bytes:.2f} that graph" if graph_bytes > 0 else "no graph was recorded")
 
 # %%
 answer_3_2 = check("3.2", my_grad_caption_x, measured=grad_caption.memory.peak_bytes / no_grad_peak,
                    lower_bound=not grad_caption.ok, graph_bytes=graph_bytes, no_grad_peak_bytes=no_grad_peak)
 
 # %% [markdown]
-# The forgotten `no_grad` costs the captioning call about the graph of the prompt-building part, not the
-# activations of the decoder: the prompt embeddings carry that graph, and they live until `generate` returns, so
-# it sits under the whole generation. The captions should be the same in the three modes: the gradient mode
-# changes memory, not the arithmetic (the last line of "What we learned" checks it).
+# The last line of the comparison sets the call's extra peak against the graph of the prompt-building part: the
+# prompt embeddings carry that graph, and they live until `generate` returns. Whether the captions are the same in
+# the three modes is checked in "What we learned".
 
 # %%
 from xcomp_lab.course.charts import steps_chart
@@ -284,24 +373,38 @@ steps_chart(prefill_records + caption_records, budget_bytes=budget.limit_bytes,
 
 # %%
 enabled, no_grad = prefill["enabled"], prefill["no_grad"]
-grad_extra = grad_caption.memory.peak_bytes - no_grad_peak
 same_captions = len({tuple(run.captions or ()) for run, _ in captions.values()}) == 1
-print(f"- from_pretrained returned model.training = {training_at_load}: the quick start's .eval() changes nothing.")
-print(f"- In training mode dropout (p = 0.05 in {sum(dropout_modules(model).values())} PLoRA layers) moved the logits "
-      f"by up to {train_diff:.3g} between two identical calls and changed {changed} of {len(eval_captions)} captions; "
-      f"in eval mode the calls were identical ({eval_diff:g}). Peak memory: {fmt_bytes(eval_mode_delta)} more in "
-      f"training mode ({eval_mode_delta / no_grad.memory.peak_bytes:.1%}).")
+print(f"- from_pretrained returned model.training = {training_at_load}: the quick start's .eval() "
+      + ("changes nothing." if not modules_training else f"switched {modules_training} modules to eval mode."))
+print(f"- In training mode dropout (p = {model.config.plora_dropout} in {sum(dropout_modules(model).values())} "
+      f"PLoRA layers) moved the logits by up to {train_diff:.3g} between two identical calls and changed "
+      + (f"{changed} of {len(eval_captions)} captions (random weights: noise)" if random_weights else
+         f"{changed} of {len(eval_captions)} captions")
+      + f"; in eval mode the calls were {'identical' if torch.equal(eval_a, eval_b) else 'not identical'}. "
+      f"Peak memory: {fmt_bytes(eval_mode_delta)} more in training mode "
+      f"({eval_mode_delta / no_grad.memory.peak_bytes:.1%}), against "
+      f"{'more than ' if not needed.ok else ''}{fmt_bytes(needed.memory.peak_bytes - no_grad.memory.peak_bytes)} "
+      f"more with gradients enabled.")
 print(f"- A scoring pass with gradients enabled {'fits' if enabled.ok else 'runs out of memory'} under the budget "
       f"and needs {'' if needed.ok else 'more than '}{fmt_bytes(needed.memory.peak_bytes)} against "
       f"{fmt_bytes(no_grad.memory.peak_bytes)} under no_grad (inference_mode "
       f"{fmt_bytes(prefill['inference_mode'].memory.peak_bytes)}).")
+kept = {name: copies_kept(run, no_grad, copies) for name, run in amp_runs.items()}
+print(f"- Under autocast, the weight copies ({fmt_bytes(copies)}) were kept by: "
+      + (", ".join(name for name, k in kept.items() if k) or "none of the three")
+      + f" (torch {torch.__version__}).")
 outcome = "peaks" if grad_caption.ok else "runs out of memory under the budget, having reached"
+near_graph = graph_bytes > 0 and 0.9 <= grad_extra / graph_bytes <= 1.1
 print(f"- A captioning call with gradients enabled {outcome} {fmt_bytes(grad_extra)} above no_grad "
-      f"({grad_extra / no_grad_peak:.1%}), about the {fmt_bytes(graph_bytes)} graph of the vision tower and "
-      f"projector: generate() disables gradients itself. Same captions in every mode: {same_captions}.")
+      f"({grad_extra / no_grad_peak:.1%}), "
+      + (f"about the {fmt_bytes(graph_bytes)} graph of {', '.join(graph_parts)}" if near_graph else
+         f"against a {fmt_bytes(graph_bytes)} graph of {', '.join(graph_parts)}")
+      + (": generate() ran the decoder and head without gradients"
+         if grad_on["decoder"] and True not in grad_on["decoder"] | grad_on["output head"] else "")
+      + f". Same captions in every mode: {same_captions}" + (" (random weights: noise)." if random_weights else "."))
 
 # %% [markdown]
 # **Questions.** (1) A model with batch normalization instead of dropout: what would `.eval()` change there?
-# (2) Why does the prompt's graph stay alive during the whole of `generate`, and what single line inside the
+# (2) If the prompt's graph stays alive during the whole of `generate`, why, and what single line inside the
 # captioning code would free it without any gradient mode? (3) Notebook 02 compared logits of several models:
 # which gradient mode should such a comparison run in, and what would it cost at full scale without one?

@@ -250,16 +250,19 @@ def _autocast_extra(measured: float, extra_bytes: int, copies_bytes: int, weight
 
 
 def _fp16_peak(measured: float, fp32: MemoryResult, fp16: MemoryResult) -> str:
+    rest32, rest16 = fp32.peak_bytes - fp32.weights_bytes, fp16.peak_bytes - fp16.weights_bytes
+    side = ("above half, because the rest shrank less than the weights" if measured > 0.5 else
+            "below half, because the rest shrank more than the weights" if measured < 0.5 else "exactly half")
     return (f"- FP32 caption: weights {fmt_bytes(fp32.weights_bytes)} + KV cache {fmt_bytes(fp32.kv_cache_bytes)} + "
             f"activations {fmt_bytes(fp32.activations_bytes)} -> peak {fmt_bytes(fp32.peak_bytes)}.\n"
             f"- In 16 bits the weights go {_x(fp16.weights_bytes, fp32.weights_bytes)} "
-            f"({fmt_bytes(fp16.weights_bytes)}) and the KV cache {_x(fp16.kv_cache_bytes, fp32.kv_cache_bytes)}, but "
-            f"the activations {_x(fp16.activations_bytes, fp32.activations_bytes)} "
-            f"({fmt_bytes(fp16.activations_bytes)}): part of them stays FP32 whatever the weights (the prompt's "
-            f"logits are upcast with .float()).\n"
-            f"- So the peak is {fmt_bytes(fp16.peak_bytes)} = x{measured:.2f} the FP32 peak: near half because the "
-            f"weights are {fp32.weights_bytes / fp32.peak_bytes:.0%} of the FP32 peak, above half because the "
-            f"activations do not halve.")
+            f"({fmt_bytes(fp16.weights_bytes)}), the KV cache {_x(fp16.kv_cache_bytes, fp32.kv_cache_bytes)} and the "
+            f"activations {_x(fp16.activations_bytes, fp32.activations_bytes)} ({fmt_bytes(fp16.activations_bytes)}): "
+            f"not all of them are 16-bit, since the output head's logits are upcast to FP32 with .float() whatever "
+            f"the weights' dtype.\n"
+            f"- The weights were {fp32.weights_bytes / fp32.peak_bytes:.0%} of the FP32 peak and halved; the rest of "
+            f"it went {_x(rest16, rest32)} ({fmt_bytes(rest32)} -> {fmt_bytes(rest16)}). So the peak is "
+            f"{fmt_bytes(fp16.peak_bytes)} = x{measured:.2f} the FP32 peak: {side}.")
 
 
 def _grad_scoring(measured: float, enabled: MemoryResult, no_grad: MemoryResult) -> str:
@@ -267,10 +270,10 @@ def _grad_scoring(measured: float, enabled: MemoryResult, no_grad: MemoryResult)
     rise_enabled = enabled.peak_bytes - enabled.start_bytes
     more = "at least " if enabled.oom else ""
     return (f"- Under no_grad each layer's activations are freed as the pass moves on: the peak rises "
-            f"{fmt_bytes(rise_no_grad)} above the weights ({fmt_bytes(no_grad.peak_bytes)} in all).\n"
+            f"{fmt_bytes(rise_no_grad)} above the memory at its start ({fmt_bytes(no_grad.peak_bytes)} in all).\n"
             f"- With gradients enabled every operation on a tensor that requires grad (the weights do) saves what its "
             f"backward pass needs, so the activations of every layer stay until the output is dropped: the peak "
-            f"rises {more}{fmt_bytes(rise_enabled)} above the weights, {more}{_x(rise_enabled, rise_no_grad)} what "
+            f"rises {more}{fmt_bytes(rise_enabled)} above its start, {more}{_x(rise_enabled, rise_no_grad)} what "
             f"no_grad needed.\n"
             f"- Peak against no_grad's: {more}x{measured:.2f}. The weights are the same in both: the ratio grows "
             f"with the activations' share of the peak (the prompt's length, the batch).")

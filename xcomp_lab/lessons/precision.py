@@ -2,8 +2,14 @@
 
 `measure_load()` and `measure_cast()` report the model's resident weights before and after, and on CUDA the
 allocator's peak during the load or cast itself. On CPU there is no honest peak to give: the tensor
-accounting of `xcomp_lab.memory` only sees tensors made by aten ops, and safetensors creates the loaded
-tensors from the file without one, so `peak_bytes` is None there and only resident bytes are reported.
+accounting of `xcomp_lab.memory` is a TorchDispatchMode, which sees only the thread it was entered in, and
+transformers 5 makes the loaded tensors in a pool of worker threads (`core_model_loading.GLOBAL_WORKERS`), so
+`peak_bytes` is None there and only resident bytes are reported. The host-RAM peak of a load on any device is
+`xcomp_lab.lessons.host_memory`'s.
+
+`stored_dtypes()` reads which dtypes a checkpoint stores from its safetensors headers; `weights_are_random()`
+says whether the course parameters load random weights (the course's own full-scale checkpoint), where caption
+and top-1 figures are noise.
 
 `fp32_reference()` captions a held-out subset and keeps the prefill logits of a few prompts once;
 `drift_from()` then scores any other model against it (captions vs the truth and vs FP32, logit stats), and
@@ -13,7 +19,10 @@ tensors from the file without one, so `peak_bytes` is None there and only reside
 from __future__ import annotations
 
 import gc
+import json
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 from time import perf_counter
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -111,6 +120,45 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def weights_are_random(params: CourseParams) -> bool:
+    """True where these parameters load the course's own full-scale checkpoint: random weights, whose captions and
+    top-1 agreements are noise (the tiny scale loads the trained captioner, `model_name_or_path` real weights)."""
+    return params.scale == "full" and params.model_name_or_path is None
+
+
+QUALITY_KEYS = ("exact_match", "token_accuracy", "agreement_with_reference", "top1_agreement")
+
+
+def without_quality(record_: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a results record without its caption and top-1 figures: what a chart of random weights shows."""
+    extra = {k: v for k, v in record_.get("extra", {}).items() if k not in QUALITY_KEYS}
+    return {**record_, "extra": extra}
+
+
+def stored_dtypes(checkpoint: str | Path) -> dict[str, int]:
+    """Bytes of tensor data per stored dtype ("F16", "F32", "BF16", ...) in a local checkpoint's safetensors files.
+
+    Read from each file's header (8 bytes of length, then JSON), without loading a tensor; empty for a hub id.
+    """
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        return {}  # a hub id: nothing downloaded to read
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{str(checkpoint)!r} has no .safetensors files; pass a checkpoint directory, e.g. "
+                         f"xcomp_lab.model.loading.resolve_checkpoint(None, 'tiny').")
+    stored: dict[str, int] = {}
+    for file in files:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                begin, end = entry["data_offsets"]
+                stored[entry["dtype"]] = stored.get(entry["dtype"], 0) + end - begin
+    return stored
+
+
 @dataclass(frozen=True)
 class Reference:
     """A model's captions of a held-out subset and its prefill logits on the first few, to compare others with."""
@@ -155,15 +203,19 @@ def drift_from(reference: Reference, model: Any, tokenizer: Any) -> Drift:
     return Drift(captions, quality_report(captions, reference.truths, reference.captions, logits, reference.logits))
 
 
-def drift_line(report: QualityReport) -> str:
-    """One line: captions against the truth and the reference, logits against the reference's."""
+def drift_line(report: QualityReport, *, noise: bool = False) -> str:
+    """One line: captions against the truth and the reference, logits against the reference's.
+
+    `noise=True` (random weights, see `weights_are_random`) marks the caption and top-1 figures as noise.
+    """
     stats = report.logit_stats or {}
     agree = ("" if report.agreement_with_reference is None
              else f" | same caption as FP32 {report.agreement_with_reference:.0%}")
     logits = ("" if not stats else
               f" | logits vs FP32: max |diff| {stats['max_abs_diff']:.3g}, mean |diff| {stats['mean_abs_diff']:.2g}, "
               f"top-1 agreement {stats['top1_agreement']:.1%}")
-    return f"exact match {report.exact_match:.0%} of {report.n}{agree}{logits}"
+    label = " | random weights: the caption and top-1 figures are noise" if noise else ""
+    return f"exact match {report.exact_match:.0%} of {report.n}{agree}{logits}{label}"
 
 
 @dataclass(frozen=True)
