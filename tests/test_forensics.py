@@ -1,40 +1,12 @@
-"""forensics: the trimmed allocator summary, a snapshot's largest allocations, reading a timeline by phase."""
+"""forensics: a snapshot's largest allocations, a CUDA timeline rebuilt from the memory history, reading a timeline
+by phase and by decode step, the marked caption, the host's memory."""
 
 from __future__ import annotations
 
-import collections
-
 import pytest
-import torch
 
 from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.lessons import forensics
-
-
-def fake_summary(monkeypatch) -> str:
-    """torch.cuda.memory_summary's own text, from made-up allocator statistics (no GPU needed)."""
-    stats = collections.defaultdict(int, {"allocated_bytes.all.current": 3 * 2**30, "allocated_bytes.all.peak": 4 * 2**30,
-                                          "reserved_bytes.all.current": 5 * 2**30, "num_ooms": 0, "num_alloc_retries": 0})
-    monkeypatch.setattr(torch.cuda.memory, "memory_stats", lambda device=None: stats)
-    return torch.cuda.memory_summary(0, abbreviated=True)
-
-
-def test_trim_memory_summary_keeps_the_header_and_the_chosen_rows(monkeypatch):
-    full = fake_summary(monkeypatch)
-    trimmed = forensics.trim_memory_summary(full)
-    cells = [line.strip("|").strip() for line in trimmed.splitlines()]
-    assert any("PyTorch CUDA memory summary" in c for c in cells)
-    assert any(c.startswith("Metric") for c in cells)
-    rows = [c.split("|")[0].strip() for c in cells if "|" in c and not c.startswith(("Metric", "CUDA OOMs"))]
-    assert rows == list(forensics.SUMMARY_ROWS)
-    assert "3072 MiB" in trimmed and "5120 MiB" in trimmed  # allocated now, reserved now
-    assert "Active memory" in full and "Active memory" not in trimmed
-    assert len(trimmed.splitlines()) < len(full.splitlines())
-
-
-def test_trim_memory_summary_rejects_other_text():
-    with pytest.raises(ValueError, match="memory_summary"):
-        forensics.trim_memory_summary("not a summary")
 
 
 def frame(filename: str, line: int, name: str) -> dict:
@@ -66,7 +38,8 @@ def test_largest_allocations_groups_by_size_and_names_the_model_line():
 
 
 TIMELINE = [(0.0, 100, "start"), (0.1, 120, "vision"), (0.2, 150, ""), (0.3, 130, "prefill"), (0.4, 400, ""),
-            (0.5, 200, "decode"), (0.6, 240, ""), (0.7, 201, ""), (0.8, 243, ""), (0.9, 202, ""), (1.0, 100, "end")]
+            (0.5, 200, "decode"), (0.6, 240, ""), (0.7, 201, "decode"), (0.8, 243, ""), (0.9, 202, "decode"),
+            (0.95, 150, ""), (1.0, 100, "end")]
 
 
 def test_timeline_with_load_puts_the_load_first_and_shifts_the_call():
@@ -79,31 +52,80 @@ def test_timeline_with_load_puts_the_load_first_and_shifts_the_call():
         forensics.timeline_with_load(-1.0, 100, TIMELINE)
 
 
-def test_phases_read_each_marker_and_the_highest_sample_until_the_next():
+def test_phases_merge_the_decode_steps_and_read_the_highest_sample():
     rows = {p.label: p for p in forensics.phases(TIMELINE)}
     assert list(rows) == ["start", "vision", "prefill", "decode", "end"]
     assert (rows["vision"].at_start_bytes, rows["vision"].highest_bytes, rows["vision"].at_end_bytes) == (120, 150, 150)
     assert rows["prefill"].highest_bytes == 400 and rows["prefill"].samples == 2
-    assert rows["decode"].samples == 5 and rows["end"].samples == 1
+    assert rows["decode"].markers == 3 and rows["decode"].samples == 6 and rows["decode"].highest_bytes == 243
     table = forensics.format_phases(list(rows.values()), fmt_bytes)
     assert table.splitlines()[0].split() == ["marker", "at", "marker", "highest", "rise"]
-    assert "prefill" in table.splitlines()[3] and table.splitlines()[3].rstrip().endswith("KiB")
+    assert table.splitlines()[4].startswith("decode x3")
     with pytest.raises(ValueError, match="no marker"):
         forensics.phases([(0.0, 1, "")])
 
 
-def test_phase_floors_follow_the_lowest_point_of_each_slice():
-    assert forensics.phase_floors(TIMELINE, "decode", 2) == [200, 201]  # slices [200, 240] and [201, 243, 202]
-    assert forensics.phase_floors(TIMELINE, "prefill", 3) is None  # fewer samples than slices
+def test_step_floors_take_the_lowest_point_of_each_step():
+    assert forensics.step_floors(TIMELINE, "decode") == [200, 201, 150]  # the last step runs into the end
+    assert forensics.step_floors(TIMELINE, "prefill") == [130]
     with pytest.raises(ValueError, match="no marker 'load'"):
-        forensics.phase_floors(TIMELINE, "load", 1)
-    with pytest.raises(ValueError, match="positive"):
-        forensics.phase_floors(TIMELINE, "decode", 0)
+        forensics.step_floors(TIMELINE, "load")
 
 
-def test_process_resident_bytes_is_positive_on_linux():
-    rss = forensics.process_resident_bytes()
-    assert rss is None or rss > 2**20
+def test_timeline_object_reads_and_draws():
+    timeline = forensics.Timeline(tuple(TIMELINE), "test")
+    assert timeline.phase("decode").markers == 3 and timeline.highest_bytes == 400
+    assert timeline.floors() == [200, 201, 150] and timeline.above(100)[0] == (0.0, 0, "start")
+    assert "decode x3" in timeline.table()
+    with pytest.raises(ValueError, match="no phase 'load'"):
+        timeline.phase("load")
+    assert timeline.chart(load_seconds=1.0, weights_bytes=100, title="t").axes
+
+
+def event(action: str, size: int, t: int) -> dict:
+    return {"action": action, "size": size, "time_us": t, "addr": 0, "frames": []}
+
+
+# A history that starts before the call: 3 allocations came before the log, the call's start mark is read after
+# the log's first allocation and its free, the prefill mark after the second allocation, the end after the last free.
+HISTORY = [event("alloc", 10, 1), event("free_requested", 10, 2), event("free_completed", 10, 2),
+           event("segment_alloc", 2**20, 3), event("alloc", 100, 3), event("alloc", 50, 4),
+           event("free_requested", 50, 5), event("free_requested", 100, 6), event("alloc", 7, 7),
+           event("free_requested", 7, 8)]
+MARKS = [forensics.Mark("start", 4, 1536, 1000), forensics.Mark("prefill", 5, 1536, 1100),
+         forensics.Mark("end", 7, 1536, 1000)]
+
+
+def test_trace_timeline_rebuilds_every_allocation_and_places_the_marks():
+    samples = forensics.trace_timeline({"device_traces": [HISTORY]}, MARKS)
+    assert samples[0] == (0.0, 1000, "start") and samples[-1][1:] == (1000, "end")
+    assert [b for _, b, label in samples if not label] == [1100, 1150, 1100, 1000, 1007, 1000]
+    assert (1e-06, 1100, "prefill") in samples  # after the second allocation, at the time of the next entry
+    assert max(b for _, b, _ in samples) == 1150
+    phases = {p.label: p for p in forensics.phases(samples)}
+    assert phases["prefill"].highest_bytes - phases["prefill"].at_start_bytes == 50
+
+
+def test_trace_timeline_refuses_a_history_that_does_not_fit_the_marks():
+    with pytest.raises(ValueError, match="larger max_entries"):
+        forensics.trace_timeline({"device_traces": [HISTORY]}, [forensics.Mark("start", 2, 0, 1000), *MARKS[1:]])
+    with pytest.raises(ValueError, match="take the snapshot right after the call"):
+        forensics.trace_timeline({"device_traces": [HISTORY]}, [MARKS[0], forensics.Mark("prefill", 5, 0, 999), MARKS[2]])
+    untimed = [{k: v for k, v in e.items() if k != "time_us"} for e in HISTORY]
+    with pytest.raises(ValueError, match="time_us"):
+        forensics.trace_timeline({"device_traces": [untimed]}, MARKS)
+    with pytest.raises(ValueError, match="device_traces"):
+        forensics.trace_timeline({"segments": []}, MARKS)
+    with pytest.raises(ValueError, match="at least the start and the end"):
+        forensics.trace_timeline({"device_traces": [HISTORY]}, MARKS[:1])
+
+
+def test_host_memory_reads_proc_on_linux():
+    host = forensics.host_memory()
+    if host.total_bytes is None:
+        pytest.skip("no /proc/meminfo here")
+    assert 0 < host.available_bytes <= host.total_bytes
+    assert host.process_resident_bytes is None or host.process_resident_bytes > 2**20
 
 
 def test_prefill_parts_measure_attention_and_logits_on_the_real_prompt(tiny_model, scene_image):
@@ -124,3 +146,19 @@ def test_run_caption_samples_every_allocation_when_asked(tiny_model, scene_image
     assert len(fine.memory.timeline) > 10 * len(coarse.memory.timeline)
     assert fine.memory.peak_bytes == coarse.memory.peak_bytes
     assert max(b for _, b, _ in fine.memory.timeline) == fine.memory.peak_bytes  # no spike between samples
+
+
+def test_caption_timeline_marks_every_decode_step_and_records(tiny_model, scene_image, tmp_path):
+    from xcomp_lab.course.params import check_params
+
+    model, tokenizer = tiny_model
+    params = check_params(scale="tiny", device="cpu", max_new_tokens=4, results_path=tmp_path / "r.jsonl")
+    caption = forensics.caption_timeline(model, tokenizer, [scene_image], params, step_name="fp32-no-autocast")
+    run = caption.run
+    assert run.ok and caption.marks == () and caption.record["step"] == "07-caption-timeline"
+    timeline = caption.timeline()
+    labels = [label for _, _, label in timeline.samples if label]
+    assert labels[:3] == ["start", "vision", "prefill"] and labels[-1] == "end"
+    assert labels.count("decode") == run.new_tokens - 1
+    assert timeline.highest_bytes == run.memory.peak_bytes  # one sample per allocation: no spike is missed
+    assert (tmp_path / "r.jsonl").read_text().count("\n") == 1

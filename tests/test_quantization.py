@@ -1,7 +1,9 @@
-"""quantization: footprint prediction and statistics, what stays 16-bit, PLoRA under bitsandbytes, matmul costs."""
+"""quantization: footprint prediction and statistics, what stays 16-bit, PLoRA under bitsandbytes (and LLM.int8()'s
+outlier columns, which couple positions), matmul costs, and the notebook's step helpers."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,117 @@ def test_argument_errors(fp16_model, quantized):
         q.largest_quantized_linear(fp16_model)
     with pytest.raises(TypeError):
         q.dequantized_weight(fp16_model.output)
+    with pytest.raises(ValueError, match="no Linear8bitLt"):
+        with q.int8_threshold(fp16_model, 0.0):
+            pass
+
+
+def test_llm_int8_outlier_columns_couple_the_rows_multiplied_together(quantized):
+    """A text row's INT8 product changes when another row brings an outlier column; not without the decomposition."""
+    kind, model = quantized
+    if kind != "int8":
+        pytest.skip("only LLM.int8() has an outlier decomposition")
+    _, layer = q.largest_quantized_linear(model)
+    torch.manual_seed(0)
+    text = torch.randn(3, layer.in_features).half()  # (3, in): values well below 6
+    image = torch.randn(2, layer.in_features).half()
+    image[:, 5] = 20.0  # an outlier column only the later rows hold
+    with torch.inference_mode():
+        alone, together = layer(text), layer(torch.cat([text, image]))[:3]
+        assert not torch.equal(alone, together)
+        with q.int8_threshold(model, 0.0):
+            assert torch.equal(layer(text), layer(torch.cat([text, image]))[:3])
+    assert layer.state.threshold == 6.0  # restored
+
+
+def test_outlier_columns_count_what_the_image_rows_add(quantized):
+    kind, model = quantized
+    embeds, im_mask = synthetic_prompt(model.config.hidden_size)
+    if kind != "int8":
+        with pytest.raises(ValueError, match="no Linear8bitLt"):
+            q.outlier_columns(model, embeds.half(), im_mask)
+        return
+    calm = q.outlier_columns(model, embeds.half(), im_mask)
+    assert calm.calls == sum(1 for n, m in model.named_modules() if n.startswith("model.") and q.is_quantized(m))
+    assert calm.calls_widened == 0 and calm.columns_all_rows == calm.columns_text_rows
+    loud = embeds.clone()
+    loud[0, 5:13, 3] = 20.0  # image rows only: every layer's input norm keeps it an outlier
+    counted = q.outlier_columns(model, loud.half(), im_mask)
+    assert counted.calls_widened > 0 and counted.columns_all_rows > counted.columns_text_rows
+    assert "outlier columns" in str(counted)
+
+
+def effect(first_difference, before=0.0):
+    return q.PLoRAEffect(first_image_position=5, image_tokens=8, first_difference=first_difference,
+                         max_diff_before_image=before, min_diff_from_image_on=0.1, positions=20)
+
+
+@pytest.mark.parametrize("as_loaded, no_decomposition, acts, mixes, words", [
+    (effect(5), None, True, False, "text before it is unchanged"),
+    (effect(0, 0.05), effect(5), True, True, "outlier columns are picked over all positions"),
+    (effect(0, 0.05), effect(0, 0.05), False, False, "something other than PLoRA"),
+    (effect(None), None, False, False, "changed nothing"),
+])
+def test_plora_check_tells_plora_apart_from_the_outlier_decomposition(as_loaded, no_decomposition, acts, mixes, words):
+    check = q.PLoRACheck("int8" if no_decomposition else "nf4", as_loaded, 6.0 if no_decomposition else None,
+                         no_decomposition)
+    assert check.plora_acts is acts and check.outliers_mix_positions is mixes
+    assert words in check.verdict()
+    assert str(check).count("\n") == (1 if no_decomposition else 0)
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory):
+    from xcomp_lab.course.params import check_params
+
+    return check_params(scale="tiny", device="cpu", results_path=tmp_path_factory.mktemp("q") / "results.jsonl")
+
+
+def test_plora_check_on_a_loaded_model(quantized, params, scene_image, tiny_checkpoint):
+    kind, model = quantized
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    check = q.plora_check(model, tokenizer, [scene_image], params)
+    assert check.quantization == kind and check.plora_acts
+    if kind == "int8":
+        assert check.threshold == 6.0 and check.no_decomposition is not None and check.outliers is not None
+        assert check.no_decomposition.acts_only_from_image_on
+    else:
+        assert check.no_decomposition is None and check.as_loaded.acts_only_from_image_on
+
+
+def test_quantized_kernels_report_the_largest_decoder_linear(quantized):
+    kind, model = quantized
+    report = q.quantized_kernels(model, 8, device="cpu", repeats=1)
+    assert report.kind == ("Linear8bitLt" if kind == "int8" else "Linear4bit") and len(report.costs) == 2
+    assert [c.tokens for c in report.costs] == [1, 8] and not report.call.sees_dequantized_copy
+    facts = report.facts()
+    assert "NOT in the measured peak" in facts
+    assert ("torch._int_mm" in facts) == (kind == "int8")
+    assert ("4-bit linears" in facts) == (kind == "nf4") and ("CPU path" in facts) == (kind == "nf4")
+    assert report.machine.startswith("CPU") and report.timings().count("\n") == 1
+
+
+def test_the_notebook_steps_load_score_and_record(params):
+    baseline = q.take_reference(params, n=1, n_logits=1)
+    assert baseline.fp32_weights_bytes > 0 and not baseline.random_weights and "exact match" in str(baseline)
+    model, tokenizer, fp16 = q.load_step("fp16", params)
+    assert fp16.statistics_bytes == 0 and set(fp16.predicted) == {"int8", "nf4"}
+    assert fp16.total_bytes == fp16.resident_bytes == fp16.transformers_bytes
+    assert sum(b for _, _, b in fp16.parts) == fp16.total_bytes and "stored weights" in fp16.table()
+    run = q.caption_step("fp16", model, tokenizer, baseline.reference.images[:1], params, baseline, fp16)
+    assert run.peak_bytes >= fp16.resident_bytes and run.speed.tokens_per_s > 0
+    assert run.record["step"] == "fp16" and params.results_path.read_text().count("\n") >= 1
+    assert str(run).startswith("exact match") and run.chart_record is run.record
+    noise = dataclasses.replace(run, random_weights=True).chart_record
+    assert "exact_match" in run.record["extra"] and "exact_match" not in noise["extra"]
+    with pytest.raises(ValueError, match="footprint is of step 'fp16'"):
+        q.caption_step("int8", model, tokenizer, baseline.reference.images[:1], params, baseline, fp16)
+    del model
+    model, _, int8 = q.load_step("int8", params)
+    assert int8.total_bytes == fp16.predicted["int8"] and int8.statistics_bytes > 0 and not int8.predicted
+    assert int8.transformers_bytes == int8.resident_bytes  # transformers' count misses the scales
+    assert "Linear8bitLt" in int8.module_table()
+    with pytest.raises(ValueError, match="name='fp32'"):
+        q.load_step("fp32", params)

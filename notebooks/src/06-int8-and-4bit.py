@@ -1,10 +1,10 @@
 # %% [markdown]
-# # 06 · INT8 and NF4 shrink the linear layers 2x and 4x; the output head, embeddings and norms stay 16-bit
+# # 06 · INT8 and NF4 shrink the linear layers about 2x and 4x; the output head, embeddings and norms stay 16-bit
 #
 # Loading through `BitsAndBytesConfig` replaces the model's `nn.Linear` layers with bitsandbytes layers that
 # store 8-bit (LLM.int8()) or 4-bit (NF4) weights. Here we measure what that saves and what it costs: the
 # footprint, a caption's peak, the speed, the drift from FP32; we list what stays unquantized and why, and check
-# that PLoRA still acts at the image tokens.
+# whether PLoRA still acts only at the image tokens.
 
 # %% tags=["parameters"]
 scale = "tiny"
@@ -19,7 +19,7 @@ seed = 0
 results_path = "results/results.jsonl"
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.course.notebook import batch_of_images, record, start
+from xcomp_lab.course.notebook import batch_of_images, start
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -38,30 +38,25 @@ print(params)
 #
 # Quality is judged against the FP32 model, as in notebook 02: its greedy captions of a held-out subset of
 # scenes, and the prefill logits (scores of every vocabulary entry at every prompt position) of the first few
-# prompts. The FP32 model is freed as soon as the reference is taken: at full scale it would not share the card.
+# prompts. `take_reference` loads it, takes both and frees it before anything else loads.
 
 # %%
-import torch
-from xcomp_lab.lessons.precision import drift_line, fp32_reference, free, measure_load, run_precision_step
-from xcomp_lab.data.quality import quality_report
-from xcomp_lab.course.steps import STEPS, course_budget, load_for_step
-from xcomp_lab.core.units import fmt_bytes
+import gc
 
-(model, tokenizer), fp32_load = measure_load(lambda: load_for_step(STEPS["fp32-no-autocast"], params), params.device,
-                                             label="dtype=torch.float32 at load")
-budget = course_budget(params, model.config)
-n_eval, n_logits = 4, 2  # held-out scenes captioned by every model (few: 16-bit products are slow on a CPU); prompts whose logits are compared
-reference = fp32_reference(model, tokenizer, n=n_eval, n_logits=n_logits, max_new_tokens=params.max_new_tokens,
-                           image_size=params.image_size)
-fp32_weights = fp32_load.after_bytes
-print(f"FP32 weights {fmt_bytes(fp32_weights)} | captions: exact match "
-      f"{quality_report(reference.captions, reference.truths).exact_match:.0%} of {n_eval} held-out scenes")
-del model
-free(params.device)
+import torch
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.lessons.quantization import take_reference
+
+cuda = params.device == "cuda"
+images = batch_of_images(params)
+baseline = take_reference(params, n=4, n_logits=2)  # few scenes: 16-bit products are slow on a CPU
+print(baseline)
 
 # %% [markdown]
-# The exact match is the FP32 model's own score against the true captions, the score the quantized models are
-# compared with; their agreement with these FP32 captions says how much quantization changed.
+# The exact match is the FP32 model's own score against the true captions; the quantized models are scored the
+# same way, and by their agreement with these FP32 captions. At `scale="full"` the course's replica has random
+# weights (the real ones cannot be shipped), and the line above then says its captions are noise: so is every
+# quality figure of this notebook at that scale. Memory and speed do not depend on the weights' values.
 
 # %% [markdown]
 # **Exercise 6.1: predict, then measure.** INT8 stores 1 byte per weight where FP16 stores 2. Predict the INT8
@@ -73,46 +68,80 @@ free(params.device)
 my_int8_weights_x = None  # your prediction: INT8 weights / FP16 weights
 
 # %% [markdown]
-# ## Step 2: the FP16 baseline, and the prediction
+# ## Step 2: measure the FP16 baseline, in plain PyTorch first
 #
-# bitsandbytes quantizes from the 16-bit weights and computes in 16 bits, so FP16 is the baseline to beat. From
-# the FP16 model we also predict the quantized footprints: each `nn.Linear` but the output head at 1 byte (INT8)
-# or half a byte (NF4) per weight plus its statistics, every other tensor unchanged.
+# bitsandbytes quantizes from the 16-bit weights and computes in 16 bits, so FP16 is the baseline to beat. First
+# the measurement itself, without the course's helpers. On a GPU the caching allocator counts what it gives out:
+# after the load, `torch.cuda.memory_allocated()` is the weights (plus cuBLAS's workspace once a matrix product has
+# run); `torch.cuda.reset_peak_memory_stats()` before a call and `torch.cuda.max_memory_allocated()` after it give
+# the call's peak. A CPU has no such counters: there
+# the course's tensor accounting (`xcomp_lab.memory.measure`) counts every tensor an operation returns and stands
+# in for the allocator. The line says which one ran.
 
 # %%
-from xcomp_lab.lessons.quantization import predicted_footprint
+from xcomp_lab.lessons.quantization import load_step
+from xcomp_lab.memory import measure
 
-images = batch_of_images(params)
-fp16_step = STEPS["fp16"]
-(model, tokenizer), fp16_load = measure_load(lambda: load_for_step(fp16_step, params), params.device,
-                                             label="dtype=torch.float16 at load")
-predicted = {q: predicted_footprint(model, q) for q in ("int8", "nf4")}
-fp16 = run_precision_step(fp16_step, model, tokenizer, images, params, budget, reference, fp16_load)
-record(params, fp16.record)
-print(drift_line(fp16.drift.report))
-fp16_weights = fp16_load.after_bytes
-print(f"FP16 weights {fmt_bytes(fp16_weights)} | predicted INT8 {fmt_bytes(predicted['int8'])}, "
-      f"NF4 {fmt_bytes(predicted['nf4'])}")
+model, tokenizer, fp16_footprint = load_step("fp16", params)
+query = "<ImageHere>Describe the image in one sentence."
+if cuda:
+    before = torch.cuda.memory_allocated()  # all the allocator holds: the weights (and cuBLAS's workspace, if any)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        answer, _ = model.chat(tokenizer, query, image=images[0], max_new_tokens=params.max_new_tokens, do_sample=False)
+    peak = torch.cuda.max_memory_allocated()
+    tool = "torch.cuda.memory_allocated() before, max_memory_allocated() during"
+else:
+    before = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # the weights
+    with measure("cpu", model=model) as m, torch.no_grad():
+        answer, _ = model.chat(tokenizer, query, image=images[0], max_new_tokens=params.max_new_tokens, do_sample=False)
+    peak = m.result.peak_bytes
+    tool = "CPU tensor accounting (xcomp_lab.memory.measure), from the weights"
+print(f"{tool}: {fmt_bytes(before)} -> model.chat peaks at {fmt_bytes(peak)}, {fmt_bytes(peak - before)} above | "
+      f"{answer!r}")
 
 # %% [markdown]
-# FP16 drifts from FP32 only by rounding; the quantized models will be compared with this line. Speed is timed
-# outside the memory measurement (whose CPU accounting slows every operation), the same number of tokens for
-# every model:
+# Every step below goes through `caption_step`, which does the same around the course's own captioning call
+# (greedy, the step's gradient mode and autocast setting, the budget in force), scores the model against FP32,
+# appends the results record, and times the model outside the measurement. From the FP16 model we also predict
+# the quantized footprints: each `nn.Linear` but the output head at 1 byte (INT8) or half a byte (NF4) per weight
+# plus its statistics, every other tensor unchanged.
+
+# %%
+from xcomp_lab.lessons.quantization import caption_step, plora_check
+
+fp16 = caption_step("fp16", model, tokenizer, images, params, baseline, fp16_footprint)
+print(fp16)
+print(f"caption_step's peak {fmt_bytes(fp16.peak_bytes)} = x{fp16.peak_bytes / peak:.3f} model.chat's above")
+predicted = fp16_footprint.predicted
+print(f"FP16 weights {fmt_bytes(fp16_footprint.total_bytes)} | predicted INT8 {fmt_bytes(predicted['int8'])}, "
+      f"NF4 {fmt_bytes(predicted['nf4'])}")
+fp16_plora = plora_check(model, tokenizer, images, params)  # Step 6's check on the unquantized model, for comparison
+
+# %% [markdown]
+# The first line scores FP16 against FP32: it differs from FP32 only by rounding, and the quantized models will
+# be compared with this line. The second compares the helper's peak with `model.chat`'s: the same prompt, greedy
+# in both, through two generation loops. The speed, timed outside any memory measurement (whose CPU accounting
+# slows every operation) for the same number of tokens in every model:
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.run.speed import generation_speed
+print(f"FP16: {fp16.speed}")
 
-speeds = {"FP16": generation_speed(model, tokenizer, images, device=params.device, new_tokens=params.max_new_tokens,
-                                   image_size=params.image_size, repeats=1)}
-print(f"FP16: {speeds['FP16']}")
-del model
-free(params.device)
+# %% [markdown]
+# Before the next load, the model goes and its memory with it, in plain PyTorch: drop the last reference,
+# collect, and on a GPU hand the cached blocks back (`torch.cuda.empty_cache()`), so that the next measurement
+# starts from nothing.
+
+# %%
+del model, tokenizer
+gc.collect()
+if cuda:
+    torch.cuda.empty_cache()
 
 # %% [markdown]
 # ## Step 3: load in 8 bits (LLM.int8())
 #
-# One argument changes: a `BitsAndBytesConfig(load_in_8bit=True)` (built by
-# `xcomp_lab.model.loading.quantization_config("int8")`). transformers swaps each `nn.Linear` for a
+# One argument changes: a `BitsAndBytesConfig(load_in_8bit=True)`. transformers swaps each `nn.Linear` for a
 # bitsandbytes `Linear8bitLt` before the weights arrive, and each weight is quantized as it loads: per output
 # row, scaled so its largest value maps to 127.
 #
@@ -120,38 +149,37 @@ free(params.device)
 # model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float16,
 #                                   quantization_config=BitsAndBytesConfig(load_in_8bit=True))  # changed line
 # ```
+#
+# The plain count first: parameters and buffers, and transformers' own `model.get_memory_footprint()`; then the
+# course's breakdown, which adds what bitsandbytes keeps beside the weights.
 
 # %%
-from xcomp_lab.course.charts import format_breakdown, weight_breakdown
-from xcomp_lab.model.loading import quantization_config
-from xcomp_lab.memory.footprint import statistics_bytes
-
-int8_step = STEPS["int8"]
-print(int8_step.describe())
-print(quantization_config("int8").to_dict()["load_in_8bit"], "<- load_in_8bit in the config load_for_step passes")
-(model, tokenizer), int8_load = measure_load(lambda: load_for_step(int8_step, params), params.device,
-                                             label="load_in_8bit=True")
-int8_stats = statistics_bytes(model)
-int8_weights = int8_load.after_bytes + int8_stats  # parameters and buffers on the device, plus statistics
-print(format_breakdown(weight_breakdown(model)))
-print(f"stored weights {fmt_bytes(int8_weights - int8_stats)} + statistics {fmt_bytes(int8_stats)} = "
-      f"{fmt_bytes(int8_weights)}")
+model, tokenizer, int8_footprint = load_step("int8", params)
+summed = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+print(f"parameters + buffers {fmt_bytes(summed)} | model.get_memory_footprint() {fmt_bytes(model.get_memory_footprint())}"
+      f" | bitsandbytes' scales beside them {fmt_bytes(int8_footprint.statistics_bytes)}")
+if cuda:
+    print(f"torch.cuda.memory_allocated() {fmt_bytes(torch.cuda.memory_allocated())}: the allocator counts the scales too")
+print(int8_footprint.table())
+int8_weights, fp16_weights = int8_footprint.total_bytes, fp16_footprint.total_bytes
 print(f"predicted {fmt_bytes(predicted['int8'])} | measured {fmt_bytes(int8_weights)} | "
       f"x{int8_weights / predicted['int8']:.3f} | difference {int8_weights - predicted['int8']:,} bytes")
-print(f"x{int8_weights / fp16_weights:.2f} FP16's weights, x{int8_weights / fp32_weights:.2f} FP32's")
+decoder = "decoder (without PLoRA)"
+print(f"x{int8_weights / fp16_weights:.2f} FP16's weights, x{int8_weights / baseline.fp32_weights_bytes:.2f} FP32's | "
+      f"decoder linears x{int8_footprint.part_bytes(decoder) / fp16_footprint.part_bytes(decoder):.3f} their FP16 size")
 
 # %%
 from xcomp_lab.course.exercises import check
 
 answer_6_1 = check("6.1", my_int8_weights_x, measured=int8_weights / fp16_weights, fp16_bytes=fp16_weights,
-                   predicted_bytes=predicted["int8"], stats_bytes=int8_stats)
+                   predicted_bytes=predicted["int8"], stats_bytes=int8_footprint.statistics_bytes)
 
 # %% [markdown]
 # The breakdown counts each part as stored: INT8 values plus the per-row FP32 scales (`SCB`), which bitsandbytes
-# keeps beside the weight (on the parameter or on the layer's `state`), not as parameters of their own: summing
-# `model.parameters()` misses them. The prediction (every linear but the output head at 1 byte, the rest
-# unchanged) is checked against the measurement to the byte; the last line says how far from halving FP16 the
-# model lands, because some parts did not shrink.
+# keeps beside the weight (on the parameter or on the layer's `state`), not as parameters of their own. Summing
+# `model.parameters()` and `model.buffers()`, which is what `get_memory_footprint()` does, misses them. The
+# prediction line compares the prediction with the measurement byte for byte; the last line says how far from
+# halving FP16 the model lands, and how far its decoder's linears do, with their scales.
 #
 # ## Step 4: caption in INT8
 #
@@ -159,37 +187,40 @@ answer_6_1 = check("6.1", my_int8_weights_x, measured=int8_weights / fp16_weight
 # from FP32:
 
 # %%
-int8 = run_precision_step(int8_step, model, tokenizer, images, params, budget, reference, int8_load)
-record(params, int8.record)
-print(drift_line(int8.drift.report))
-print(f"caption peak {fmt_bytes(int8.run.memory.peak_bytes)} | x{int8.run.memory.peak_bytes / fp16.run.memory.peak_bytes:.2f} "
-      f"FP16's peak ({fmt_bytes(fp16.run.memory.peak_bytes)}) | the peak fell by "
-      f"{fmt_bytes(fp16.run.memory.peak_bytes - int8.run.memory.peak_bytes)}, the measured weights by "
-      f"{fmt_bytes(fp16.run.memory.weights_bytes - int8.run.memory.weights_bytes)}")
+int8 = caption_step("int8", model, tokenizer, images, params, baseline, int8_footprint)
+print(int8)
+peak_fell = fp16.peak_bytes - int8.peak_bytes
+weights_fell = fp16.run.memory.weights_bytes - int8.run.memory.weights_bytes
+gap = weights_fell - peak_fell
+print(f"caption peak {fmt_bytes(int8.peak_bytes)} | x{int8.peak_bytes / fp16.peak_bytes:.2f} FP16's peak "
+      f"({fmt_bytes(fp16.peak_bytes)}), against x{int8.run.memory.weights_bytes / fp16.run.memory.weights_bytes:.2f} "
+      f"for the measured weights | the peak fell by {fmt_bytes(peak_fell)}, the weights by {fmt_bytes(weights_fell)}: "
+      + ("the same within 1%" if abs(gap) <= 0.01 * weights_fell else
+         f"{fmt_bytes(abs(gap))} {'less' if gap > 0 else 'more'} than the weights (the activations and cache differ)"))
 
 # %% [markdown]
-# The peak falls by what the weights lost, and no more: the activations and the KV cache stay 16-bit, so the
-# peak shrinks by a smaller factor than the weights. (The measurement's weights are the model's parameters and
-# buffers; on a CPU the scales are not among them and not counted, on a GPU the allocator counts them as memory
-# in use before the call.) The drift line compares with FP16's in Step 2: what quantization adds to rounding.
+# The activations and the KV cache stay 16-bit, so the peak shrinks by a smaller factor than the weights: the
+# line gives both factors, and how the fall of the peak compares with the fall of the weights. (The measurement's
+# weights are the model's parameters and buffers; on a CPU the scales are not among them and not counted, on a
+# GPU the allocator counts them as memory in use before the call.) The drift line compares with FP16's in Step 2:
+# what quantization adds to rounding.
 
 # %% tags=["nbval-ignore-output"]
-speeds["INT8"] = generation_speed(model, tokenizer, images, device=params.device, new_tokens=params.max_new_tokens,
-                                  image_size=params.image_size, repeats=1)
-print(f"INT8: {speeds['INT8']} | x{speeds['INT8'].tokens_per_s / speeds['FP16'].tokens_per_s:.2f} FP16's speed")
+print(f"INT8: {int8.speed} | x{int8.speed.tokens_per_s / fp16.speed.tokens_per_s:.2f} FP16's speed")
 
 # %% [markdown]
 # ## Step 5: what stayed 16-bit, and why
 #
-# bitsandbytes only converts `nn.Linear`. Listing the modules that hold tensors by class shows the rest:
+# bitsandbytes only converts `nn.Linear`. Listing the modules that hold tensors by class shows the rest; the
+# count of converted layers is plain code over `model.named_modules()`:
 
 # %%
-from xcomp_lab.lessons.quantization import format_module_precisions, is_quantized, module_precisions
+import bitsandbytes as bnb
 
-print(format_module_precisions(module_precisions(model), fmt_bytes))
+print(int8_footprint.module_table())
 where = {"decoder": "model.", "vision tower": "vit.", "projector": "vision_proj."}
 print("quantized linears: " + ", ".join(
-    f"{sum(is_quantized(m) and n.startswith(prefix) for n, m in model.named_modules())} in the {part}"
+    f"{sum(isinstance(m, bnb.nn.Linear8bitLt) and n.startswith(prefix) for n, m in model.named_modules())} in the {part}"
     for part, prefix in where.items()))
 hf_quantizer = getattr(model, "hf_quantizer", None)
 print("transformers' skip list:", sorted(getattr(hf_quantizer, "modules_to_not_convert", None) or []))
@@ -202,12 +233,13 @@ print("transformers' skip list:", sorted(getattr(hf_quantizer, "modules_to_not_c
 #   projector's bias, which names no module, so the projector's last linear is quantized anyway.
 # - **Embeddings** (the token table and the ViT's position table): `nn.Embedding` is a lookup, not a matrix
 #   product; bitsandbytes' layers replace `nn.Linear` only.
-# - **Norms** (RMSNorm, LayerNorm) and the ViT's patch **`Conv2d`**: not linears, and tiny or few.
+# - **Norms** (RMSNorm, LayerNorm) and the ViT's patch **`Conv2d`**: not linears.
 # - **Rotary tables**: buffers, not weights.
 #
-# The only quantized class is the linear, in all three parts of the model: decoder, vision tower and projector.
+# The table's `quantized` column and the count above show where the converted linears are: decoder, vision tower
+# and projector.
 #
-# ## Step 6: PLoRA still acts at the image tokens
+# ## Step 6: does PLoRA still act only at the image tokens?
 #
 # A PLoRA projection adds a low-rank update `B(A(x))` only where `im_mask` marks image tokens. The original code
 # writes it as a subclass of `nn.Linear`: bitsandbytes would replace the whole module with a plain 8-bit linear
@@ -216,74 +248,75 @@ print("transformers' skip list:", sorted(getattr(hf_quantizer, "modules_to_not_c
 # `Plora_B` are linears too, so they are quantized as well:
 
 # %%
-from xcomp_lab.run.captioning import prompt_batch
-from xcomp_lab.lessons.quantization import plora_effect
-
 print(model.model.layers[0].attention.wqkv)
-with torch.inference_mode():
-    embeds, im_mask = prompt_batch(model, tokenizer, images[:1], image_size=params.image_size)
-int8_plora = plora_effect(model, embeds, im_mask)
-print(f"image tokens at positions {int8_plora.first_image_position} to "
-      f"{int8_plora.first_image_position + int8_plora.image_tokens - 1} of {int8_plora.positions} | logits with vs "
-      f"without im_mask first differ at position {int8_plora.first_difference} | largest difference before it "
-      f"{int8_plora.max_diff_before_image:g}, smallest from it on {int8_plora.min_diff_from_image_on:.3g}")
 
 # %% [markdown]
-# The same prompt runs twice, with `im_mask` and without it (PLoRA off). Text before the image sees only text, so
-# nothing changes there; from the first image token on, every position differs: the quantized branch still
-# adds its update, and the text after the image sees it through attention.
+# The check runs the caption prompt twice, with `im_mask` and without it (PLoRA off). Attention is causal, so in
+# a model that computes each position on its own the text before the image sees only text in both runs: its
+# logits cannot change, and from the first image token on they must. LLM.int8() does not compute each position on
+# its own. It multiplies the activations in int8 row by row, except the input columns that hold an outlier (a
+# value of at least its threshold, 6.0 by default) in **any** row it multiplies at once: those columns go through
+# a 16-bit product, for every row. The image tokens' rows therefore decide how the text rows before them are
+# quantized. To tell "PLoRA acts" apart from "the outlier decomposition mixes positions", the INT8 check is run
+# again without the decomposition (threshold 0, as `BitsAndBytesConfig(load_in_8bit=True,
+# llm_int8_threshold=0.0)` loads it), and the prefill's outlier columns are counted: those picked over all rows
+# against those the text rows before the image hold alone. The unquantized FP16 model of Step 2 is the reference.
+
+# %%
+int8_plora = plora_check(model, tokenizer, images, params)
+print(fp16_plora)
+print(int8_plora)
+print(f"verdict: {int8_plora.verdict()}")
+
+# %% [markdown]
+# The verdict is computed from the lines above it. The same mechanism has a consequence the check does not run:
+# with LLM.int8()'s outlier decomposition, one prompt's output depends on whatever else is multiplied with it, so
+# a caption in a batch can change with the other images of the batch. NF4 quantizes only the weights and
+# multiplies 16-bit activations: a row's result does not depend on what the other rows hold (Step 9 repeats the
+# check there).
 #
 # ## Step 7: what a quantized matrix product costs here
 #
-# A quantized layer stores small integers, but matrix products run in floating point. How bitsandbytes 0.50
-# gets there depends on the device. LLM.int8() always quantizes the activations to int8 row by row (the few
-# columns holding an outlier above 6.0 go through a 16-bit product instead); on a CUDA GPU it then multiplies
-# int8 by int8 on the tensor cores, and NF4 uses a fused kernel for single-token steps that reads the 4-bit
-# weight directly (longer inputs dequantize first). On a CPU, NF4 on the course's portable path (Step 8) dequantizes
-# the whole weight to FP16 for every call and then runs an ordinary product; LLM.int8() multiplies int8 by int8
-# with `torch._int_mm` where the CPU has AVX-512 and in FP32 elsewhere (`A.float() @ B.float().t()`, a 4-byte copy
-# of the weight per call). The two give the same integers while a row's sum stays below 2^24, where FP32 counts
-# exactly; the next cell checks that bound for the widest quantized layer. Those copies live inside the bitsandbytes
-# call, where the CPU tensor accounting cannot see them; the measured line below checks it (on a GPU the
-# allocator sees any copy a kernel makes).
+# A quantized layer stores small integers, but matrix products run in floating point or on integer units, and
+# how bitsandbytes 0.50 gets there depends on the device. LLM.int8() always quantizes the activations to int8
+# row by row (outlier columns apart); on a CUDA GPU it then multiplies int8 by int8 on the tensor cores; on a
+# CPU it uses `torch._int_mm` where the CPU has AVX-512 and FP32 elsewhere (`A.float() @ B.float().t()`, a 4-byte
+# copy of the weight per call). The two give the same integers while a row's sum stays below 2^24, where FP32
+# counts exactly; on a CPU the next cell checks that bound for the widest quantized layer. NF4 on a CUDA GPU runs
+# bitsandbytes' own kernel on the packed weight for a few rows (a decode step) and, by shape and GPU, either that
+# kernel or a dequantized FP16 copy for many; on a CPU's portable path (Step 8) it dequantizes the whole weight
+# to FP16 for every call. The measured line says what one call on the whole prompt made besides its output:
+# on a CPU the tensor accounting sees an operation's outputs only, not the scratch a bitsandbytes kernel makes
+# inside; on a GPU the allocator sees every block.
 #
 # Timed on the decoder's largest quantized linear, for one token (a decode step) and for the whole prompt (the
 # prefill), against dequantizing its weight alone and a 16-bit product with the dequantized weight:
 
 # %%
-from xcomp_lab.lessons.quantization import call_memory, dequantized_weight, largest_quantized_linear, matmul_cost
+from xcomp_lab.lessons.quantization import quantized_kernels
 
-layer_name, layer = largest_quantized_linear(model)
-print(f"{layer_name}: {type(layer).__name__}({layer.in_features} -> {layer.out_features}) | stored "
-      f"{fmt_bytes(layer.weight.numel() * layer.weight.element_size())} | dequantized to FP16 "
-      f"{fmt_bytes(dequantized_weight(layer).numel() * 2)} per call where the kernel dequantizes")
-widest = max(m.in_features for m in model.modules() if is_quantized(m))
-print(f"widest quantized input: {widest} -> int8 sums up to 127 x 127 x {widest} = {127 * 127 * widest:,}, "
-      f"{'below' if 127 * 127 * widest < 2**24 else 'above'} 2^24 = {2**24:,}: FP32 and torch._int_mm "
-      f"{'agree exactly' if 127 * 127 * widest < 2**24 else 'may round differently'}")
-seen = call_memory(layer, embeds.shape[1], device=params.device)
-print(f"one call on {seen.tokens} tokens, measured on {params.device}: peak {fmt_bytes(seen.peak_above_start_bytes)} "
-      f"above the start, the output is {fmt_bytes(seen.output_bytes)}: a {fmt_bytes(seen.dequantized_bytes)} "
-      f"dequantized copy is {'in' if seen.sees_dequantized_copy else 'NOT in'} the measured peak")
+int8_kernels = quantized_kernels(model, fp16.run.prompt_tokens, device=params.device)
+print(int8_kernels.facts())
 
 # %% tags=["nbval-ignore-output"]
-cpu_note = f"CPU capability {torch.backends.cpu.get_cpu_capability()}" if params.device == "cpu" else torch.cuda.get_device_name(0)
-print(f"INT8 on {cpu_note}")
-int8_costs = [matmul_cost(layer, tokens, device=params.device) for tokens in (1, embeds.shape[1])]
-for cost in int8_costs:
-    print(f"{cost} | dequantizing alone takes x{cost.dequantize_s / cost.fp16_matmul_s:.2f} the product")
+print(int8_kernels.timings())
+decode = int8_kernels.costs[0]
+print(f"INT8, one decode step: the quantized product takes x{decode.vs_fp16:.2f} the 16-bit product of the same "
+      f"layer here: {'slower' if decode.vs_fp16 > 1 else 'faster'}")
 
 # %% [markdown]
 # Read the factors against the 16-bit product of the same shape: above 1 the quantized layer is slower. For a
 # single token the product itself is tiny, so whatever the kernel does to the weight first can dominate; for
 # the whole prompt the product's own cost grows with the tokens while turning the weight back into floats does
-# not. The usual advice that smaller weights run faster holds where reading the weights is the bottleneck and a
-# kernel reads them packed (a GPU decoding with NF4); the factors above say whether it holds here, on a device
-# a shared machine makes noisy.
+# not. The usual advice says smaller weights run faster where reading the weights is the bottleneck (a decode
+# step) and a kernel reads them packed; the last line, and NF4's in Step 9, say whether that held in this run, on
+# a device that a shared machine can make noisy.
 
 # %%
-del model, layer
-free(params.device)
+del model, tokenizer
+gc.collect()
+if cuda:
+    torch.cuda.empty_cache()
 
 # %% [markdown]
 # ## Step 8: load in 4 bits (NF4, double quantization)
@@ -294,30 +327,22 @@ free(params.device)
 # weight is a flat `uint8` tensor; its shape lives in `quant_state`.
 
 # %%
-from xcomp_lab.course.charts import weight_breakdown_chart
-
-nf4_step = STEPS["nf4"]
-print(nf4_step.describe())
-(model, tokenizer), nf4_load = measure_load(lambda: load_for_step(nf4_step, params), params.device,
-                                            label="load_in_4bit=True, nf4")  # changed line: the 4-bit config
-nf4_stats = statistics_bytes(model)
-nf4_weights = nf4_load.after_bytes + nf4_stats
-nf4_rows = weight_breakdown(model)
-print(format_breakdown(nf4_rows))
-print(f"stored weights {fmt_bytes(nf4_weights - nf4_stats)} + statistics {fmt_bytes(nf4_stats)} = "
-      f"{fmt_bytes(nf4_weights)}")
+model, tokenizer, nf4_footprint = load_step("nf4", params)  # changed: the 4-bit config
+print(nf4_footprint.table())
+nf4_weights = nf4_footprint.total_bytes
 print(f"predicted {fmt_bytes(predicted['nf4'])} | measured {fmt_bytes(nf4_weights)} | "
       f"x{nf4_weights / predicted['nf4']:.3f} | difference {nf4_weights - predicted['nf4']:,} bytes")
-print(f"x{nf4_weights / fp16_weights:.2f} FP16's weights, x{nf4_weights / fp32_weights:.2f} FP32's")
-sixteen_bit = {"embeddings", "output head", "rotary tables"}
-kept = sum(b for part, _, b in nf4_rows if part in sixteen_bit)
-decoder_fp16 = dict((part, n) for part, n, _ in nf4_rows)["decoder (without PLoRA)"] * 2
-print(f"decoder linears: x{dict((p, b) for p, _, b in nf4_rows)['decoder (without PLoRA)'] / decoder_fp16:.3f} their FP16 "
+print(f"x{nf4_weights / fp16_weights:.2f} FP16's weights, x{nf4_weights / baseline.fp32_weights_bytes:.2f} FP32's")
+kept = sum(nf4_footprint.part_bytes(part) for part in ("embeddings", "output head", "rotary tables"))
+print(f"decoder linears: x{nf4_footprint.part_bytes(decoder) / fp16_footprint.part_bytes(decoder):.3f} their FP16 "
       f"size | embeddings, output head and rotary tables: {fmt_bytes(kept)} = {kept / fp16_weights:.0%} of FP16's "
       f"weights, {kept / nf4_weights:.0%} of NF4's")
-weight_breakdown_chart(nf4_rows, title=f"{params.scale} replica in NF4: where the bytes are")
+nf4_footprint.chart(title=f"{params.scale} replica in NF4: where the bytes are")
 
 # %% [markdown]
+# The decoder's linears shrink to the fraction the line gives, statistics included, while the parts that stayed
+# 16-bit keep their bytes: their share of the total grows, as the line and the chart show.
+#
 # **Which 4-bit kernel runs on a CPU.** bitsandbytes has two ways to multiply by a 4-bit weight on a CPU and
 # picks one by the processor. The portable one dequantizes the weight to FP16 for every call (any CPU). On CPUs
 # with AVX512-BF16 (current Xeons, AMD Zen 4 and later) the first call instead repacks each weight into tiles of
@@ -327,78 +352,58 @@ weight_breakdown_chart(nf4_rows, title=f"{params.scale} replica in NF4: where th
 # differently, so the course pins the portable one: every laptop in a room prints the same figures. Set
 # `XCOMP_LAB_BNB_CPU_PATH=packed` (or `auto`, bitsandbytes' own choice) before starting Jupyter to see the other;
 # layers whose shape the packed format rejects then stay on the portable kernel, still quantized.
-
-# %%
-from xcomp_lab.model.bnb_cpu import apply_cpu_path, packed_format_accepts
-
-fours = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
-rejected = sorted({n.rsplit(".", 1)[-1] for n, m in fours if not packed_format_accepts(m.in_features, m.out_features)})
-print(f"{len(fours)} 4-bit linears; the packed CPU format rejects {sum(not packed_format_accepts(m.in_features, m.out_features) for _, m in fours)} "
-      f"of them{' (' + ', '.join(rejected) + ': rank ' + str(model.config.plora_rank) + ')' if rejected else ''}")
-print(apply_cpu_path(model) if params.device == "cpu" else "on a GPU bitsandbytes runs its CUDA kernels: no CPU path")
-
-# %% tags=["nbval-ignore-output"]
-from xcomp_lab.model.bnb_cpu import cpu_has_avx512bf16
-
-print(f"this CPU {'has' if cpu_has_avx512bf16() else 'lacks'} AVX512-BF16: left to itself, bitsandbytes would take the "
-      f"{'packed' if cpu_has_avx512bf16() else 'portable'} path here")
-
-# %% [markdown]
-# The decoder's linears are now about a quarter of their FP16 size, statistics included, while the parts that
-# stayed 16-bit keep their bytes: their share of the total grows, as the line above and the chart show.
 #
 # ## Step 9: caption in NF4
 
 # %%
-nf4 = run_precision_step(nf4_step, model, tokenizer, images, params, budget, reference, nf4_load)
-record(params, nf4.record)
-print(drift_line(nf4.drift.report))
-print(f"caption peak {fmt_bytes(nf4.run.memory.peak_bytes)} | x{nf4.run.memory.peak_bytes / fp16.run.memory.peak_bytes:.2f} "
-      f"FP16's peak")
-with torch.inference_mode():
-    embeds, im_mask = prompt_batch(model, tokenizer, images[:1], image_size=params.image_size)
-nf4_plora = plora_effect(model, embeds, im_mask)
-print(f"PLoRA in NF4: logits with vs without im_mask first differ at position {nf4_plora.first_difference} "
-      f"(first image token {nf4_plora.first_image_position}); largest difference before it {nf4_plora.max_diff_before_image:g}")
+nf4 = caption_step("nf4", model, tokenizer, images, params, baseline, nf4_footprint)
+print(nf4)
+print(f"caption peak {fmt_bytes(nf4.peak_bytes)} | x{nf4.peak_bytes / fp16.peak_bytes:.2f} FP16's peak")
+nf4_plora = plora_check(model, tokenizer, images, params)
+print(nf4_plora)
+print(f"verdict: {nf4_plora.verdict()}")
+nf4_kernels = quantized_kernels(model, fp16.run.prompt_tokens, device=params.device)
+print(nf4_kernels.facts())
 
 # %% [markdown]
 # Sixteen levels per weight instead of 256: the drift line against FP32 says what that did to the captions and
-# logits here, and the PLoRA line repeats Step 6's check on the 4-bit model.
+# logits here. The PLoRA lines repeat Step 6's check on the 4-bit model, which has no outlier decomposition; the
+# kernel lines give Step 7's call on the NF4 layer, and on a CPU which 4-bit path runs.
 
 # %% tags=["nbval-ignore-output"]
-speeds["NF4"] = generation_speed(model, tokenizer, images, device=params.device, new_tokens=params.max_new_tokens,
-                                 image_size=params.image_size, repeats=1)
-print(f"NF4: {speeds['NF4']} | x{speeds['NF4'].tokens_per_s / speeds['FP16'].tokens_per_s:.2f} FP16's speed")
-layer_name, layer = largest_quantized_linear(model)
-nf4_costs = [matmul_cost(layer, tokens, device=params.device) for tokens in (1, embeds.shape[1])]
-for cost in nf4_costs:
-    print(f"NF4 {cost} | dequantizing alone takes x{cost.dequantize_s / cost.fp16_matmul_s:.2f} the product")
+print(f"NF4: {nf4.speed} | x{nf4.speed.tokens_per_s / fp16.speed.tokens_per_s:.2f} FP16's speed")
+print(nf4_kernels.timings())
+nf4_vs_fp16 = nf4.speed.tokens_per_s / fp16.speed.tokens_per_s
+print(f"NF4 generates x{nf4_vs_fp16:.2f} FP16's tokens per second on {nf4_kernels.machine}: the advice that 4-bit "
+      f"weights decode faster {'holds' if nf4_vs_fp16 > 1 else 'does not hold'} in this run")
 
 # %% [markdown]
 # ## Step 10: the three side by side
 
 # %%
-del model, layer
-free(params.device)
-rows = [("FP16", fp16_weights, fp16.run, fp16.drift.report), ("INT8", int8_weights, int8.run, int8.drift.report),
-        ("NF4", nf4_weights, nf4.run, nf4.drift.report)]
+del model, tokenizer
+gc.collect()
+if cuda:
+    torch.cuda.empty_cache()
+noise = " (random weights: quality columns are noise)" if baseline.random_weights else ""
 print(f"{'':5s} {'weights':>11s} {'vs FP16':>7s} {'caption peak':>13s} {'exact':>6s} {'=FP32':>6s} {'top-1':>6s} "
-      f"{'max|diff|':>9s}")
-for name, weights, run, q in rows:
-    stats = q.logit_stats
-    print(f"{name:5s} {fmt_bytes(weights):>11s} {weights / fp16_weights:7.2f} {fmt_bytes(run.memory.peak_bytes):>13s} "
-          f"{q.exact_match:6.0%} {q.agreement_with_reference:6.0%} {stats['top1_agreement']:6.1%} "
-          f"{stats['max_abs_diff']:9.3g}")
+      f"{'max|diff|':>9s}{noise}")
+for name, step in (("FP16", fp16), ("INT8", int8), ("NF4", nf4)):
+    stats = step.drift.logit_stats
+    print(f"{name:5s} {fmt_bytes(step.weights_bytes):>11s} {step.weights_bytes / fp16_weights:7.2f} "
+          f"{fmt_bytes(step.peak_bytes):>13s} {step.drift.exact_match:6.0%} {step.drift.agreement_with_reference:6.0%} "
+          f"{stats['top1_agreement']:6.1%} {stats['max_abs_diff']:9.3g}")
 
 # %%
 from xcomp_lab.course.charts import steps_chart
 
-steps_chart([fp16.record, int8.record, nf4.record], budget_bytes=budget.limit_bytes,
+steps_chart([fp16.chart_record, int8.chart_record, nf4.chart_record], budget_bytes=baseline.budget.limit_bytes,
             title=f"FP16, INT8 and NF4 under a {params.budget_gb:g} GB budget ({params.scale}, {params.device})")
 
 # %% [markdown]
-# Each bar is one caption's peak: weights at the bottom, then the KV cache and the activations, which
-# quantization does not touch; above each bar, the exact match on the held-out scenes.
+# Each bar is one caption's peak: weights at the bottom, then the KV cache and the activations, which stay
+# 16-bit in all three; above each bar, the exact match on the held-out scenes (left out where the weights are
+# random).
 #
 # ## What we learned
 
@@ -407,23 +412,28 @@ print(f"- Weights: FP16 {fmt_bytes(fp16_weights)}, INT8 {fmt_bytes(int8_weights)
       f"NF4 {fmt_bytes(nf4_weights)} (x{nf4_weights / fp16_weights:.2f}), statistics included; the prediction "
       f"(linears but the output head quantized, the rest 16-bit) is off by at most "
       f"{max(abs(int8_weights / predicted['int8'] - 1), abs(nf4_weights / predicted['nf4'] - 1)):.1%}.")
-print(f"- A caption peaks at {fmt_bytes(int8.run.memory.peak_bytes)} in INT8 and {fmt_bytes(nf4.run.memory.peak_bytes)} "
-      f"in NF4 against {fmt_bytes(fp16.run.memory.peak_bytes)} in FP16: activations and KV cache stay 16-bit.")
-print(f"- Against FP32 captions: FP16 agrees on {fp16.drift.report.agreement_with_reference:.0%}, INT8 on "
-      f"{int8.drift.report.agreement_with_reference:.0%}, NF4 on {nf4.drift.report.agreement_with_reference:.0%} of "
-      f"{n_eval}; top-1 logit agreement {fp16.drift.report.logit_stats['top1_agreement']:.1%} / "
-      f"{int8.drift.report.logit_stats['top1_agreement']:.1%} / {nf4.drift.report.logit_stats['top1_agreement']:.1%}.")
-print(f"- PLoRA survives quantization: with vs without im_mask the logits first differ at the first image token "
-      f"in INT8 ({int8_plora.acts_only_from_image_on}) and NF4 ({nf4_plora.acts_only_from_image_on}).")
+print(f"- A caption peaks at {fmt_bytes(int8.peak_bytes)} in INT8 and {fmt_bytes(nf4.peak_bytes)} in NF4 against "
+      f"{fmt_bytes(fp16.peak_bytes)} in FP16 (x{int8.peak_bytes / fp16.peak_bytes:.2f} and "
+      f"x{nf4.peak_bytes / fp16.peak_bytes:.2f}): activations and KV cache stay 16-bit.")
+print(f"- Against FP32 captions: FP16 agrees on {fp16.drift.agreement_with_reference:.0%}, INT8 on "
+      f"{int8.drift.agreement_with_reference:.0%}, NF4 on {nf4.drift.agreement_with_reference:.0%} of "
+      f"{fp16.drift.n}; top-1 logit agreement {fp16.drift.logit_stats['top1_agreement']:.1%} / "
+      f"{int8.drift.logit_stats['top1_agreement']:.1%} / {nf4.drift.logit_stats['top1_agreement']:.1%}"
+      + (" (random weights: noise)." if baseline.random_weights else "."))
+acts = [name for name, check_ in (("INT8", int8_plora), ("NF4", nf4_plora)) if check_.plora_acts]
+print(f"- PLoRA still acts only from the first image token on in {' and '.join(acts) or 'neither model'}"
+      + ("; in INT8 the text before the image changes too, because LLM.int8() picks its outlier columns over all "
+         "positions at once (without the decomposition it does not)." if int8_plora.outliers_mix_positions else "."))
 
 # %% tags=["nbval-ignore-output"]
-where = torch.cuda.get_device_name(0) if params.device == "cuda" else f"CPU ({torch.backends.cpu.get_cpu_capability()})"
-print(f"- Speed on {where}: " + ", ".join(f"{name} {s.tokens_per_s:.1f} tokens/s" for name, s in speeds.items())
-      + f"; one decode-step product costs x{int8_costs[0].quantized_s / int8_costs[0].fp16_matmul_s:.1f} (INT8) and "
-      f"x{nf4_costs[0].quantized_s / nf4_costs[0].fp16_matmul_s:.1f} (NF4) the 16-bit product of the same layer.")
+print(f"- Speed on {nf4_kernels.machine}: " + ", ".join(f"{s.name.upper()} {s.speed.tokens_per_s:.1f} tokens/s"
+                                                       for s in (fp16, int8, nf4))
+      + f"; one decode-step product costs x{int8_kernels.costs[0].vs_fp16:.1f} (INT8) and "
+      f"x{nf4_kernels.costs[0].vs_fp16:.1f} (NF4) the 16-bit product of the same layer.")
 
 # %% [markdown]
 # **Questions.** (1) Why does NF4 not reach a quarter of FP16's weights, and which part would you have to
 # quantize to get closer? (2) The output head is left in 16 bits by default: what would you expect to happen to
-# the logits if it were quantized too? (3) On a GPU with room for the FP16 model, when is NF4 still worth its
-# drift?
+# the logits if it were quantized too? (3) LLM.int8() couples the rows it multiplies at once: would two captions
+# of the same image, one alone and one in a batch of four different images, be sure to agree in INT8? in NF4?
+# (4) On a GPU with room for the FP16 model, when is NF4 still worth its drift?

@@ -1,9 +1,10 @@
 # %% [markdown]
 # # 07 · Memory forensics: the weights are the floor, the prefill is the spike, the KV cache climbs slowly
 #
-# One FP16 caption, read with the tools PyTorch gives: the CUDA allocator's summary, a memory snapshot (every
-# allocation with the line of code that made it), and a timeline of the call with its phases marked. On a CPU,
-# the course's tensor accounting stands in for the allocator. Then what none of these tools can see.
+# One FP16 caption, read with the tools PyTorch gives: the CUDA allocator's counters and summary, a memory
+# snapshot (every allocation with the line of code that made it) and its viewer, and a timeline of the call with
+# its phases marked. On a CPU, the course's tensor accounting stands in for the allocator. Then what none of these
+# tools can see.
 
 # %% tags=["parameters"]
 scale = "tiny"
@@ -18,7 +19,7 @@ seed = 0
 results_path = "results/results.jsonl"
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.course.notebook import batch_of_images, record, start
+from xcomp_lab.course.notebook import batch_of_images, start
 
 params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_path=model_name_or_path,
                batch_size=batch_size, image_size=image_size, max_new_tokens=max_new_tokens,
@@ -26,25 +27,37 @@ params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_pa
 print(params)
 
 # %% [markdown]
-# ## Step 1: load the model, measured
+# ## Step 1: load the model, measured in plain PyTorch
 #
-# The fixed quick start of notebook 02: FP16 at load. On a GPU the allocator sees every byte the load puts on the
-# card; on a CPU the tensor accounting cannot see what safetensors reads from the file, so there only the weights
-# resident after the load are exact.
+# The fixed quick start of notebook 02: FP16 at load. On a GPU the caching allocator counts every byte it hands
+# out: `torch.cuda.reset_peak_memory_stats()` before the load, then `torch.cuda.memory_allocated()` (what is in
+# use now) and `torch.cuda.max_memory_allocated()` (the highest since the reset). A CPU has no such counters; the
+# course's tensor accounting cannot see what safetensors reads from the file either, so there the resident weights
+# are summed from the model's parameters and buffers, and the load's peak stays unknown.
 
 # %%
-import torch
-from xcomp_lab.lessons.precision import measure_load
-from xcomp_lab.course.steps import STEPS, course_budget, load_for_step
-from xcomp_lab.core.units import fmt_bytes
+import gc
+import time
 
+import torch
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.course.steps import STEPS, load_for_step
+
+cuda = params.device == "cuda"
 step = STEPS["fp16"]
 print(step.describe())
-(model, tokenizer), load = measure_load(lambda: load_for_step(step, params), params.device, label="load")
-weights = load.after_bytes
-budget = course_budget(params, model.config)
-print(load)
-print(budget.describe())
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
+started = time.perf_counter()
+model, tokenizer = load_for_step(step, params)
+load_seconds = time.perf_counter() - started
+if cuda:
+    weights, load_peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    print(f"torch.cuda.memory_allocated() after the load {fmt_bytes(weights)} | torch.cuda.max_memory_allocated() "
+          f"during it {fmt_bytes(load_peak)}, {fmt_bytes(load_peak - weights)} of it gone once the load returned")
+else:
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    print(f"parameters + buffers after the load {fmt_bytes(weights)} | the load's peak: not visible on a CPU")
 
 # %% [markdown]
 # These bytes are the floor of everything that follows: they stay for as long as the model does.
@@ -61,36 +74,33 @@ print(budget.describe())
 # torch.cuda.memory._record_memory_history(enabled=None)          #    stop recording
 # ```
 #
-# Here the code is one measured caption (`run_caption`, with the step's settings and the budget), which also
-# marks the phases on the timeline: `vision` when the vision tower starts, `prefill` at the decoder's first call
-# (the whole prompt at once), `decode` at its second (one new token per call from there). On a CPU the accounting
-# samples memory at every allocation (`sample_every=1`), so no spike falls between two samples.
+# Here the code is one measured caption (`caption_timeline`: the step's settings, the budget, a results record),
+# which marks the phases on the timeline: `vision` when the vision tower starts, `prefill` at the decoder's first
+# call (the whole prompt at once), `decode` at each later call (one new token per call). On a CPU the accounting
+# samples memory at every allocation. On a GPU each marker also reads the allocator's allocation counter, so
+# that Step 5 can place the markers in the recorded history. `torch.cuda.memory._snapshot()` returns the same
+# history as a Python dict, for this notebook to read; a caption at full scale makes tens of thousands of
+# allocations (Step 5 counts them), so the recording keeps up to 300,000 entries.
 
 # %%
-from xcomp_lab.run.call import run_caption
-from xcomp_lab.course.results import build_record
+from xcomp_lab.lessons.forensics import caption_timeline
 
 images = batch_of_images(params)
-cuda = params.device == "cuda"
 snapshot_path = params.results_path.parent / "07-memory-snapshot.pickle"
 if cuda:
-    torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")  # 1.
-run = run_caption(model, tokenizer, images, device=params.device, max_new_tokens=params.max_new_tokens,  # 2.
-                  grad=step.grad, use_autocast=step.use_autocast, budget=budget, image_size=params.image_size,
-                  label="07-caption-timeline", sample_every=1)
+    torch.cuda.memory._record_memory_history(max_entries=300_000, stacks="python")  # 1.
+caption = caption_timeline(model, tokenizer, images, params)  # 2.
 if cuda:
-    snapshot = torch.cuda.memory._snapshot()
+    snapshot = torch.cuda.memory._snapshot()  # the history as a dict, right after the call
     torch.cuda.memory._dump_snapshot(str(snapshot_path))  # 3.
     torch.cuda.memory._record_memory_history(enabled=None)
-record(params, build_record("07-caption-timeline", {**params.as_dict(), "step": step.name}, run.memory,
-                            tokens_per_s=run.tokens_per_s, caption=run.captions[0] if run.ok else None,
-                            extra={"prompt_tokens": run.prompt_tokens, "new_tokens": run.new_tokens,
-                                   "memory_history": cuda}))
+run = caption.run
 print(f"caption: {run.captions[0]!r} | prompt {run.prompt_tokens} tokens, {run.new_tokens} new")
+print(caption.budget.describe())
 
 # %% [markdown]
 # The record line splits the peak the usual way: the weights, the KV cache the call built, and everything
-# else the call made at its highest point ("activations").
+# else the call made at its highest point ("activations"). The last line says which budget was in force.
 #
 # ## Step 3: what the allocator says
 #
@@ -98,18 +108,17 @@ print(f"caption: {run.captions[0]!r} | prompt {run.prompt_tokens} tokens, {run.n
 # **Reserved** is what the allocator holds from the driver (`cudaMalloc`): allocated memory plus freed blocks it
 # keeps to reuse, so that the next tensor needs no `cudaMalloc`. `nvidia-smi` shows reserved memory (plus the
 # CUDA context), not allocated. `torch.cuda.memory_summary()` prints both, now and at their peak since the last
-# reset (the measurement resets the peak when the call starts). On a CPU there is no caching allocator to ask:
-# the course's tensor accounting counts every storage an operation returns and subtracts it when freed, which is
-# "allocated" in the same sense; nothing on a CPU corresponds to reserved memory that PyTorch could report.
+# reset (the measurement resets the peak when the call starts, and empties the cache when it ends). On a CPU there
+# is no caching allocator to ask: the course's tensor accounting counts every storage an operation returns and
+# subtracts it when freed, which is "allocated" in the same sense; nothing on a CPU corresponds to reserved memory
+# that PyTorch could report.
 
 # %%
-from xcomp_lab.lessons.forensics import trim_memory_summary
-
 if cuda:
-    print(trim_memory_summary(torch.cuda.memory_summary(params.device, abbreviated=True)))
-    print(f"allocated now {fmt_bytes(torch.cuda.memory_allocated())} | reserved now "
-          f"{fmt_bytes(torch.cuda.memory_reserved())} | during the call: allocated peak "
-          f"{fmt_bytes(run.memory.peak_bytes)}, reserved peak {fmt_bytes(run.memory.reserved_peak_bytes)}")
+    print(torch.cuda.memory_summary(abbreviated=True))
+    print(f"torch.cuda.max_memory_allocated() {fmt_bytes(torch.cuda.max_memory_allocated())} | the measured call's "
+          f"peak {fmt_bytes(run.memory.peak_bytes)} | torch.cuda.max_memory_reserved() "
+          f"{fmt_bytes(torch.cuda.max_memory_reserved())}")
 else:
     m = run.memory
     print(f"CPU tensor accounting ({m.kind}) for the call:")
@@ -117,26 +126,56 @@ else:
     print(f"  allocated peak     {fmt_bytes(m.peak_bytes)}")
     print(f"  allocated at end   {fmt_bytes(m.end_bytes)}")
     print(f"  reserved           (none: the C allocator's free lists are invisible to PyTorch)")
-    print(f"  timeline samples   {len(m.timeline)}")
 
 # %% [markdown]
-# Allocated memory returns to the weights when the call ends: the call's tensors are all freed. On a GPU,
-# reserved memory stays at its peak until `torch.cuda.empty_cache()` (which the measurement calls between steps):
-# that cache is why a process can look full in `nvidia-smi` while PyTorch has room.
+# Does a freed block stay reserved? One plain experiment: a tensor as large as what the call added to the weights,
+# freed, then `torch.cuda.empty_cache()`. Reserved memory is read at each moment; the verdict is computed from the
+# readings.
+
+# %%
+if cuda:
+    size = run.memory.peak_bytes - run.memory.start_bytes
+    before = torch.cuda.memory_reserved()
+    scratch = torch.empty(size, dtype=torch.uint8, device=params.device)
+    del scratch
+    held = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # reserved for no tensor
+    torch.cuda.empty_cache()
+    after = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    print(f"reserved now {fmt_bytes(before)}, its peak during the call {fmt_bytes(run.memory.reserved_peak_bytes)} | "
+          f"a {fmt_bytes(size)} tensor, freed: {fmt_bytes(held)} reserved for no tensor | after empty_cache(): "
+          f"{fmt_bytes(after)}")
+    print(f"verdict: reserved now is {'below' if before < run.memory.reserved_peak_bytes else 'at'} its peak during "
+          f"the call; the freed block {'stayed' if held >= size else 'did not stay'} reserved, and empty_cache() "
+          f"{'gave it back' if after < size else 'kept it'}")
+else:
+    print("a CPU has no cache of freed blocks that PyTorch reports: freed tensors go back to the C allocator")
+
+# %% [markdown]
+# Reserved memory that holds no tensor is what makes a process look full in `nvidia-smi` while PyTorch has room.
+# The measurement calls `empty_cache()` after every call: the verdict says where that left reserved memory against
+# its peak during the call, and what a freed block does until `empty_cache()`.
 #
-# ## Step 4: the snapshot
+# ## Step 4: the snapshot, and PyTorch's viewer
 #
 # The snapshot holds every allocation of the recorded call with its stack. Dropped on
-# [pytorch.org/memory_viz](https://pytorch.org/memory_viz), it draws each tensor as a band over time; read in
-# Python, it ranks the allocations and names the line of code behind each. Snapshots exist on CUDA only; on a
-# CPU the timeline of Step 5 and the OOM report of notebook 01 (which names the operation that failed) are what
-# the accounting offers instead.
+# [pytorch.org/memory_viz](https://pytorch.org/memory_viz), it draws each tensor as a band over time;
+# `torch.cuda._memory_viz.trace_plot(snapshot)` writes the same viewer as one HTML file, offline (the file still
+# loads the viewer's script from the web when opened). Read in Python, the snapshot ranks the allocations and
+# names the line of code behind each. Snapshots exist on CUDA only; on a CPU the timeline of Step 5 and the OOM
+# report of notebook 01 (which names the operation that failed) are what the accounting offers instead.
 
 # %%
 from xcomp_lab.lessons.forensics import largest_allocations
 
 if cuda:
-    print(f"snapshot saved to {snapshot_path} ({snapshot_path.stat().st_size / 2**20:.1f} MiB of pickle)")
+    from torch.cuda import _memory_viz
+
+    html = _memory_viz.trace_plot(snapshot)
+    html_path = snapshot_path.with_suffix(".html")
+    html_path.write_text(html)
+    script = next((w.strip('"') for w in html.split() if w.startswith('"https://')), "none")
+    print(f"snapshot {snapshot_path} ({snapshot_path.stat().st_size / 2**20:.1f} MiB of pickle) | viewer "
+          f"{html_path} ({len(html) / 2**20:.1f} MiB; the script it loads: {script})")
     for a in largest_allocations(snapshot, n=6, device=torch.cuda.current_device()):
         print(f"{a.count:4d} x {fmt_bytes(a.size):>10s}  {a.where}")
 else:
@@ -149,50 +188,51 @@ else:
 #
 # ## Step 5: the timeline of the call
 #
-# The timeline starts with the load (from nothing to the weights; the pause between the load and the call is
-# left out), then the call's markers. On a CPU every allocation is a sample. On a GPU the measurement reads the
-# allocator at each marker only, so the line steps from marker to marker and the spike shows in the peak figure
-# of the allocator, not in the line.
+# On a CPU the timeline is the accounting's samples, one per allocation. On a GPU the allocator keeps counters,
+# not a timeline: the course's measurement alone would give the markers only. Here it is rebuilt from the
+# recorded history instead: every allocation adds its size and every free takes it away, starting from the bytes
+# at the first marker, and each marker is placed after as many allocations as its counter read (the sizes are the
+# ones the tensors asked for; the allocator rounds each block up to a multiple of 512 bytes, so its own peak is a
+# little higher). The chart starts with the load (from nothing to the weights; the pause between the load and the
+# call is left out).
 
 # %%
-from xcomp_lab.course.charts import timeline_chart
-from xcomp_lab.lessons.forensics import timeline_with_load
-
-timeline = timeline_with_load(load.seconds, weights, run.memory.timeline)
-timeline_chart(timeline, budget_bytes=budget.limit_bytes,
+timeline = caption.timeline(snapshot if cuda else None)
+print(f"{timeline.source}: {len(timeline.samples):,} samples | highest {fmt_bytes(timeline.highest_bytes)} | the "
+      f"measured peak {fmt_bytes(run.memory.peak_bytes)} (x{timeline.highest_bytes / run.memory.peak_bytes:.4f}) | "
+      f"the weights are {weights / run.memory.peak_bytes:.0%} of it")
+timeline.chart(load_seconds=load_seconds, weights_bytes=weights, budget_bytes=caption.budget.limit_bytes,
                title=f"One FP16 caption ({params.scale}, {params.device}): load, then the call")
 
 # %% [markdown]
-# The weights are most of the line; what the call adds sits on top of them, well under the budget. The same
-# call without the weights, from its start:
+# The weights are the share of the peak the line gives; what the call adds sits on top of them. The same call
+# without what was there at its start (the weights), from its start:
 
 # %%
-above = [(t, b - weights, label) for t, b, label in run.memory.timeline]
-timeline_chart(above, title="The same call, memory above the weights")
+timeline.chart(floor_bytes=timeline.start_bytes, title="The same call, memory above its start (the weights)")
 
 # %% [markdown]
 # ## Step 6: read it marker by marker
 #
-# For each marker: memory at the marker, the highest sample before the next marker, and the rise between them.
-
-# %%
-from xcomp_lab.lessons.forensics import format_phases, phase_floors, phases
-
-rows = {p.label: p for p in phases(timeline)}
-print(format_phases(list(rows.values()), fmt_bytes))
-print(f"exact peak of the call {fmt_bytes(run.memory.peak_bytes)} | highest timeline sample "
-      f"{fmt_bytes(max(b for _, b, _ in run.memory.timeline))}")
-
-# %% [markdown]
-# - **load**: from nothing to the weights, the floor.
+# For each phase: memory at its first marker, the highest sample until the next phase, and the rise between
+# them (the decode steps, one marker each, make one phase).
+#
 # - **start** to **vision**: the image is read and normalised; the pixel tensor is small.
 # - **vision**: the vision tower and the projector run and the prompt is embedded: its activations come and go,
 #   and the prompt's embeddings stay.
-# - **prefill**: the decoder runs over the whole prompt at once: the spike.
+# - **prefill**: the decoder runs over the whole prompt at once.
 # - **decode**: one token per call; the KV cache grows by one position per step.
-# - **end**: everything the call made is freed.
-#
-# What makes the prefill spike? Two suspects grow with the prompt: the logits for every position over the whole
+# - **end**: the call is over; what it made is freed, but for what outlives it (Step 7).
+
+# %%
+print(timeline.table())
+rows = timeline.phases()
+highest = max(rows, key=lambda p: p.highest_bytes)
+print(f"the highest sample is in the {highest.label} phase, {fmt_bytes(highest.highest_bytes - highest.at_start_bytes)} "
+      f"above its marker")
+
+# %% [markdown]
+# What makes the prefill's rise? Two suspects grow with the prompt: the logits for every position over the whole
 # vocabulary (the original computes them all, then upcasts them to FP32), and eager attention's scores of every
 # token against every token, one layer at a time. Each is run alone on the same prompt and measured, next to its
 # size from the shapes:
@@ -209,26 +249,25 @@ my_logits_mib = None  # your prediction, in MiB
 
 # %%
 from xcomp_lab.lessons.forensics import measure_prefill_parts
-from xcomp_lab.lessons.sequence import eager_scores_bytes, kv_cache_formula, prefill_logits_bytes
 
 cfg = model.config
 B, T, new = len(images), run.prompt_tokens, run.new_tokens
-prefill = rows["prefill"]
-measured_spike = (run.memory.peak_bytes if cuda else prefill.highest_bytes) - prefill.at_start_bytes
+prefill = timeline.phase("prefill")
+spike = prefill.highest_bytes - prefill.at_start_bytes
 parts = measure_prefill_parts(model, tokenizer, images, device=params.device, grad=step.grad,
                               use_autocast=step.use_autocast, image_size=params.image_size)
-logits_both = prefill_logits_bytes(cfg, B, T) * 3 // 2  # FP16 logits and their FP32 copy, alive together
-scores = eager_scores_bytes(cfg, B, T, "float16")
-kv_prompt = kv_cache_formula(cfg, B, T, "float16")
+scores = B * cfg.num_attention_heads * T * T * 2  # one layer's FP16 scores, (B, heads, T, T)
+logits_both = B * T * cfg.vocab_size * (2 + 4)  # FP16 logits and their FP32 copy, alive together
+kv_prompt = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * T * cfg.head_dim * 2  # keys and values, FP16
 largest = max(parts.attention_bytes, parts.logits_bytes)
-print(f"prefill: {fmt_bytes(measured_spike)} above its marker at the highest")
+print(f"prefill: {fmt_bytes(spike)} above its marker at the highest")
 print(f"  one layer's attention, run alone: adds {fmt_bytes(parts.attention_bytes)} | its scores, {B} x "
       f"{cfg.num_attention_heads} heads x {T} x {T} x 2 bytes: {fmt_bytes(scores)} (x{parts.attention_bytes / scores:.1f})")
 print(f"  output head + FP32 upcast, run alone: adds {fmt_bytes(parts.logits_bytes)} | {B} x {T} x {cfg.vocab_size:,} "
       f"x (2 + 4) bytes: {fmt_bytes(logits_both)} (x{parts.logits_bytes / logits_both:.2f})")
 print(f"  the larger, {'attention' if parts.attention_bytes >= parts.logits_bytes else 'logits'}, is "
-      f"{largest / measured_spike:.0%} of the prefill's rise; the rest, {fmt_bytes(measured_spike - largest)}, is what "
-      f"is alive at that moment: the prompt's KV cache ({fmt_bytes(kv_prompt)} once complete) and hidden states")
+      f"{largest / spike:.0%} of the prefill's rise; the rest, {fmt_bytes(spike - largest)}, is what is alive at that "
+      f"moment: the prompt's KV cache ({fmt_bytes(kv_prompt)} once complete) and hidden states")
 
 # %%
 from xcomp_lab.course.exercises import check
@@ -238,46 +277,48 @@ answer_7_1 = check("7.1", my_logits_mib, measured=parts.logits_bytes, batch=B, t
 # %% [markdown]
 # The two suspects never overlap: a layer's scores are freed before the next layer starts, and the logits come
 # after the last layer. So the spike is the larger of the two on top of what is alive at that moment. The
-# attention adds several times its FP16 scores: the masked copy, and for the FP32 softmax an FP32 copy of the
-# input and the FP32 result (on a GPU the softmax reads FP16 directly, one copy fewer). The scores grow with the
-# square of the prompt, the logits with the prompt times the vocabulary: which one wins depends on the scale
-# (at full scale, 32 heads against a vocabulary of 92,544).
+# attention adds its FP16 scores several times over (the factor is on its line): the masked copy, and for the FP32
+# softmax an FP32 copy of the input and the FP32 result (on a GPU the softmax reads FP16 directly, one copy fewer).
+# The scores grow with the square of the prompt, the logits with the prompt times the vocabulary: which one wins
+# depends on the scale (at full scale, 32 heads against a vocabulary of 92,544), and the line names it.
 #
-# The decode phase is the slow climb: each step appends one position of keys and values in every layer.
+# The decode phase is the slow climb: each step appends one position of keys and values in every layer. Between
+# two steps only the model, the cache and the tokens so far remain, so the lowest point of each step should climb
+# by about one token's keys and values, while each step's own temporaries (its logits, one layer's activations)
+# come and go above it. The last step is left out: its slice runs to the end of the call, where memory is freed.
 
 # %%
-decode = rows["decode"]
-per_token = kv_cache_formula(cfg, B, 1, "float16")
+per_token = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * cfg.head_dim * 2
+decode = timeline.phase("decode")
 print(f"KV cache per token: 2 x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} KV heads x "
       f"{cfg.head_dim} x 2 bytes x batch {B} = {fmt_bytes(per_token)}")
 print(f"KV cache at the end of the call: measured {fmt_bytes(run.memory.kv_cache_bytes)} | formula for {T} + {new - 1} "
-      f"tokens {fmt_bytes(kv_cache_formula(cfg, B, T + new - 1, 'float16'))}")
-print(f"decode phase: {fmt_bytes(decode.at_start_bytes)} at its marker, highest {fmt_bytes(decode.highest_bytes)} "
-      f"(rise {fmt_bytes(decode.highest_bytes - decode.at_start_bytes)}, each step's own temporaries)")
-floors = phase_floors(timeline, "decode", new - 1)  # one slice per decode step
-if floors is None:
-    print("the decode phase holds no samples between its markers here (a GPU timeline reads the allocator at the "
-          "markers only)")
+      f"tokens (the last one is never fed back) {fmt_bytes(per_token * (T + new - 1))}")
+print(f"decode phase, {decode.markers} steps: {fmt_bytes(decode.at_start_bytes)} at its first marker, highest "
+      f"{fmt_bytes(decode.highest_bytes)} (rise {fmt_bytes(decode.highest_bytes - decode.at_start_bytes)})")
+floors = timeline.floors("decode")[:-1]  # one per decode step; the last step's slice holds the end of the call
+if len(floors) >= 2:
+    climb = (floors[-1] - floors[0]) / (len(floors) - 1)
+    print(f"lowest point of decode steps 1 to {len(floors)}: from {fmt_bytes(floors[0] - timeline.start_bytes)} to "
+          f"{fmt_bytes(floors[-1] - timeline.start_bytes)} above the call's start | it climbs {climb:,.0f} bytes per step, the KV cache "
+          f"{per_token:,} bytes per token: x{climb / per_token:.3f}")
 else:
-    print(f"lowest point of each decode step, above the weights: "
-          + ", ".join(f"{(f - weights) / 1024:.0f}" for f in floors) + " KiB")
-    print(f"the floor climbs {fmt_bytes(max(floors) - floors[0])} from the first step to its highest, "
-          f"{new - 2} steps later | formula {new - 2} x {fmt_bytes(per_token)} = {fmt_bytes((new - 2) * per_token)} "
-          f"(the last slice also holds the end of the call, when memory is freed)")
+    print(f"only {decode.markers} decode step(s): too few to see the floor climb (raise max_new_tokens)")
 print(f"a 1024-token answer (chat()'s default max_new_tokens) would add {fmt_bytes(1024 * per_token)} of cache")
 
 # %% [markdown]
-# The cache the call built matches the formula for the prompt plus the tokens fed back (the last token is
-# sampled but never fed). Between two steps only the model and the cache remain, so the lowest point of each
-# step climbs by one token's keys and values, while each step's own temporaries (its logits, one layer's
-# activations) come and go above it. Per token the climb is small next to the prefill's spike; long answers and
-# batches are what make it count.
+# The lines compare the cache the call built with the formula, and the climb of the floor with one token's keys
+# and values: what climbs beyond the cache is whatever else grows with the sequence (in transformers' `generate`,
+# the token ids and the attention mask also gain one position per step). Per token the climb is small next to the prefill's rise; long answers and batches are what make it count.
+#
+# Before the last step, the model goes, in plain PyTorch: drop the references, collect, and on a GPU hand the
+# cached blocks back.
 
 # %%
-del model
-from xcomp_lab.lessons.precision import free
-
-free(params.device)
+del model, tokenizer
+gc.collect()
+if cuda:
+    torch.cuda.empty_cache()
 
 # %% [markdown]
 # ## Step 7: what the tools cannot see
@@ -288,34 +329,39 @@ free(params.device)
 # - **Workspaces** (GPU): cuBLAS keeps a workspace per stream from its first matrix product on; it comes from
 #   PyTorch's allocator but belongs to no tensor of the model, so it appears as allocated memory that no
 #   variable holds.
-# - **Outside PyTorch** (GPU): the CUDA context (the kernels of every library loaded, typically hundreds of MiB),
-#   and anything a library allocates with `cudaMalloc` itself. `torch.cuda.mem_get_info()` sees the card's
-#   total use; the allocator's figures do not include it.
+# - **Outside PyTorch** (GPU): the CUDA context (the kernels of every library loaded) and anything a library
+#   allocates with `cudaMalloc` itself. `torch.cuda.mem_get_info()` returns the card's free and total memory as
+#   the driver sees them, every process included; the allocator's figures do not include the rest.
 # - **On a CPU**: scratch space a kernel allocates for itself instead of returning it as a tensor (matrix-product
 #   packing buffers, bitsandbytes' dequantized weights in notebook 06), the C allocator's freed-but-kept memory,
 #   and the Python interpreter and libraries: the process's resident memory (RSS) includes them, the tensor
-#   accounting does not.
+#   accounting does not. `/proc/meminfo` is the machine's `mem_get_info()`.
 #
 # This machine's figures (they vary from run to run):
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.lessons.forensics import process_resident_bytes
+from xcomp_lab.lessons.forensics import host_memory
 
 if cuda:
     free_bytes, total = torch.cuda.mem_get_info()
     reserved = torch.cuda.memory_reserved()
+    print(f"torch.cuda.mem_get_info(): {fmt_bytes(free_bytes)} free of {fmt_bytes(total)}")
     print(f"during the call: reserved peak {fmt_bytes(run.memory.reserved_peak_bytes)} - allocated peak "
           f"{fmt_bytes(run.memory.peak_bytes)} = {fmt_bytes(run.memory.reserved_peak_bytes - run.memory.peak_bytes)} "
           f"held by the allocator for no tensor")
     print(f"allocated after the call, beyond the weights it started with: "
           f"{fmt_bytes(run.after_release_bytes - run.memory.start_bytes)} (held by no variable of ours)")
-    print(f"the card now: {fmt_bytes(total - free_bytes)} in use by all processes, {fmt_bytes(reserved)} reserved by "
-          f"PyTorch: {fmt_bytes(total - free_bytes - reserved)} outside PyTorch's allocator")
+    print(f"the card now, the model deleted: {fmt_bytes(total - free_bytes)} in use by all processes, "
+          f"{fmt_bytes(reserved)} reserved by PyTorch: {fmt_bytes(total - free_bytes - reserved)} outside its allocator")
 else:
-    rss = process_resident_bytes()
-    print(f"tensor accounting at the call's peak {fmt_bytes(run.memory.peak_bytes)} | process resident memory now "
-          f"{fmt_bytes(rss) if rss is not None else 'unknown (no /proc)'}: the interpreter, the libraries and the C "
-          f"allocator's own memory are in the second figure only")
+    host = host_memory()
+    known = host.available_bytes is not None and host.total_bytes is not None
+    print(f"/proc/meminfo: {fmt_bytes(host.available_bytes)} available of {fmt_bytes(host.total_bytes)}" if known
+          else "no /proc/meminfo on this system: the machine's memory is not read here")
+    if host.process_resident_bytes is not None:
+        print(f"tensor accounting at the call's peak {fmt_bytes(run.memory.peak_bytes)} | this process's resident memory "
+              f"now {fmt_bytes(host.process_resident_bytes)}: the interpreter, the libraries and the C allocator's own "
+              f"memory are in the second figure only")
 
 # %% [markdown]
 # ## What we learned
@@ -324,11 +370,16 @@ else:
 call_share = (run.memory.peak_bytes - weights) / run.memory.peak_bytes
 print(f"- The weights ({fmt_bytes(weights)}) are {weights / run.memory.peak_bytes:.0%} of the call's peak "
       f"({fmt_bytes(run.memory.peak_bytes)}); the call itself adds {call_share:.0%}.")
-print(f"- The prefill rises {fmt_bytes(measured_spike)} above its marker: one layer's eager attention adds "
-      f"{fmt_bytes(parts.attention_bytes)} (x{parts.attention_bytes / scores:.1f} its FP16 scores), the output head's "
-      f"logits {fmt_bytes(parts.logits_bytes)}; the larger sets the spike.")
+print(f"- The highest sample of the timeline is in the {highest.label} phase. The prefill rises {fmt_bytes(spike)} "
+      f"above its marker: one layer's eager attention adds {fmt_bytes(parts.attention_bytes)} "
+      f"(x{parts.attention_bytes / scores:.1f} its FP16 scores), the output head's logits "
+      f"{fmt_bytes(parts.logits_bytes)}; the larger, {'attention' if parts.attention_bytes >= parts.logits_bytes else 'the logits'}, "
+      f"sets the spike.")
 print(f"- The KV cache climbs {fmt_bytes(per_token)} per token: {fmt_bytes(run.memory.kv_cache_bytes)} for this "
       f"{T + new - 1}-token call, {fmt_bytes(1024 * per_token)} more for a 1024-token answer.")
+print(f"- The timeline holds {len(timeline.samples):,} samples: "
+      + ("every allocation and free of the call, rebuilt from the allocator's recorded history on this GPU." if cuda
+         else "one at every allocation of the call, from the tensor accounting on this CPU."))
 
 # %% [markdown]
 # **Questions.** (1) Only the last position's logits pick the next token: how would you avoid computing the

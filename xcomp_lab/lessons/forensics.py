@@ -1,11 +1,24 @@
-"""Read memory step by step: the allocator's summary, a snapshot's largest allocations, a timeline's phases.
+"""Notebook 07: read one caption's memory with the tools PyTorch gives, and their CPU counterparts.
 
-- `trim_memory_summary()` keeps the rows of `torch.cuda.memory_summary()` a reader needs first.
+The notebook imports four of these:
+
+- `caption_timeline()` makes one measured FP16 caption with a marker at the vision tower and at every call of
+  the decoder ("prefill", then one "decode" per new token), appends its results record, and returns a
+  `CaptionTimeline`. On a CPU the tensor accounting samples every allocation, so the timeline is complete. On
+  CUDA the allocator keeps no timeline, so each marker also reads its allocation counter, and
+  `CaptionTimeline.timeline(snapshot)` rebuilds every allocation and free from the memory history that
+  `torch.cuda.memory._record_memory_history()` recorded (`trace_timeline()`).
 - `largest_allocations()` ranks the allocations a CUDA memory snapshot recorded, with the line of model code
-  that made each (`torch.cuda.memory._record_memory_history()` + `torch.cuda.memory._snapshot()`).
-- `timeline_with_load()` puts the load in front of a captioning call's timeline; `phases()` reads a timeline
-  marker by marker: memory at each marker and the highest sample until the next one.
-- `process_resident_bytes()` is the process's resident memory on Linux, for what tensor accounting cannot see.
+  that made each.
+- `measure_prefill_parts()` runs the prefill's two suspects alone on the real prompt: one layer's eager
+  attention and the output head with its FP32 upcast.
+- `host_memory()` reads the machine's and the process's memory (Linux `/proc`): what `torch.cuda.mem_get_info()`
+  is to a GPU, for a CPU.
+
+`Timeline` reads a timeline marker by marker (`phases()`, `step_floors()`) and draws it.
+
+The shared measurement (`xcomp_lab.memory.measure`) keeps only its phase markers on CUDA; `trace_timeline()` is
+the workaround until it fills the CUDA timeline from the memory history itself.
 """
 
 from __future__ import annotations
@@ -15,40 +28,338 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
+import torch
+from matplotlib.figure import Figure
+
 from xcomp_lab.core.checks import check_int
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.course.charts import timeline_chart
+from xcomp_lab.course.notebook import record
+from xcomp_lab.course.params import CourseParams
+from xcomp_lab.course.results import build_record
+from xcomp_lab.course.steps import course_budget, get_step
+from xcomp_lab.lessons.host_memory import read_rss
+from xcomp_lab.memory import Budget, GuardedResult, measure, run_guarded
+from xcomp_lab.model.tokenizer import CAPTION_QUERY
+from xcomp_lab.run.call import CaptionRun, autocast, cache_bytes, grad_mode
+from xcomp_lab.run.captioning import prompt_batch
+from xcomp_lab.run.generate import generated_tokens, greedy_generate, turn_texts
 
-Sample = tuple[float, int, str]  # (seconds, allocated bytes, marker label or "")
-
-SUMMARY_ROWS = ("Allocated memory", "Requested memory", "GPU reserved memory", "Non-releasable memory",
-                "Allocations", "GPU reserved segments")
+Sample = tuple[float, int, str]  # (seconds, bytes in use, marker label or "")
 
 
-def trim_memory_summary(summary: str, rows: Sequence[str] = SUMMARY_ROWS) -> str:
-    """The title, the OOM line, the column header and the `rows` of a `torch.cuda.memory_summary()` table.
+# --------------------------------------------------------------------------------------------- reading a timeline
 
-    The per-pool sub-rows ("from large pool", "from small pool") and the other metrics are dropped.
+@dataclass(frozen=True)
+class Phase:
+    """From one marker to the next marker of another label: memory at the marker, the highest sample, the last."""
+
+    label: str
+    start_s: float
+    end_s: float
+    at_start_bytes: int
+    highest_bytes: int
+    at_end_bytes: int  # the last sample before the next phase (or the last sample of the timeline)
+    samples: int
+    markers: int  # markers of this label in a row (one per decode step)
+
+
+def phases(timeline: Sequence[Sample]) -> list[Phase]:
+    """Split a timeline at its markers; markers of the same label in a row make one phase.
+
+    Samples before the first marker are ignored.
     """
-    if not isinstance(summary, str) or "Metric" not in summary:
-        raise ValueError("summary must be the text of torch.cuda.memory_summary(), which has a 'Metric' header row")
-    kept: list[str] = []
-    in_table = False
-    for line in summary.splitlines():
-        cell = line.strip("|").strip()
-        if cell.startswith("Metric"):
-            in_table = True
-            kept.append(line)
-        elif not in_table:
-            if cell and set(cell) not in ({"="}, {"-"}):
-                kept.append(line)
-        elif any(cell.startswith(name) for name in rows):
-            kept.append(line)
-    width = max(len(line) for line in kept)
-    rule, edge = "|" + "-" * (width - 2) + "|", "|" + "=" * (width - 2) + "|"
-    header_end = next(i for i, line in enumerate(kept) if line.strip("|").strip().startswith("Metric")) + 1
-    return "\n".join([edge] + kept[:header_end] + [rule] + kept[header_end:] + [edge])
+    marks = [i for i, (_, _, label) in enumerate(timeline) if label]
+    if not marks:
+        raise ValueError("the timeline has no marker: measure with phase marks (caption_timeline marks vision, "
+                         "prefill and decode)")
+    starts = [i for k, i in enumerate(marks) if k == 0 or timeline[i][2] != timeline[marks[k - 1]][2]]
+    out = []
+    for k, i in enumerate(starts):
+        j = starts[k + 1] if k + 1 < len(starts) else len(timeline)
+        chunk = timeline[i:j]
+        out.append(Phase(label=timeline[i][2], start_s=float(timeline[i][0]), end_s=float(chunk[-1][0]),
+                         at_start_bytes=int(chunk[0][1]), highest_bytes=int(max(b for _, b, _ in chunk)),
+                         at_end_bytes=int(chunk[-1][1]), samples=len(chunk),
+                         markers=sum(1 for _, _, label in chunk if label)))
+    return out
 
+
+def format_phases(rows: Sequence[Phase], fmt_bytes: Callable[[float], str]) -> str:
+    """A table of phases: marker, memory at it, highest sample in the phase and the rise above the marker."""
+    if not rows:
+        raise ValueError("rows is empty: pass phases(timeline)")
+    width = max(len("marker"), *(len(r.label) + (len(f" x{r.markers}") if r.markers > 1 else 0) for r in rows))
+    lines = [f"{'marker':<{width}}  {'at marker':>11}  {'highest':>11}  {'rise':>11}"]
+    for r in rows:
+        name = r.label + (f" x{r.markers}" if r.markers > 1 else "")
+        lines.append(f"{name:<{width}}  {fmt_bytes(r.at_start_bytes):>11}  {fmt_bytes(r.highest_bytes):>11}  "
+                     f"{fmt_bytes(r.highest_bytes - r.at_start_bytes):>11}")
+    return "\n".join(lines)
+
+
+def step_floors(timeline: Sequence[Sample], label: str) -> list[int]:
+    """The lowest sample from each `label` marker to the next marker of any label (one per decode step).
+
+    Between two decode steps only what persists is left (the model, the KV cache, the tokens so far), so the
+    floors climb with the cache while each step's own temporaries come and go above them.
+    """
+    marks = [i for i, (_, _, name) in enumerate(timeline) if name]
+    mine = [i for i in marks if timeline[i][2] == label]
+    if not mine:
+        raise ValueError(f"no marker {label!r} in the timeline; its markers are {sorted({timeline[i][2] for i in marks})}")
+    floors = []
+    for i in mine:
+        j = next((m for m in marks if m > i), len(timeline))
+        floors.append(int(min(b for _, b, _ in timeline[i:j])))
+    return floors
+
+
+def timeline_with_load(load_seconds: float, weights_bytes: int, timeline: Sequence[Sample],
+                       before_bytes: int = 0) -> list[Sample]:
+    """A "load" marker at 0 s (memory `before_bytes`), the weights in place after `load_seconds`, then the call.
+
+    The time between the end of the load and the start of the call is left out.
+    """
+    if not timeline:
+        raise ValueError("timeline is empty: pass the samples of a measured call")
+    if load_seconds < 0 or weights_bytes < 0 or before_bytes < 0:
+        raise ValueError(f"load_seconds, weights_bytes and before_bytes must not be negative, got "
+                         f"{load_seconds}, {weights_bytes}, {before_bytes}")
+    load: list[Sample] = [(0.0, int(before_bytes), "load"), (float(load_seconds), int(weights_bytes), "")]
+    return load + [(float(load_seconds) + float(t), int(b), label) for t, b, label in timeline]
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Memory over one call: every allocation and free, with the phase markers among them."""
+
+    samples: tuple[Sample, ...]
+    source: str  # what the samples come from, for a reader
+
+    def phases(self) -> list[Phase]:
+        return phases(self.samples)
+
+    def phase(self, label: str) -> Phase:
+        """The phase that starts at the first marker `label`."""
+        found = [p for p in self.phases() if p.label == label]
+        if not found:
+            raise ValueError(f"no phase {label!r}; the timeline's phases are {[p.label for p in self.phases()]}")
+        return found[0]
+
+    def table(self) -> str:
+        return format_phases(self.phases(), fmt_bytes)
+
+    def floors(self, label: str = "decode") -> list[int]:
+        return step_floors(self.samples, label)
+
+    @property
+    def start_bytes(self) -> int:
+        """Memory at the first sample: what was there before the call (the weights)."""
+        return self.samples[0][1]
+
+    @property
+    def highest_bytes(self) -> int:
+        return max(b for _, b, _ in self.samples)
+
+    def above(self, floor_bytes: int) -> list[Sample]:
+        """The samples less `floor_bytes` (e.g. the weights), to see what the call itself adds."""
+        return [(t, b - floor_bytes, label) for t, b, label in self.samples]
+
+    def chart(self, *, load_seconds: float | None = None, weights_bytes: int = 0, floor_bytes: int = 0,
+              budget_bytes: int | None = None, title: str | None = None) -> Figure:
+        """The timeline drawn; with `load_seconds`, the load in front of it; with `floor_bytes`, less that floor."""
+        samples = self.above(floor_bytes) if floor_bytes else list(self.samples)
+        if load_seconds is not None:
+            samples = timeline_with_load(load_seconds, weights_bytes, samples)
+        return timeline_chart(samples, budget_bytes=budget_bytes, title=title)
+
+
+# -------------------------------------------------------------------------------------- the CUDA memory history
+
+@dataclass(frozen=True)
+class Mark:
+    """The CUDA allocator's counters at a phase marker: how many allocations so far, and the bytes in use."""
+
+    label: str
+    allocations: int  # memory_stats()["allocation.all.allocated"]: allocations made since the process began
+    allocated_bytes: int  # torch.cuda.memory_allocated(): blocks in use, each rounded up by the allocator
+    requested_bytes: int  # memory_stats()["requested_bytes.all.current"]: what the tensors asked for
+
+
+def cuda_mark(label: str, device: str | int | torch.device = "cuda") -> Mark:
+    """Read the allocator's counters now (cheap: no synchronisation, no allocation)."""
+    stats = torch.cuda.memory_stats(device)
+    return Mark(label, int(stats["allocation.all.allocated"]), int(stats["allocated_bytes.all.current"]),
+                int(stats["requested_bytes.all.current"]))
+
+
+def trace_timeline(snapshot: Mapping[str, Any], marks: Sequence[Mark], device: int = 0) -> list[Sample]:
+    """Every allocation and free between the first and the last mark, from a snapshot's memory history.
+
+    `torch.cuda.memory._record_memory_history()` makes the allocator log each "alloc" and "free_requested" with
+    the size the tensor asked for; `torch.cuda.memory._snapshot()["device_traces"]` returns that log. Counting
+    back from the last mark's requested bytes gives the bytes in use after every entry. Each mark is placed by
+    its allocation counter (after that many allocations, before the next) where the bytes equal its own, which
+    checks the log against the allocator. The last mark must be read after the call and before the snapshot,
+    with nothing allocated or freed in between. Times are the log's (`time_us`), from the first mark on.
+    """
+    traces = snapshot.get("device_traces") if isinstance(snapshot, Mapping) else None
+    if not isinstance(traces, Sequence):
+        raise ValueError("snapshot must be the dict of torch.cuda.memory._snapshot(), with 'device_traces': record "
+                         "history first with torch.cuda.memory._record_memory_history()")
+    if not 0 <= device < len(traces):
+        raise ValueError(f"device={device}: the snapshot has traces for {len(traces)} device(s)")
+    if len(marks) < 2:
+        raise ValueError(f"marks must hold at least the start and the end of the call, got {len(marks)}")
+    events = [e for e in traces[device] if e.get("action") in ("alloc", "free_requested")]
+    if not events:
+        raise ValueError("the memory history holds no allocation: record it before the call with "
+                         "torch.cuda.memory._record_memory_history()")
+    if any("time_us" not in e for e in events):
+        raise ValueError("the memory history's entries carry no 'time_us': this torch version does not time them")
+    deltas = [int(e["size"]) if e["action"] == "alloc" else -int(e["size"]) for e in events]
+    at = [0] * (len(events) + 1)  # at[p]: bytes in use before entry p (at[-1]: after the last entry)
+    at[-1] = marks[-1].requested_bytes
+    for p in range(len(events) - 1, -1, -1):
+        at[p] = at[p + 1] - deltas[p]
+    allocs_before = [0] * (len(events) + 1)  # logged allocations before entry p
+    for p, event in enumerate(events):
+        allocs_before[p + 1] = allocs_before[p] + (event["action"] == "alloc")
+    before_log = marks[-1].allocations - allocs_before[-1]  # allocations made before the log's first one
+    if marks[0].allocations < before_log:
+        raise ValueError(f"the memory history holds {allocs_before[-1]:,} allocations but the call made "
+                         f"{marks[-1].allocations - marks[0].allocations:,}: record it with a larger max_entries")
+
+    def position(mark: Mark, after: int) -> int:
+        wanted = mark.allocations - before_log
+        for p in range(after, len(events) + 1):
+            if allocs_before[p] > wanted:
+                break
+            if allocs_before[p] == wanted and at[p] == mark.requested_bytes:
+                return p
+        raise ValueError(f"the memory history never holds the {mark.requested_bytes:,} bytes the allocator gave at "
+                         f"marker {mark.label!r}: take the snapshot right after the call, with nothing allocated or "
+                         f"freed in between")
+
+    placed, p = [], 0
+    for mark in marks:
+        p = position(mark, p)
+        placed.append(p)
+    t0 = events[min(placed[0], len(events) - 1)]["time_us"]
+
+    def seconds(p: int) -> float:
+        return (events[min(p, len(events) - 1)]["time_us"] - t0) / 1e6
+
+    labels: dict[int, list[str]] = {}
+    for mark, p in zip(marks, placed):
+        labels.setdefault(p, []).append(mark.label)
+    samples: list[Sample] = []
+    for p in range(placed[0], placed[-1] + 1):
+        samples += [(seconds(p), at[p], label) for label in labels.get(p, [])]
+        if p < placed[-1]:
+            samples.append((seconds(p), at[p + 1], ""))  # after entry p, at its time
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------- a marked caption
+
+@dataclass(frozen=True)
+class CaptionTimeline:
+    """One measured caption with its markers, its results record and the budget it ran under."""
+
+    run: CaptionRun
+    marks: tuple[Mark, ...]  # CUDA only: the allocator's counters at each marker
+    budget: Budget
+    record: dict[str, Any]
+
+    @property
+    def device(self) -> str:
+        return self.run.memory.device
+
+    def timeline(self, snapshot: Mapping[str, Any] | None = None) -> Timeline:
+        """The call's timeline: on a CPU the accounting's samples; on CUDA rebuilt from `snapshot`'s history."""
+        if self.device == "cpu":
+            return Timeline(tuple(self.run.memory.timeline), "CPU tensor accounting (a sample at every allocation)")
+        if snapshot is None:
+            raise ValueError("on CUDA the timeline comes from the memory history: pass "
+                             "torch.cuda.memory._snapshot(), taken right after the call")
+        index = torch.device(self.device).index
+        samples = trace_timeline(snapshot, self.marks, torch.cuda.current_device() if index is None else index)
+        return Timeline(tuple(samples), "CUDA memory history (every allocation and free, requested sizes)")
+
+
+def caption_timeline(model: Any, tokenizer: Any, images: Sequence[Any], params: CourseParams, *,
+                     step_name: str = "fp16", label: str = "07-caption-timeline") -> CaptionTimeline:
+    """Caption `images` as course step `step_name` says, measured, with a marker at every decoder call.
+
+    What `xcomp_lab.run.call.run_caption` does, plus a "decode" marker per new token (it marks the first only)
+    and, on CUDA, the allocator's counters at each marker for `trace_timeline()`. On a CPU every allocation is
+    a timeline sample. The results record is appended to `params.results_path`.
+    """
+    if not images:
+        raise ValueError("images is empty; pass at least one image to caption.")
+    step = get_step(step_name)
+    device = params.device
+    cuda = device != "cpu"
+    budget = course_budget(params, model.config)
+    marks: list[Mark] = []
+    meters: list[Any] = []
+    shapes: dict[str, int] = {}
+
+    def mark(name: str) -> None:
+        meters[0].mark(name)
+        if cuda:
+            marks.append(cuda_mark(name, device))
+
+    def on_start(meter: Any) -> None:
+        meters.append(meter)
+        if cuda:
+            marks.append(cuda_mark("start", device))
+
+    def caption() -> list[str]:
+        calls = {"decoder": 0}
+
+        def on_decoder(*_: Any) -> None:
+            calls["decoder"] += 1
+            mark("prefill" if calls["decoder"] == 1 else "decode")
+
+        handles = [model.vit.register_forward_pre_hook(lambda *_: mark("vision")),
+                   model.model.register_forward_pre_hook(on_decoder)]
+        try:
+            with grad_mode(step.grad), autocast(device, step.use_autocast):
+                embeds, im_mask = prompt_batch(model, tokenizer, list(images), CAPTION_QUERY, params.image_size)
+                shapes["prompt"] = embeds.shape[1]
+                out = greedy_generate(model, tokenizer, embeds, im_mask, max_new_tokens=params.max_new_tokens,
+                                      return_cache=True)
+                meters[0].set_kv_cache_bytes(cache_bytes(out.cache))
+                shapes["new"] = generated_tokens(tokenizer, out.sequences)
+                return turn_texts(tokenizer, out.sequences)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    started = perf_counter()
+    result: GuardedResult = run_guarded(caption, device, model=model, budget=budget, label=label, on_start=on_start,
+                                        sample_every=1)
+    seconds = perf_counter() - started
+    if cuda:
+        marks.append(cuda_mark("end", device))
+    run = CaptionRun(captions=result.value, prompt_tokens=shapes.get("prompt", 0), new_tokens=shapes.get("new", 0),
+                     seconds=seconds, memory=result.memory, oom_report=None if result.ok else result.report(),
+                     after_release_bytes=result.after_release_bytes)
+    record_ = build_record(label, {**params.as_dict(), "step": step.name}, run.memory, tokens_per_s=run.tokens_per_s,
+                           caption=run.captions[0] if run.ok else None,
+                           extra={"prompt_tokens": run.prompt_tokens, "new_tokens": run.new_tokens,
+                                  "timeline_source": "memory history" if cuda else "cpu accounting"})
+    record(params, record_)
+    return CaptionTimeline(run, tuple(marks), budget, record_)
+
+
+# ------------------------------------------------------------------------------------------------- the snapshot
 
 def _is_model_frame(frame: Mapping[str, Any]) -> bool:
     name = str(frame.get("filename", ""))
@@ -84,6 +395,7 @@ def largest_allocations(snapshot: Mapping[str, Any], n: int = 5, device: int = 0
                          "history first with torch.cuda.memory._record_memory_history()")
     if not 0 <= device < len(traces):
         raise ValueError(f"device={device}: the snapshot has traces for {len(traces)} device(s)")
+    check_int("n", n, hint="how many sizes to list")
     groups: dict[tuple[int, str], int] = {}
     for entry in traces[device]:
         if entry.get("action") != "alloc":
@@ -94,70 +406,7 @@ def largest_allocations(snapshot: Mapping[str, Any], n: int = 5, device: int = 0
     return [Allocation(size, count, where) for (size, where), count in ranked[:n]]
 
 
-def timeline_with_load(load_seconds: float, weights_bytes: int, timeline: Sequence[Sample],
-                       before_bytes: int = 0) -> list[Sample]:
-    """A "load" marker at 0 s (memory `before_bytes`), the weights in place after `load_seconds`, then the call.
-
-    The time between the end of the load and the start of the call is left out.
-    """
-    if not timeline:
-        raise ValueError("timeline is empty: pass run.memory.timeline of a measured call")
-    if load_seconds < 0 or weights_bytes < 0 or before_bytes < 0:
-        raise ValueError(f"load_seconds, weights_bytes and before_bytes must not be negative, got "
-                         f"{load_seconds}, {weights_bytes}, {before_bytes}")
-    load: list[Sample] = [(0.0, int(before_bytes), "load"), (float(load_seconds), int(weights_bytes), "")]
-    return load + [(float(load_seconds) + float(t), int(b), label) for t, b, label in timeline]
-
-
-@dataclass(frozen=True)
-class Phase:
-    """From one marker to the next: memory at the marker, the highest sample until the next marker, and after."""
-
-    label: str
-    start_s: float
-    end_s: float
-    at_start_bytes: int
-    highest_bytes: int
-    at_end_bytes: int  # the last sample before the next marker (or the last sample of the timeline)
-    samples: int
-
-
-def phases(timeline: Sequence[Sample]) -> list[Phase]:
-    """Split a timeline at its markers (samples with a label); samples before the first marker are ignored."""
-    marks = [i for i, (_, _, label) in enumerate(timeline) if label]
-    if not marks:
-        raise ValueError("the timeline has no marker: measure with phase marks (run_caption marks vision, prefill "
-                         "and decode)")
-    out = []
-    for k, i in enumerate(marks):
-        j = marks[k + 1] if k + 1 < len(marks) else len(timeline)
-        chunk = timeline[i:j]
-        out.append(Phase(label=timeline[i][2], start_s=float(timeline[i][0]), end_s=float(chunk[-1][0]),
-                         at_start_bytes=int(chunk[0][1]), highest_bytes=int(max(b for _, b, _ in chunk)),
-                         at_end_bytes=int(chunk[-1][1]), samples=len(chunk)))
-    return out
-
-
-def format_phases(rows: Sequence[Phase], fmt_bytes: Callable[[float], str]) -> str:
-    """A table of phases: marker, memory at it, highest sample in the phase and the rise above the marker."""
-    if not rows:
-        raise ValueError("rows is empty: pass phases(timeline)")
-    width = max(len("marker"), *(len(r.label) for r in rows))
-    lines = [f"{'marker':<{width}}  {'at marker':>11}  {'highest':>11}  {'rise':>11}"]
-    for r in rows:
-        lines.append(f"{r.label:<{width}}  {fmt_bytes(r.at_start_bytes):>11}  {fmt_bytes(r.highest_bytes):>11}  "
-                     f"{fmt_bytes(r.highest_bytes - r.at_start_bytes):>11}")
-    return "\n".join(lines)
-
-
-def process_resident_bytes() -> int | None:
-    """The process's resident memory (RSS) from /proc/self/statm, or None where there is no /proc (not Linux)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
+# ---------------------------------------------------------------------------------------------- the two suspects
 
 @dataclass(frozen=True)
 class PrefillParts:
@@ -175,12 +424,6 @@ def measure_prefill_parts(model: Any, tokenizer: Any, images: Sequence[Any], *, 
     Each figure is the measured peak minus the memory at the start of that block, so it holds what the part
     makes (and frees) itself, not its input.
     """
-    import torch
-
-    from xcomp_lab.memory import measure
-    from xcomp_lab.run.call import autocast, grad_mode
-    from xcomp_lab.run.captioning import prompt_batch
-
     with grad_mode(grad), autocast(device, use_autocast):
         embeds, im_mask = prompt_batch(model, tokenizer, list(images), image_size=image_size)  # (B, T, C), (B, T)
         tokens = embeds.shape[1]
@@ -200,21 +443,36 @@ def measure_prefill_parts(model: Any, tokenizer: Any, images: Sequence[Any], *, 
     return PrefillParts(tokens, attention, head)
 
 
-def phase_floors(timeline: Sequence[Sample], label: str, pieces: int) -> list[int] | None:
-    """The lowest sample of each of `pieces` equal slices of phase `label` (e.g. one slice per decode step).
+# --------------------------------------------------------------------------------------------- the host's memory
 
-    Between two decode steps only what persists is left (the model, the KV cache), so the floors climb with
-    the cache while each step's own temporaries come and go above them. None when the phase has fewer samples
-    than `pieces` (a CUDA timeline holds only its markers).
-    """
-    check_int("pieces", pieces, hint="e.g. the number of decode steps")
-    phase = next((p for p in phases(timeline) if p.label == label), None)
-    if phase is None:
-        raise ValueError(f"no marker {label!r} in the timeline; its markers are "
-                         f"{[s[2] for s in timeline if s[2]]}")
-    start = next(i for i, s in enumerate(timeline) if s[2] == label)
-    samples = [b for _, b, _ in timeline[start:start + phase.samples]]
-    if len(samples) < pieces:
-        return None
-    bounds = [round(k * len(samples) / pieces) for k in range(pieces + 1)]
-    return [min(samples[a:b]) for a, b in zip(bounds, bounds[1:])]
+@dataclass(frozen=True)
+class HostMemory:
+    """The machine's memory and this process's resident set, as Linux reports them (None elsewhere)."""
+
+    available_bytes: int | None  # MemAvailable: what new allocations can get without swapping
+    total_bytes: int | None  # MemTotal
+    process_resident_bytes: int | None  # this process's resident set (RSS): the interpreter and libraries too
+
+
+def _meminfo() -> dict[str, int]:
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            fields[name] = int(parts[0]) * 1024  # the file counts in KiB
+    return fields
+
+
+def host_memory() -> HostMemory:
+    """`/proc/meminfo` and the process's RSS (`lessons.host_memory.read_rss`): the CPU's `torch.cuda.mem_get_info()`."""
+    info = _meminfo()
+    try:
+        rss = read_rss()[0]
+    except RuntimeError:
+        rss = None
+    return HostMemory(info.get("MemAvailable"), info.get("MemTotal"), rss)
