@@ -56,7 +56,9 @@ print(baseline)
 # The exact match is the FP32 model's own score against the true captions; the quantized models are scored the
 # same way, and by their agreement with these FP32 captions. At `scale="full"` the course's replica has random
 # weights (the real ones cannot be shipped), and the line above then says its captions are noise: so is every
-# quality figure of this notebook at that scale. Memory and speed do not depend on the weights' values.
+# quality figure of this notebook at that scale. Memory and speed are measured all the same, though not quite as
+# real weights would give them: where a caption ends and LLM.int8()'s outlier columns (Step 6) depend on the
+# values.
 
 # %% [markdown]
 # **Exercise 6.1: predict, then measure.** INT8 stores 1 byte per weight where FP16 stores 2. Predict the INT8
