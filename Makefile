@@ -49,3 +49,27 @@ NOTE ?=
 guide: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m xcomp_lab.tools.course --output course-output/guide
 	OMP_NUM_THREADS=1 $(BIN)/python -m xcomp_lab.tools.guide --timings course-output/guide/timings.json --note "$(NOTE)"
+
+# The original model's own remote code pins transformers 4.33.2: a second environment for it, created once from
+# requirements-original.txt (whose header says why torch comes from ORIGINAL_TORCH). tests/test_original_code.py
+# runs the remote code in it; `make test` creates it where the reference copy of that code lies beside the checkout.
+ORIGINAL_VENV ?= .venv-original
+ORIGINAL_TORCH ?= torch==2.14.1 torchvision==0.29.1
+ORIGINAL_KEY := $(shell (cat requirements-original.txt; echo '$(ORIGINAL_TORCH)') | sha1sum | cut -c1-12)
+ORIGINAL_STAMP := $(ORIGINAL_VENV)/.xcomp-lab-$(ORIGINAL_KEY)
+ORIGINAL_CODE := $(wildcard ../shared/reference/internlm-xcomposer2-vl-7b/modeling_internlm_xcomposer2.py)
+
+.PHONY: venv-original
+
+$(ORIGINAL_STAMP): requirements-original.txt
+	test -x $(ORIGINAL_VENV)/bin/python || $(PYTHON) -m venv $(ORIGINAL_VENV)
+	$(ORIGINAL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(ORIGINAL_VENV)/bin/python -m pip install --quiet $(ORIGINAL_TORCH)
+	$(ORIGINAL_VENV)/bin/python -m pip install --quiet -r requirements-original.txt
+	touch $@
+
+venv-original: $(ORIGINAL_STAMP)
+
+ifneq ($(ORIGINAL_CODE),)
+test: venv-original
+endif
