@@ -94,6 +94,8 @@ def test_a_comparison_reads_medians_spread_and_noise():
     assert gap.bytes == 21 * MIB and gap.clear  # 21 MiB > 3 x 6 MiB
     assert "rose 21.00 MiB more above the baseline than b (x3.10): over 3 x the noise (6.00 MiB)" in gap.line()
     assert comparison.difference("a", "b", of="held").of == "held"
+    with pytest.raises(ValueError, match="of='anon' needs the anonymous part"):
+        comparison.difference("a", "b", of="anon")  # a's anonymous part was not measured
     table = comparison.table()
     assert "31.00 MiB" in table and "30.00 MiB - 36.00 MiB" in table and "3 repeats each" in table
     with pytest.raises(KeyError, match="no load named 'c'"):

@@ -47,6 +47,7 @@ import torch
 from transformers import AutoModel
 from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.lessons.precision import free
+from xcomp_lab.memory.budget import resolve_device
 from xcomp_lab.memory.footprint import resident_bytes
 from xcomp_lab.memory.measure import measure
 from xcomp_lab.model.loading import resolve_checkpoint
@@ -64,7 +65,7 @@ else:  # the CPU counterpart: the course's tensor accounting
         model = AutoModel.from_pretrained(path, **fp32_kwargs)
     plain_peak, plain_end = m.result.peak_bytes, m.result.end_bytes
     counter = "CPU tensor accounting (xcomp_lab.memory.measure)"
-held = resident_bytes(model, params.device)
+held = resident_bytes(model, resolve_device(params.device))  # "cuda" -> "cuda:0", as the tensors name it
 print(f"{counter}: peak {fmt_bytes(plain_peak)} during the load, {fmt_bytes(plain_end)} at its end | "
       f"the model holds {fmt_bytes(held)} on {params.device}")
 print(f"the counter saw {plain_end / held:.0%} of the model's bytes"
@@ -380,19 +381,35 @@ host_peaks_chart(host, references={"FP16 weights": fp16_load.after_bytes, "FP32 
 # %% [markdown]
 # Each bar is a load's median peak above the RSS its process started from, the whiskers the range of its
 # repeats, the narrow bar what the process still held when the load returned (the model alive), the diamond the
-# sampled peak of its own (anonymous) memory; the lines are the model's FP16 and FP32 weights. The lines below
-# compare two loads only where the gap is over three times the noise of this run and over 5% of the larger
-# figure; otherwise they say that this run cannot tell.
+# sampled peak of its own (anonymous) memory; the lines are the model's FP16 and FP32 weights.
+#
+# Read the two kinds of memory apart. Pages mapped from a file are resident only once something reads them, and
+# the kernel can drop them under pressure and read them again from the disk: a model loaded on the CPU in the
+# checkpoint's own dtype can keep its weights in safetensors' memory map, read only as far as the load touched
+# them, and a `device_map` load reads every tensor through the map to copy it to the device. The process's own
+# (anonymous) memory, such as an FP32 copy of the weights, has nowhere to go without swap: it is what the host
+# must hold for the load. The lines below compare two loads only where the gap is over three times the noise of
+# this run and over 5% of the larger figure; otherwise they say that this run cannot tell.
 
 # %% tags=["nbval-ignore-output"]
 half_path, fp16_path, map_path = loads
 stored_bytes = sum(stored.values())
+anon_known = host.anon_rise(half_path) is not None
 print(f"- {host.difference(half_path, fp16_path).line()}")
+if anon_known:
+    print(f"- {host.difference(half_path, fp16_path, of='anon').line()}")
 print(f"- {host.difference(map_path, fp16_path).line()}")
-if stored_bytes:
+if stored_bytes and host.rise(fp16_path) >= stored_bytes:
     print(f"- (b) rose {fmt_bytes(host.rise(fp16_path))} for {fmt_bytes(stored_bytes)} of stored weights: the "
           f"{fmt_bytes(host.rise(fp16_path) - stored_bytes)} beyond them ({host.rise(fp16_path) / stored_bytes - 1:.0%} "
           f"of the weights) is what a fresh process's first load spends besides the weights.")
+elif stored_bytes:
+    print(f"- (b) rose {fmt_bytes(host.rise(fp16_path))}, less than its {fmt_bytes(stored_bytes)} of stored weights: "
+          f"the load left at least {fmt_bytes(stored_bytes - host.rise(fp16_path))} of the checkpoint unread in its "
+          f"memory map, to be read when the model first uses it.")
+if params.device != "cpu":
+    print(f"- (c) held {fmt_bytes(host.held(map_path))} of host RAM when it returned, its weights on {params.device}; "
+          f"its peak of {fmt_bytes(host.rise(map_path))} was the load passing through.")
 for name in loads:
     anon = host.anon_rise(name)
     if anon is not None:
@@ -471,14 +488,21 @@ else:
 
 # %% tags=["nbval-ignore-output"]
 first, mapped = host.difference(half_path, fp16_path), host.difference(map_path, fp16_path)
-verdict = ("no verdict: not clear of this run's noise" if not first.clear else
-           f"(a) needed x{first.first_bytes / first.second_bytes:.2f} (b)'s: ask for the dtype in from_pretrained"
-           if first.bytes > 0 else "(a) needed less than (b) here")
-print(f"- Host RAM ({host.method}, a fresh process per load): (a) FP32 then .half() rose "
-      f"{fmt_bytes(host.rise(half_path))}, (b) float16 at load {fmt_bytes(host.rise(fp16_path))}: {verdict}. "
-      f"(c) device_map to {params.device} rose {fmt_bytes(host.rise(map_path))}: "
-      + ("no clear difference from (b)." if not mapped.clear else
-         f"{'less' if mapped.bytes < 0 else 'more'} than (b), x{mapped.first_bytes / mapped.second_bytes:.2f}."))
+own = host.difference(half_path, fp16_path, of="anon") if anon_known else first
+verdict = ("no verdict: not clear of this run's noise" if not own.clear else
+           f"(a) needed x{own.first_bytes / own.second_bytes:.2f} (b)'s {'own memory' if anon_known else 'RSS'}: ask "
+           f"for the dtype in from_pretrained" if own.bytes > 0 else "(a) needed less than (b) here")
+
+
+def both(name):
+    anon = host.anon_rise(name)
+    return fmt_bytes(host.rise(name)) + ("" if anon is None else f" ({fmt_bytes(anon)} of it its own memory)")
+
+
+print(f"- Host RAM ({host.method}, a fresh process per load): (a) FP32 then .half() rose {both(half_path)}, "
+      f"(b) float16 at load {both(fp16_path)}: {verdict}. (c) device_map to {params.device} rose {both(map_path)} "
+      f"and held {fmt_bytes(host.held(map_path))} at its end"
+      + ("; no clear difference from (b)." if not mapped.clear else "."))
 cpu = torch.backends.cpu.get_cpu_capability()
 where = torch.cuda.get_device_name(0) if params.device == "cuda" else f"CPU ({cpu})"
 print(f"- Speed on {where}, prefill | generation: " + ", ".join(

@@ -200,10 +200,15 @@ with peak_above_start("no_grad + autocast(cache_enabled=False)"), torch.no_grad(
     logits = model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False).logits
 print(f"requires_grad {logits.requires_grad}, inference tensor {logits.is_inference()}")
 del logits, embeds, im_mask
+largest = max(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+print(f"autocast casts each FP32 weight to FP16 just before its matrix product: the largest such copy here is "
+      f"{fmt_bytes(largest * 2)}, alive while its product runs; its activations are FP16")
 
 # %% [markdown]
 # Each line is one pass: how far the memory rose above its start, what the logits still hold after it, and what
-# kind of tensor they are. `run_prefill()` wraps the same measurement with the course budget and survives an
+# kind of tensor they are. Under autocast the peak trades FP16 activations (half the size) against the transient
+# FP16 copy of the weight being multiplied (the last line), so which way it moves against `no_grad` alone
+# depends on the model's sizes. `run_prefill()` wraps the same measurement with the course budget and survives an
 # out-of-memory error; with it, one pass in each gradient mode, and when gradients enabled run out of memory,
 # once more without a budget to see what they would need.
 

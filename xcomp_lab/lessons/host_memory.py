@@ -355,7 +355,8 @@ class Difference:
     RELATIVE_FLOOR of the larger median (repeats in fresh processes can agree to a few pages, and a gap of a few
     pages says nothing about a way of loading).
 
-    `of` is "rise" (the peak above the baseline) or "held" (what the process still held at the end).
+    `of` is "rise" (the peak above the baseline), "held" (what the process still held at the end) or "anon" (the
+    sampled peak of the process's own, anonymous, memory above its baseline).
     """
 
     first: str
@@ -378,9 +379,11 @@ class Difference:
         """One sentence: the gap, its ratio, and whether it stands out from the noise."""
         more = "more" if self.bytes >= 0 else "less"
         ratio = f" (x{self.first_bytes / self.second_bytes:.2f})" if self.second_bytes > 0 else ""
-        what = "rose" if self.of == "rise" else "held at the end"
-        where = " above the baseline" if self.of == "rise" else ""
-        gap = f"{self.first} {what} {fmt_bytes(abs(self.bytes))} {more}{where} than {self.second}{ratio}"
+        size = fmt_bytes(abs(self.bytes))
+        gap = {"rise": f"{self.first} rose {size} {more} above the baseline than {self.second}{ratio}",
+               "held": f"{self.first} held at the end {size} {more} than {self.second}{ratio}",
+               "anon": f"{self.first}'s own (anonymous) memory rose {size} {more} than {self.second}'s{ratio}",
+               }[self.of]
         if self.clear:
             return f"{gap}: over {NOISE_FACTOR} x the noise ({fmt_bytes(self.noise_bytes)})."
         return (f"{gap}: within {NOISE_FACTOR} x the noise ({fmt_bytes(self.noise_bytes)}) or {RELATIVE_FLOOR:.0%} of "
@@ -426,10 +429,16 @@ class HostComparison:
         return max([self.spread(name) for name in self.phases] + [PAGE])
 
     def difference(self, first: str, second: str, *, of: str = "rise") -> Difference:
-        """Two loads' median peak rises (`of="rise"`) or what they held at the end (`of="held"`), against the noise."""
-        check_choice("of", of, ("rise", "held"), hint="the peak above the baseline, or what was held at the end")
-        value = self.rise if of == "rise" else self.held
-        return Difference(first, second, value(first), value(second), self.noise_bytes, of)
+        """Two loads' median peak rises (`of="rise"`), what they held at the end (`of="held"`) or the rises of their
+        anonymous memory (`of="anon"`, Linux only), against the noise."""
+        check_choice("of", of, ("rise", "held", "anon"),
+                     hint="the peak above the baseline, what was held at the end, or the anonymous part's peak")
+        value = {"rise": self.rise, "held": self.held, "anon": self.anon_rise}[of]
+        first_bytes, second_bytes = value(first), value(second)
+        if first_bytes is None or second_bytes is None:
+            raise ValueError(f"of='anon' needs the anonymous part of the RSS, which only Linux reports "
+                             f"(/proc/self/statm); this comparison was measured by {self.method}: use of='rise'.")
+        return Difference(first, second, first_bytes, second_bytes, self.noise_bytes, of)
 
     def _of(self, name: str) -> list[HostPhase]:
         if name not in self.phases:
