@@ -75,8 +75,9 @@ del model
 free(params.device)
 
 # %% [markdown]
-# On a GPU the allocator's peak is the load's true peak. On a CPU the last line says how much of the model the
-# accounting saw: a load needs another counter there, the process's resident memory, which Step 5 measures.
+# On a GPU the allocator's peak is the load's true peak on the device. On a CPU the last line says how much of the
+# model the accounting saw, and why a load can escape it; the process's resident memory, which Step 5 measures,
+# sees every load.
 # `measure_load()` wraps the same idiom for every load below: on a GPU it reports the allocator's peak, on a CPU
 # only the weights resident before and after, which are exact.
 
@@ -105,7 +106,7 @@ print("the checkpoint stores: " + (", ".join(f"{dtype} {fmt_bytes(n)}" for dtype
 # %% [markdown]
 # The resident weights are the parameter count times 4 bytes plus the buffers the count misses (the rotary
 # tables of notebook 00); the second-to-last line is what every 16-bit model below should keep, and the last one
-# what the checkpoint holds on disk (read from its safetensors headers), which the FP32 load converted.
+# what the checkpoint holds on disk, by dtype (read from its safetensors headers).
 #
 # Now the reference itself: greedy captions of a held-out subset of scenes the model never saw in training, and
 # the prefill logits (the scores of every vocabulary entry at every prompt position) of the first few prompts.
@@ -204,8 +205,8 @@ speeds[".half()"] = speed_of(half_step)
 print(f".half(): {speeds['.half()']}\n{versus_fp32('.half()')}")
 
 # %% [markdown]
-# The factors compare with FP32 on the same device and the same work. On NVIDIA GPUs since Volta, 16-bit matrix
-# products run on the tensor cores; on a CPU, 16-bit arithmetic is fast only with the instructions for it
+# The factors compare with FP32 on the same device and the same work. On NVIDIA GPUs, FP16 matrix products run on
+# the tensor cores since Volta, BF16 ones since Ampere; on a CPU, 16-bit arithmetic is fast only with the instructions for it
 # (AVX512-FP16, AVX512-BF16, AMX), and otherwise the values are converted on the fly. The factors printed above
 # are this machine's (timings on a shared machine are noisy).
 #
@@ -317,7 +318,7 @@ print(f"BF16's mean |logit diff| from FP32 is "
 # Everything above is memory on the device. But a model is made in the host's RAM first unless `from_pretrained`
 # sends each tensor to the device as it reads it (`device_map`), and the quick start loads with no `device_map`
 # and moves the model with `.cuda()` afterwards: with `.half().cuda()`, the FP32 model sits whole in host RAM
-# before the cast. A machine whose RAM holds the FP16 model but not the FP32 one fails there, before any GPU
+# before the cast. A machine whose RAM holds the FP16 model but not the FP32 one would fail there, before any GPU
 # figure above is reached. Host RAM is the process's resident set (RSS): its pages in RAM, its own memory and the
 # files it has mapped (safetensors maps the checkpoint).
 #
@@ -353,10 +354,10 @@ else:
     print(f"VmHWM cannot be reset here (peak method: {peak_method()}); the helper below samples the RSS instead")
 
 # %% [markdown]
-# The process itself (Python, PyTorch, transformers, and on a GPU the CUDA context) already holds far more than a
-# tiny model, so each load is read as its rise above the RSS it started from. And a process that has already
-# loaded and dropped models, like this notebook's, reuses memory its allocator kept, which makes a load look
-# cheaper than it is by an amount that depends on what ran before: `compare_loads()` therefore runs each load in a
+# The process itself (Python, PyTorch, transformers, and on a GPU the CUDA context) holds hundreds of MiB before
+# any load (the table below prints how much), so each load is read as its rise above the RSS it started from. And
+# a process that has already loaded and dropped models, like this notebook's, can reuse memory its allocator kept,
+# which makes a load look cheaper than it is by an amount that depends on what ran before: `compare_loads()` therefore runs each load in a
 # fresh Python process (forked from one that has imported torch and transformers and loaded nothing), as a
 # learner's script would, with the idiom above inside it. Three loads, each plain `from_pretrained(path,
 # trust_remote_code=True, **load)`: (a) FP32, then `.half()` in host RAM; (b) `dtype=torch.float16`; (c) the same
@@ -516,5 +517,5 @@ for phase, speed in (("prefill", lambda s: s.prefill_tokens_per_s), ("generation
 # **Questions.** (1) On a 24 GB card, which of the three paths can load the full model at all, and why does the
 # order `.half().cuda()` change the answer? (2) BF16 rounds each weight more coarsely than FP16; why is it still
 # the usual choice for training? (3) When the logits move, which positions of a caption would you expect to flip
-# first? (4) Step 5's load in the checkpoint's own dtype kept the checkpoint's mapped pages as its weights: what
-# happens to them when the machine runs short of RAM, and what would the FP32 path do instead?
+# first? (4) If a load in the checkpoint's own dtype keeps its weights as the checkpoint's mapped pages, what happens
+# to them when the machine runs short of RAM, and what would happen to the FP32 path's copy instead?

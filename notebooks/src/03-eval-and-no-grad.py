@@ -238,6 +238,10 @@ for mode, run in prefill.items():
 if unbudgeted is not None:
     print(f"gradients enabled, no budget: {'fits' if unbudgeted.ok else 'OOM even on the whole card'} | peak "
           f"{fmt_bytes(unbudgeted.memory.peak_bytes)} | held by the output {fmt_bytes(unbudgeted.held_bytes)}")
+logits_bytes = params.batch_size * prefill["no_grad"].tokens * model.config.vocab_size * 4  # (N, T, vocab) FP32
+print(f"the logits alone: {params.batch_size} x {prefill['no_grad'].tokens} x {model.config.vocab_size:,} x 4 bytes = "
+      f"{fmt_bytes(logits_bytes)}; no_grad and inference_mode outputs hold exactly that: "
+      f"{prefill['no_grad'].held_bytes == logits_bytes} and {prefill['inference_mode'].held_bytes == logits_bytes}")
 needed = prefill["enabled"] if prefill["enabled"].ok else unbudgeted
 if needed.ok:
     rise = needed.memory.peak_bytes - needed.memory.start_bytes
@@ -251,15 +255,15 @@ answer_3_1 = check("3.1", my_grad_scoring_x, measured=needed.memory.peak_bytes /
                    lower_bound=not needed.ok, enabled=needed.memory, no_grad=prefill["no_grad"].memory)
 
 # %% [markdown]
-# Under `no_grad` and `inference_mode` the output holds only the logits, and the activations of each layer are
-# freed as the pass moves on. With gradients enabled the output holds a graph with every saved activation: the
-# memory "held by the output" stays allocated for as long as the logits are kept, and the last line says how much
+# When `no_grad` and `inference_mode` outputs hold exactly the logits (the line above checks), the activations of
+# each layer were freed as the pass moved on. With gradients enabled the output holds a graph with every saved
+# activation: the memory "held by the output" stays allocated for as long as the logits are kept, and the last line says how much
 # of the peak's rise is still held once the pass is over. Forgetting the gradient mode in a scoring call (a
 # perplexity, a logit comparison like notebook 02's) costs what those lines measure.
 #
 # ## Step 5: where `no_grad` and `inference_mode` differ: autocast's weight cache
 #
-# Without autocast the two modes peak alike (the lines above). The quick start adds `torch.cuda.amp.autocast()`,
+# Without autocast, the lines above set the two modes' peaks side by side. The quick start adds `torch.cuda.amp.autocast()`,
 # which casts each FP32 weight to FP16 for its matrix product and, while the autocast block lasts, keeps the copy
 # of every weight that requires grad (parameters do, even under `no_grad`). Inside `inference_mode` autocast keeps
 # no copies from torch 2.10 on (PyTorch PR #165068); `torch.autocast(..., cache_enabled=False)` keeps none on any
@@ -320,7 +324,7 @@ graph_parts = [part for part, seen in grad_on.items() if True in seen]
 print(f"parts that ran with autograd on: {graph_parts}")
 
 # %% [markdown]
-# The last line names the parts that recorded a graph although only the caller's mode was left on. How much
+# The last line names the parts that ran with autograd on, and so recorded a graph for a backward pass. How much
 # memory is that? The same call under `no_grad` and under `inference_mode` (both without autocast, so only the
 # gradient mode differs), and the prompt-building part alone under each mode:
 
