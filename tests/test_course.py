@@ -50,6 +50,7 @@ def test_weight_footprints_order_as_the_dtypes_predict(default_run):
         (dict(device="tpu"), "device='tpu'"),
         (dict(batch_size=0), "batch_size=0"),
         (dict(image_size=100), "multiple of the 14 px patch size"),
+        (dict(results_path="/proc/x.jsonl"), r"results_path='/proc/x.jsonl' cannot be written"),
     ],
 )
 def test_bad_parameters_fail_in_the_first_cell_with_a_clear_message(tmp_path: Path, parameters, words):
@@ -113,3 +114,143 @@ def test_a_failing_notebook_is_named_kept_and_summarised_and_the_rest_still_run(
     assert main(["--notebooks", str(source), "--output", str(tmp_path / "again"), "--scale", "tiny",
                  "--device", "cpu"]) == 1
     assert "course FAILED" in capsys.readouterr().err
+
+
+def course_notebook(path: Path, *sources: str) -> None:
+    """A numbered notebook with the course's parameters cell (scale, results_path) and `sources` as code cells."""
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("scale = 'tiny'\nresults_path = 'results.jsonl'",
+                                                metadata={"tags": ["parameters"]}),
+                      *(nbformat.v4.new_code_cell(source) for source in sources)]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)
+
+
+def appends(*steps: str) -> str:
+    return ("from xcomp_lab.core.jsonl import append_jsonl\n"
+            + "".join(f"append_jsonl(results_path, {{'step': {step!r}}})\n" for step in steps))
+
+
+READS = ("from xcomp_lab.core.jsonl import read_jsonl\n"
+         "print('steps read:', ' '.join(r['step'] for r in read_jsonl(results_path)))")
+
+
+def steps_and_notebooks(out: Path) -> list[tuple[str, str]]:
+    return [(r["step"], r.get("notebook")) for r in read_results(out / "results.jsonl")]
+
+
+def test_rerunning_some_notebooks_replaces_only_their_records_in_course_order(tmp_path: Path, capsys):
+    import json
+
+    from xcomp_lab.tools.course import main
+
+    source, out = tmp_path / "notebooks", tmp_path / "out"
+    source.mkdir()
+    course_notebook(source / "00-a.ipynb", appends("a"))
+    course_notebook(source / "01-b.ipynb", appends("b1", "b2"))
+    course_notebook(source / "02-c.ipynb", READS, appends("c"))
+    settings = dict(notebook_dir=source, scale="tiny", device="cpu", progress=False)
+    run_course(out, **settings)
+    assert steps_and_notebooks(out) == [("a", "00-a.ipynb"), ("b1", "01-b.ipynb"), ("b2", "01-b.ipynb"),
+                                        ("c", "02-c.ipynb")]
+    course_notebook(source / "01-b.ipynb", appends("b-new"))
+    run_course(out, only=["01"], **settings)
+    assert steps_and_notebooks(out) == [("a", "00-a.ipynb"), ("b-new", "01-b.ipynb"), ("c", "02-c.ipynb")]
+    assert main(["--only", "02", "--output", str(out), "--notebooks", str(source), "--scale", "tiny",
+                 "--device", "cpu"]) == 0
+    assert "steps read: a b-new" in (out / "02-c.ipynb").read_text()  # 02 read the others' records, not its own
+    assert steps_and_notebooks(out)[-1] == ("c", "02-c.ipynb") and len(steps_and_notebooks(out)) == 3
+    timings = json.loads((out / "timings.json").read_text())
+    assert list(timings["seconds"]) == ["00-a.ipynb", "01-b.ipynb", "02-c.ipynb"] and timings["failed"] == {}
+    summary = (out / "summary.html").read_text()
+    assert "b-new" in summary and "steps read: a b-new" in summary
+    assert main(["--only", "02", "--output", str(out), "--notebooks", str(source), "--scale", "tiny",
+                 "--device", "cpu", "--budget-gb", "24"]) == 2
+    assert "budget_gb=48.0 there, 24.0 here" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"only=\['99'\] matches no notebook"):
+        run_course(out, only=["99"], **settings)
+
+
+def test_an_interrupted_course_records_the_notebook_writes_the_summary_and_reraises(tmp_path: Path):
+    import json
+    import signal
+
+    source, out = tmp_path / "notebooks", tmp_path / "out"
+    source.mkdir()
+    course_notebook(source / "00-fine.ipynb", appends("fine"))
+    ctrl_c = ("import os, signal, time\n"  # what Ctrl-C in the terminal does: SIGINT to the course, not the kernel
+              "os.kill(int(os.environ['JPY_PARENT_PID']), signal.SIGINT)\n"
+              "time.sleep(60)")
+    course_notebook(source / "01-stopped.ipynb", appends("half"), ctrl_c, appends("never"))
+    course_notebook(source / "02-not-reached.ipynb", appends("not reached"))
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            run_course(out, notebook_dir=source, scale="tiny", device="cpu", progress=False)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    (failure,) = stopped.value.failures
+    assert failure.notebook == "01-stopped.ipynb" and failure.cell == 4  # 1 parameters, 2 injected, 3 appends
+    assert failure.error.startswith("KeyboardInterrupt: the course was interrupted while this cell ran")
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["failed"] == {"01-stopped.ipynb": failure.error}
+    assert list(timings["seconds"]) == ["00-fine.ipynb", "01-stopped.ipynb"]
+    import nbformat
+
+    copy = nbformat.read(out / "01-stopped.ipynb", as_version=4)
+    assert copy.metadata.papermill.exception is True
+    stopped_cell = next(c for c in copy.cells if "SIGINT" in c.source)
+    assert stopped_cell.metadata.papermill.status == "failed" and stopped_cell.outputs[-1].ename == "KeyboardInterrupt"
+    assert "interrupted" in (out / "summary.html").read_text()
+    assert not (out / "02-not-reached.ipynb").exists()
+    assert steps_and_notebooks(out) == [("fine", "00-fine.ipynb"), ("half", "01-stopped.ipynb")]
+
+
+def test_a_keyboard_interrupt_in_a_notebook_stops_the_course(tmp_path: Path, capsys):
+    import json
+
+    from xcomp_lab.tools.course import main
+
+    source, out = tmp_path / "notebooks", tmp_path / "out"
+    source.mkdir()
+    course_notebook(source / "00-stopped.ipynb", "raise KeyboardInterrupt")
+    course_notebook(source / "01-not-reached.ipynb", "print('ran')")
+    with pytest.raises(KeyboardInterrupt):
+        run_course(out, notebook_dir=source, scale="tiny", device="cpu", progress=False)
+    failed = json.loads((out / "timings.json").read_text())["failed"]
+    assert failed["00-stopped.ipynb"].startswith("KeyboardInterrupt: the course was interrupted")
+    assert not (out / "01-not-reached.ipynb").exists() and (out / "summary.html").is_file()
+    assert main(["--notebooks", str(source), "--output", str(tmp_path / "again"), "--scale", "tiny",
+                 "--device", "cpu"]) == 130
+    assert "course INTERRUPTED: course interrupted; timings in" in capsys.readouterr().err
+
+
+def test_a_killed_kernel_or_a_cell_past_the_timeout_fails_its_notebook_and_the_rest_run(tmp_path: Path, monkeypatch):
+    import json
+
+    import nbformat
+
+    from xcomp_lab.tools import course
+    from xcomp_lab.tools.course import CourseFailed
+
+    monkeypatch.setattr(course, "CELL_TIMEOUT_S", 3)
+    source, out = tmp_path / "notebooks", tmp_path / "out"
+    source.mkdir()
+    course_notebook(source / "00-killed.ipynb", appends("before the kill"),
+                    "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    course_notebook(source / "01-slow.ipynb", "import time\ntime.sleep(60)")
+    course_notebook(source / "02-after.ipynb", appends("after"))
+    with pytest.raises(CourseFailed) as failed:
+        run_course(out, notebook_dir=source, scale="tiny", device="cpu", progress=False)
+    killed, slow = failed.value.failures
+    assert (killed.notebook, killed.cell) == ("00-killed.ipynb", 4)
+    assert killed.error.startswith("DeadKernelError: the notebook's kernel died while this cell ran")
+    assert slow.notebook == "01-slow.ipynb" and slow.error.startswith("CellTimeoutError: this cell ran past the "
+                                                                      "course's 3 s limit")
+    assert json.loads((out / "timings.json").read_text())["failed"] == {killed.notebook: killed.error,
+                                                                        slow.notebook: slow.error}
+    for failure in (killed, slow):
+        assert nbformat.read(failure.executed_copy, as_version=4).metadata.papermill.exception is True
+    assert steps_and_notebooks(out) == [("before the kill", "00-killed.ipynb"), ("after", "02-after.ipynb")]

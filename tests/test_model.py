@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,34 @@ def test_load_model_pins_the_tokenizer_to_the_same_revision(monkeypatch: pytest.
     assert calls["model"]["revision"] == calls["tokenizer"]["revision"] == "0123abc"
     loading.load_model("some/hub-id")
     assert "revision" not in calls["tokenizer"]
+
+
+def test_a_truncated_image_file_is_named(tiny_model, tmp_path: Path, scene_image):
+    model, tokenizer = tiny_model
+    whole = tmp_path / "scene.png"
+    scene_image.save(whole)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    named = rf"Cannot read the image '{re.escape(str(cut))}': image file is truncated"
+    with pytest.raises(OSError, match=rf"{named}.*The file is damaged or was cut short .*save or download it again"):
+        model.chat(tokenizer, QUERY, image=str(cut), max_new_tokens=2)
+    with pytest.raises(OSError, match=named):
+        model.encode_img(Image.open(cut))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(image=[]), r"image=\[\] holds no image; pass an image \(a path, a PIL image or a tensor\), a list of them, "
+                     r"or None"),
+    (dict(image=()), r"image=\(\) holds no image"),
+    (dict(query=None), r"query=None; pass the question as a string"),
+    (dict(query=["Describe."]), r"query=\['Describe.'\]; pass the question as a string"),
+    (dict(max_new_tokens=None), r"max_new_tokens=None; it must be an integer of at least 1"),
+    (dict(image_size=0), r"image_size=0; pass None for the model's own 112 px, or a positive multiple of the 14 px"),
+    (dict(image_size=-112), r"image_size=-112; pass None for the model's own"),
+    (dict(image_size=112.0), r"image_size=112.0; pass None for the model's own"),
+])
+def test_bad_chat_arguments_fail_clearly(tiny_model, scene_image, kwargs, words):
+    model, tokenizer = tiny_model
+    call = {**dict(query=QUERY, image=scene_image, max_new_tokens=2), **kwargs}
+    with pytest.raises(ValueError, match=words):
+        model.chat(tokenizer, **call)

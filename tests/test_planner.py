@@ -54,3 +54,33 @@ def test_plan_budgets_a_card_by_the_course_rule_on_either_device():
     assert on_cpu.budget_bytes == card_limit_bytes(48, "cpu", tiny_fp32) < 10**8  # scaled to the tiny model
     on_card = plan(48, scale="tiny", device="cuda", new_tokens=2).budget_bytes
     assert on_card == CARDS["L40S"].total_bytes - CONTEXT_BYTES  # the card itself, as PyTorch sees it
+
+
+@pytest.mark.parametrize("card_gb", ["48", None, True, 0, -24, float("nan"), 10_000])
+def test_a_card_that_is_not_a_size_in_gb_is_refused(card_gb):
+    with pytest.raises(ValueError, match=rf"card_gb={card_gb!r}; it must be a number above 0 to 1000 \(a card size "
+                                         rf"in GB such as"):
+        plan(card_gb, scale="tiny", device="cpu", new_tokens=2)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(batch_size=100_000), r"batch_size=100000; it must be at most 256 \(exercise 8.1's largest-batch search"),
+    (dict(image_size=14_000), r"image_size=14000; it must be at most 980 \(twice the full model's 490 px"),
+    (dict(new_tokens=100_000), r"new_tokens=100000; it must be at most 1024 \(chat\(\)'s own default"),
+])
+def test_the_estimator_refuses_sizes_past_the_course_limits_at_once(kwargs, words):
+    import time
+
+    from xcomp_lab.estimate import estimate_caption
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=words):
+        estimate_caption("full", dtype="float16", device="cuda", **kwargs)
+    with pytest.raises(ValueError, match=words):
+        plan(48, **kwargs)
+    assert time.perf_counter() - start < 5
+
+
+def test_the_batch_search_limit_is_the_course_batch_limit():
+    with pytest.raises(ValueError, match=r"limit=1000; it must be at most 256"):
+        largest_batch(check_params(scale="tiny", device="cpu"), limit=1000)

@@ -65,3 +65,57 @@ def test_bad_input_is_refused(tmp_path, memory):
     broken.write_text(json.dumps({"step": "ok"}) + "\n{not json\n")
     with pytest.raises(ValueError, match="broken.jsonl:2 is not a JSON line"):
         read_results(broken)
+
+
+def test_an_append_after_a_torn_line_sets_the_fragment_aside_and_starts_a_line_of_its_own(tmp_path, memory):
+    path = tmp_path / "results.jsonl"
+    first = build_record("01-fp32", {"run": 1}, memory)
+    append_result(path, first)
+    whole = json.dumps(build_record("02-fp16", {"run": 2}, memory))
+    with path.open("a") as f:
+        f.write(whole[:40])  # the write that was interrupted
+    with pytest.raises(ValueError, match=r"results.jsonl:2 is not a JSON line .*torn end of an interrupted write.*moves it to .*results"
+                                         r"\.jsonl\.torn \(kept, not deleted\).*set_aside_torn_line"):
+        read_results(path)
+    third = build_record("03-bf16", {"run": 3}, memory)
+    with pytest.warns(UserWarning, match=r"results.jsonl:2 was a torn line .* moved to .*results.jsonl.torn"):
+        append_result(path, third)
+    assert read_results(path) == [first, third]
+    assert (tmp_path / "results.jsonl.torn").read_text() == f"results.jsonl:2: {whole[:40]}\n"
+
+
+def test_a_complete_last_record_without_its_newline_is_kept(tmp_path, memory):
+    path = tmp_path / "results.jsonl"
+    first, second = build_record("01", {}, memory), build_record("02", {}, memory)
+    path.write_text(json.dumps(first))
+    append_result(path, second)
+    assert read_results(path) == [first, second] and not (tmp_path / "results.jsonl.torn").exists()
+
+
+def test_a_bad_line_inside_the_file_is_named_with_what_to_do(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"step": "a"}\n[1, 2]\n{"step": "b"}\n')
+    with pytest.raises(ValueError, match=r"results.jsonl:2 is not a JSON object line \(it holds a list\): fix that line, or "
+                                         r"move it out of the file \(to keep it, into .*results.jsonl.torn\)"):
+        read_results(path)
+
+
+def test_write_results_replaces_the_file_atomically(tmp_path, memory, monkeypatch):
+    import os
+
+    from xcomp_lab.course.results import write_results
+
+    path = tmp_path / "results.jsonl"
+    records = [build_record("01", {}, memory), build_record("02", {}, memory)]
+    write_results(path, records)
+    assert read_results(path) == records
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_results(path, records[:1])
+    assert read_results(path) == records and [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
+    with pytest.raises(ValueError, match="record must be a dict with a string 'step'"):
+        write_results(path, [{"no": "step"}])

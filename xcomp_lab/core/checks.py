@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 from numbers import Real
 from typing import Any, TypeVar
 
@@ -53,3 +54,31 @@ def check_choice(name: str, value: T, allowed: Collection[T], hint: str = "") ->
         why = f" ({hint})" if hint else ""
         raise ValueError(f"{name}={value!r}; choose one of {list(allowed)}{why}.")
     return value
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The largest value an integer setting may take, and why: the error for a larger one says both."""
+
+    maximum: int
+    why: str
+
+    def check(self, name: str, value: Any, *, minimum: int = 1, hint: str = "") -> int:
+        """`value` if it is an int from `minimum` (see `check_int`) to this limit, else ValueError."""
+        check_int(name, value, minimum=minimum, hint=hint)
+        if value > self.maximum:
+            raise ValueError(f"{name}={value!r}; it must be at most {self.maximum} ({self.why}).")
+        return value
+
+
+# The size of one captioning call: checked in a notebook's first cell (course.params.check_params) and before a
+# prediction (estimate.call.check_call), so that a value typed one or two digits too long fails at once instead of
+# running for minutes (or hanging) after the model has loaded. Each limit keeps every size the course uses; the
+# seconds quoted were measured at tiny scale on a 2-core CPU, one thread.
+BATCH_SIZE = Limit(256, "exercise 8.1's largest-batch search tries up to 256 with the planner; one tiny-scale "
+                        "call on 256 images already takes about 40 s on a CPU")
+IMAGE_SIZE = Limit(980, "twice the full model's 490 px and the planner's largest: 4900 image tokens an image, 4x "
+                        "the default; the vision tower's attention grows with the side to the fourth power, and "
+                        "one tiny-scale call at 980 px takes about 20 s on a CPU")
+NEW_TOKENS = Limit(1024, "chat()'s own default answer length; a caption needs tens, the planner offers up to 512, "
+                         "and timing 1024 tokens three times takes about a minute at tiny scale on a CPU")

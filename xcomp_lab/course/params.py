@@ -7,16 +7,18 @@ a model call minutes later.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from xcomp_lab.core.checks import check_int, check_number
+from xcomp_lab.core.checks import BATCH_SIZE, IMAGE_SIZE, NEW_TOKENS, Limit, check_number
 from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
 from xcomp_lab.model.scales import check_scale
 
 DEVICES = ("auto", "cpu", "cuda")
+SEED = Limit(2**64 - 1, "torch.manual_seed takes 0 to 2**64 - 1")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,42 @@ class CourseParams:
         )
 
 
+def resolve_course_device(device: str) -> str:
+    """`device` checked ("auto", "cpu" or "cuda") and resolved: "auto" is "cuda" when a GPU is visible, else "cpu"."""
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}; choose one of {list(DEVICES)} ('auto' picks cuda when a GPU is visible).")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu' (with scale='tiny') or 'auto'.")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def check_results_path(results_path: str | os.PathLike) -> Path:
+    """`results_path` as a Path once its folder exists and the file can be appended to; nothing in it is changed.
+
+    A missing file is left to the first record to create: a probe file is created in its folder and removed.
+    """
+    text = os.fspath(results_path) if isinstance(results_path, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"results_path={results_path!r}; pass the JSON-lines file the notebooks append their "
+                         f"records to, e.g. 'results/results.jsonl'.")
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"results_path={text!r} is a folder; pass a file in it, e.g. {str(path / 'results.jsonl')!r}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with path.open("a", encoding="utf-8"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".results-probe-", suffix=".tmp"):
+                pass
+    except OSError as exc:
+        raise ValueError(f"results_path={text!r} cannot be written ({exc.strerror or exc}); every measurement is "
+                         f"appended there, so pass a file in a folder you can write to, e.g. "
+                         f"'results/results.jsonl'.") from None
+    return path
+
+
 def check_params(
     scale: str = "tiny",
     device: str = "auto",
@@ -61,27 +99,24 @@ def check_params(
 ) -> CourseParams:
     """Validate the notebook parameters and resolve the device."""
     check_scale(scale)
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r}; choose one of {list(DEVICES)} ('auto' picks cuda when a GPU is visible).")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu' (with scale='tiny') or 'auto'.")
-    resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    resolved = resolve_course_device(device)
     check_number("budget_gb", budget_gb, maximum=1000, hint="the card size in GB (10**9 bytes), e.g. 24, 48 or 80")
     if scale == "full" and resolved == "cpu":
         raise ValueError(
             "scale='full' needs a GPU (the FP32 model alone is 32 GiB); use scale='tiny' on a CPU or device='cuda'."
         )
-    check_int("batch_size", batch_size, hint="images captioned together")
+    BATCH_SIZE.check("batch_size", batch_size, hint="images captioned together")
     if image_size is not None:
-        check_int("image_size", image_size, hint="pixels per side, a multiple of 14")
+        IMAGE_SIZE.check("image_size", image_size, hint="pixels per side, a multiple of 14; None: the model's own")
         if image_size % 14:
             raise ValueError(f"image_size={image_size}; it must be a multiple of the 14 px patch size, e.g. {image_size // 14 * 14 or 14}.")
-    check_int("max_new_tokens", max_new_tokens, hint="tokens generated per caption")
+    NEW_TOKENS.check("max_new_tokens", max_new_tokens, hint="tokens generated per caption")
     if attn_implementation not in SUPPORTED_ATTENTION:
         raise ValueError(f"attn_implementation={attn_implementation!r}; choose one of {list(SUPPORTED_ATTENTION)}.")
-    check_int("seed", seed, minimum=0, hint="torch.manual_seed takes it")
+    SEED.check("seed", seed, minimum=0, hint="torch.manual_seed takes it")
     if model_name_or_path is not None and not isinstance(model_name_or_path, (str, os.PathLike)):
         raise ValueError(f"model_name_or_path={model_name_or_path!r}; pass None, a directory or a hub id.")
+    path = check_results_path(results_path)
     torch.manual_seed(seed)
     return CourseParams(
         scale=scale,
@@ -93,5 +128,5 @@ def check_params(
         max_new_tokens=max_new_tokens,
         attn_implementation=attn_implementation,
         seed=seed,
-        results_path=Path(results_path),
+        results_path=path,
     )

@@ -15,6 +15,10 @@ Fields of a record (`build_record`); byte counts are ints, None where not measur
 - `caption`: the generated text, None if none.
 - `predicted_peak_bytes`: the estimator's prediction for this run, None if not predicted.
 - `extra`: anything else worth keeping, a JSON-serialisable dict.
+
+The course command (`python -m xcomp_lab.tools.course`) adds one more field once a notebook has run:
+`notebook`, the file name of the notebook that appended the record. A rerun of some notebooks replaces only
+their records (`write_results` rewrites the file atomically); records without it are kept.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 import torch
 
-from xcomp_lab.core.jsonl import append_jsonl, read_jsonl
+from xcomp_lab.core.jsonl import append_jsonl, read_jsonl, write_jsonl
 from xcomp_lab.memory.measure import MemoryResult
 
 FIELDS = ("step", "timestamp", "params", "device", "device_name", "torch_version", "transformers_version",
@@ -96,12 +100,26 @@ def build_record(step: str, params: dict[str, Any], memory: MemoryResult | None,
     return record
 
 
-def append_result(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one record as a JSON line, creating the file and its folder if needed."""
+def _check_record(record: Any) -> None:
     if not isinstance(record, dict) or not isinstance(record.get("step"), str):
         raise ValueError(f"record must be a dict with a string 'step' (use build_record), got {record!r:.200}")
     _check_json("record", record)
+
+
+def append_result(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record as a JSON line, creating the file and its folder if needed.
+
+    A torn last line left by an interrupted write is first moved to `<path>.torn` (see `core.jsonl`).
+    """
+    _check_record(record)
     append_jsonl(path, record)
+
+
+def write_results(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Replace the results file with `records`, atomically: readers see the old file or the new one, never half."""
+    for record in records:
+        _check_record(record)
+    write_jsonl(path, records)
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:

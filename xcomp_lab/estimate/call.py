@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xcomp_lab.core.checks import check_choice, check_int
+from xcomp_lab.core.checks import BATCH_SIZE, IMAGE_SIZE, NEW_TOKENS, check_choice
 from xcomp_lab.core.dtypes import check_dtype, dtype_name
 from xcomp_lab.memory import Budget
 from xcomp_lab.memory.budget import DEVICE_KINDS
@@ -106,10 +106,11 @@ def check_call(target: Any, *, dtype: Any, quantization: Any, grad: Any, use_aut
     check_choice("grad", grad, GRAD_MODES, "the quick start's torch.set_grad_enabled(False) is 'no_grad'")
     if not isinstance(use_autocast, bool):
         raise ValueError(f"use_autocast={use_autocast!r}; pass True (the quick start's autocast) or False.")
-    check_int("batch_size", batch_size, hint="images captioned together")
-    check_int("new_tokens", new_tokens, hint="tokens generated per caption")
+    BATCH_SIZE.check("batch_size", batch_size, hint="images captioned together")
+    NEW_TOKENS.check("new_tokens", new_tokens, hint="tokens generated per caption")
     patch = config.vision_config.patch_size
-    size = config.image_size if image_size is None else check_int("image_size", image_size, hint="pixels per side")
+    size = config.image_size if image_size is None else IMAGE_SIZE.check("image_size", image_size,
+                                                                        hint="pixels per side")
     if size % patch:
         raise ValueError(f"image_size={size}; it must be a multiple of the {patch} px patch size, "
                          f"e.g. {max(patch, size // patch * patch)}.")

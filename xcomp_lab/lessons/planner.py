@@ -14,7 +14,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from xcomp_lab.core.checks import check_int, check_number
+from xcomp_lab.core.checks import BATCH_SIZE, check_int, check_number
 from xcomp_lab.core.dtypes import DTYPE_NAMES
 from xcomp_lab.course.charts import steps_chart
 from xcomp_lab.course.params import CourseParams
@@ -170,6 +170,8 @@ def search_largest(try_batch: Callable[[int], tuple[int, bool]], limit: int = 25
 def largest_batch(params: CourseParams, dtype: str = "float16", quantization: str = "none",
                   limit: int = 256) -> BatchSearch:
     """The planner's largest batch for this notebook's card, scale, image size, new tokens and attention."""
+    BATCH_SIZE.check("limit", limit, minimum=2, hint="the largest batch to try")
+
     def try_batch(batch: int) -> tuple[int, bool]:
         result = plan(params.budget_gb, dtype=dtype, quantization=quantization, batch_size=batch,
                       image_size=params.image_size, new_tokens=params.max_new_tokens,

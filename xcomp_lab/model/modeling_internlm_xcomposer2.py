@@ -453,9 +453,15 @@ class InternLMXComposer2ForCausalLM(InternLMXComposer2PreTrainedModel, Generatio
     # ----- images ---------------------------------------------------------------------------------
 
     def vis_processor(self, image: ImageInput, image_size: int | None = None) -> torch.Tensor:
-        """Load, check and normalise one image to a (3, S, S) tensor, S = the vision tower's size."""
-        size = image_size or self.config.image_size
+        """Load, check and normalise one image to a (3, S, S) tensor; S is `image_size`, by default the tower's."""
         patch = self.config.vision_config.patch_size
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                       or image_size < 1):
+            raise ValueError(
+                f"image_size={image_size!r}; pass None for the model's own {self.config.image_size} px, or a positive "
+                f"multiple of the {patch} px patch size."
+            )
+        size = self.config.image_size if image_size is None else image_size
         if size % patch:
             raise ValueError(
                 f"image_size={size} is not a multiple of the patch size {patch}; "
@@ -465,6 +471,15 @@ class InternLMXComposer2ForCausalLM(InternLMXComposer2PreTrainedModel, Generatio
             if not os.path.isfile(image):
                 raise FileNotFoundError(f"No image file at {os.fspath(image)!r}; pass an existing path or a PIL image.")
             image = Image.open(image)
+        if isinstance(image, Image.Image):
+            try:
+                image.load()  # PIL opens lazily: a damaged or cut-short file fails here, not deep in the resize
+            except OSError as exc:
+                name = getattr(image, "filename", "") or "the PIL image"
+                raise OSError(
+                    f"Cannot read the image {name!r}: {exc}. The file is damaged or was cut short (an interrupted "
+                    "download or copy); save or download it again."
+                ) from None
         if isinstance(image, torch.Tensor):
             if image.ndim != 3 or tuple(image.shape) != (3, size, size):
                 raise ValueError(
@@ -566,8 +581,16 @@ class InternLMXComposer2ForCausalLM(InternLMXComposer2PreTrainedModel, Generatio
 
         An image without a `<ImageHere>` placeholder in the query is put in front of it.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}; it must be at least 1.")
+        if not isinstance(query, str):
+            raise ValueError(f"query={query!r:.80}; pass the question as a string, "
+                             "e.g. '<ImageHere>Describe the image.'")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}; it must be an integer of at least 1.")
+        if isinstance(image, (list, tuple)) and not image:
+            raise ValueError(
+                f"image={image!r} holds no image; pass an image (a path, a PIL image or a tensor), a list of them, "
+                "or None to chat without one."
+            )
         if image is None:
             ids = tokenizer(self.build_prompt(query, history, meta_instruction), return_tensors="pt").input_ids
             inputs_embeds = self.model.tok_embeddings(ids.to(self.model.tok_embeddings.weight.device))

@@ -2,9 +2,19 @@
 
     python -m xcomp_lab.tools.course                      # tiny scale on this machine's CPU
     SCALE=full DEVICE=cuda python -m xcomp_lab.tools.course   # the GPU edition (make course SCALE=full DEVICE=cuda)
+    python -m xcomp_lab.tools.course --only 03 08 --output DIR   # rerun two notebooks of the course run in DIR
 
 Executed notebooks, the results file, the charts, per-notebook timings and `summary.html` all land in one
 output folder (default `course-output/<scale>-<device>`).
+
+A run of every notebook starts the results file afresh. A rerun of some notebooks (`--only`) replaces only
+their records, just before each runs: each record names the notebook that wrote it, and the file is rewritten
+atomically and kept in course order, so the later notebooks read what a whole run would give them. A rerun
+needs the parameters of the run already in the folder.
+
+A notebook that fails, whose kernel dies or whose cell runs past CELL_TIMEOUT_S is kept with the error in the
+cell that stopped, and the others still run. Ctrl-C (or a KeyboardInterrupt in a notebook) marks the running
+notebook as interrupted, writes the timings and the summary of what ran, and stops the course.
 """
 
 from __future__ import annotations
@@ -14,21 +24,32 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import papermill
+from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbconvert import HTMLExporter
+from papermill.execute import raise_for_execution_errors
 from tqdm.auto import tqdm
 
+from xcomp_lab.core.jsonl import set_aside_torn_line
 from xcomp_lab.core.resources import repository_root
-from xcomp_lab.course.params import check_params
+from xcomp_lab.course.params import CourseParams, check_params, resolve_course_device
+from xcomp_lab.course.results import read_results, write_results
+from xcomp_lab.model.scales import check_scale
 
 # A cell running longer than this fails the run instead of hanging it; at full scale on an H100 no notebook
 # took over 2 minutes in all.
 CELL_TIMEOUT_S = 900
+RESULTS_NAME = "results.jsonl"
+TIMINGS_NAME = "timings.json"
+INTERRUPTED = "the course was interrupted while this cell ran; this notebook did not finish and the course stopped"
+KERNEL_DIED = ("the notebook's kernel died while this cell ran (killed, e.g. by the out-of-memory killer); "
+               "this notebook did not finish")
 
 
 def notebooks(directory: Path | None = None) -> list[Path]:
@@ -64,51 +85,191 @@ class CourseFailed(RuntimeError):
                          f"{output_dir / 'summary.html'}\n{lines}")
 
 
+class CourseInterrupted(KeyboardInterrupt):
+    """The course stopped on Ctrl-C or a KeyboardInterrupt in a notebook, after recording what ran."""
+
+    def __init__(self, failures: list[NotebookFailure], output_dir: Path) -> None:
+        self.failures = failures
+        self.output_dir = output_dir
+        lines = "\n".join(f"- {failure}" for failure in failures)
+        super().__init__(f"course interrupted; timings in {output_dir / TIMINGS_NAME}, summary of what ran: "
+                         f"{output_dir / 'summary.html'}\n{lines}")
+
+
+def select(course: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
+    """The notebooks of `course` whose names start with one of `only` (all of them when `only` is empty)."""
+    if isinstance(only, str):
+        raise ValueError(f"only={only!r}; pass a list of name prefixes, e.g. [{only!r}].")
+    if not only:
+        return list(course)
+    chosen = [nb for nb in course if any(nb.name.startswith(prefix) for prefix in only)]
+    if not chosen:
+        raise ValueError(f"only={list(only)} matches no notebook; pass name prefixes of "
+                         f"{[nb.name for nb in course]}, e.g. '03'.")
+    return chosen
+
+
+def mark_stopped(copy: Path, ename: str, evalue: str) -> None:
+    """Record in an executed copy where its notebook stopped without a cell error, then raise papermill's error.
+
+    papermill leaves such a copy looking finished (every cell "completed", no exception): the cell that was
+    running gets the error (in the error output the kernel sent, if any), the cells after it go back to "pending",
+    and `papermill.PapermillExecutionError` is raised as for a cell that failed, with papermill's markers.
+    """
+    nb = nbformat.read(copy, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    started = [cell for cell in code if cell.metadata.get("papermill", {}).get("start_time")]
+    cell = started[-1] if started else code[0]
+    if cell.execution_count is None:  # the count the kernel gives the next cell it runs
+        cell.execution_count = 1 + max((c.execution_count or 0 for c in code[:code.index(cell)]), default=0)
+    errors = [output for output in cell.outputs if output.output_type == "error"]
+    if errors:  # the kernel's own KeyboardInterrupt, from being stopped: its traceback shows the line it was on
+        errors[0].ename, errors[0].evalue = ename, evalue
+    else:
+        cell.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue,
+                                                   traceback=[f"{ename}: {evalue}"]))
+    cell.metadata.setdefault("papermill", {}).update(status="failed", exception=True)
+    for later in code[code.index(cell) + 1:]:
+        later.metadata.setdefault("papermill", {})["status"] = "pending"
+    nb.metadata.setdefault("papermill", {})["exception"] = True
+    raise_for_execution_errors(nb, str(copy))
+
+
+def execute(notebook: Path, copy: Path, parameters: dict[str, Any]) -> tuple[NotebookFailure | None, bool]:
+    """Run one notebook into `copy` with papermill: (how it failed, or None; whether the course was interrupted).
+
+    An interruption before papermill wrote the copy leaves no copy and no failure: the notebook did not run.
+    """
+    try:
+        try:
+            papermill.execute_notebook(str(notebook), str(copy), parameters=parameters, cwd=str(notebook.parent),
+                                       kernel_name="python3", progress_bar=False, execution_timeout=CELL_TIMEOUT_S)
+        except KeyboardInterrupt:
+            if not copy.is_file():
+                return None, True
+            mark_stopped(copy, "KeyboardInterrupt", INTERRUPTED)
+        except DeadKernelError:
+            mark_stopped(copy, "DeadKernelError", KERNEL_DIED)
+        except CellTimeoutError:
+            mark_stopped(copy, "CellTimeoutError", f"this cell ran past the course's {CELL_TIMEOUT_S} s limit "
+                                                   f"(CELL_TIMEOUT_S); this notebook did not finish")
+    except papermill.PapermillExecutionError as error:
+        interrupted = error.ename == "KeyboardInterrupt"
+        evalue = error.evalue or (INTERRUPTED if interrupted else "")
+        return NotebookFailure(notebook.name, error.exec_count, f"{error.ename}: {evalue}", copy), interrupted
+    return None, False
+
+
+def _write_json(path: Path, value: Any) -> None:
+    new = path.with_name(f".{path.name}.{os.getpid()}.new")
+    new.write_text(json.dumps(value, indent=2), encoding="utf-8")
+    os.replace(new, path)
+
+
+def _settings(parameters: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in parameters.items() if k != "results_path"}
+
+
+def _earlier_run(out: Path, params: CourseParams) -> tuple[dict[str, float], dict[str, str]]:
+    """The seconds and failures a rerun of some notebooks keeps, once the folder's parameters are these."""
+    path = out / TIMINGS_NAME
+    if not path.is_file():
+        return {}, {}
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc.msg}); run the whole course (without --only) to write it afresh, "
+                         f"or pass another output folder.") from None
+    before, now = _settings(earlier.get("parameters", {})), _settings(params.as_dict())
+    changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+    if changed:
+        listed = ", ".join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in changed.items())
+        raise ValueError(f"{out} holds a course run with other parameters ({listed}); keeping its other notebooks' "
+                         f"records would mix the two. Rerun with its parameters, run the whole course (without "
+                         f"--only), or pass another output folder.")
+    return earlier.get("seconds", {}), earlier.get("failed", {})
+
+
+def _claim_new_records(results: Path, notebook: str, first: int, order: Sequence[str]) -> None:
+    """Name `notebook` in the records it appended (those from index `first` on) and put the file in course order."""
+    set_aside_torn_line(results)  # a kernel killed while appending
+    records = read_results(results)
+    for record in records[first:]:
+        record["notebook"] = notebook
+    position = {name: index for index, name in enumerate(order)}
+    keys, key = [], -1
+    for record in records:  # a record naming no course notebook stays after the record before it
+        key = position.get(record.get("notebook"), key)
+        keys.append(key)
+    write_results(results, [records[i] for i in sorted(range(len(records)), key=keys.__getitem__)])
+
+
 def run_course(
     output_dir: str | os.PathLike | None = None,
     *,
     only: list[str] | None = None,
     progress: bool = True,
     notebook_dir: str | os.PathLike | None = None,
+    scale: str = "tiny",
+    device: str = "auto",
     **parameters: Any,
 ) -> Path:
     """Execute the notebooks (all, or those whose names start with one of `only`) and render the summary.
 
+    The other notebooks' records, timings and executed copies in `output_dir` stay (see the module docstring).
     A notebook that fails does not stop the others: its executed copy (with the error in the failing cell)
-    is kept, the summary shows every notebook that ran, and `CourseFailed` is raised at the end.
+    is kept, the summary shows every notebook that ran, and `CourseFailed` is raised at the end; an
+    interruption raises `CourseInterrupted` (a KeyboardInterrupt) once the timings and summary are written.
     """
-    params = check_params(**{k: v for k, v in parameters.items() if k != "results_path"})
-    out = Path(output_dir or Path("course-output") / f"{params.scale}-{params.device}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
-    if results_path.exists():
-        results_path.unlink()
-    selected = [nb for nb in notebooks(notebook_dir) if not only or any(nb.name.startswith(prefix) for prefix in only)]
-    timings: dict[str, float] = {}
+    if "results_path" in parameters:
+        raise ValueError("results_path is chosen by run_course: the notebooks append to <output_dir>/results.jsonl; "
+                         "pass output_dir instead.")
+    out = Path(output_dir or Path("course-output") / f"{check_scale(scale)}-{resolve_course_device(device)}").resolve()
+    results = out / RESULTS_NAME
+    params = check_params(scale=scale, device=device, **parameters, results_path=results)
+    course = notebooks(notebook_dir)
+    selected = select(course, only)
+    order = [nb.name for nb in course]
+    if len(selected) == len(course):
+        seconds, failed = {}, {}
+        write_results(results, [])
+    else:
+        seconds, failed = _earlier_run(out, params)
+        set_aside_torn_line(results)
     failures: list[NotebookFailure] = []
+    interrupted = False
     bar = tqdm(selected, desc="course", unit="notebook", disable=not progress)
     for notebook in bar:
         bar.set_postfix_str(notebook.stem)
+        name, copy = notebook.name, out / notebook.name
+        kept = [r for r in (read_results(results) if results.is_file() else []) if r.get("notebook") != name]
+        write_results(results, kept)
+        copy.unlink(missing_ok=True)
+        seconds.pop(name, None)
+        failed.pop(name, None)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(
-                str(notebook),
-                str(out / notebook.name),
-                parameters={**parameters, "results_path": str(results_path)},
-                cwd=str(notebook.parent),
-                kernel_name="python3",
-                progress_bar=False,
-                execution_timeout=CELL_TIMEOUT_S,
-            )
-        except papermill.PapermillExecutionError as error:
-            failures.append(NotebookFailure(notebook.name, error.exec_count, f"{error.ename}: {error.evalue}",
-                                            out / notebook.name))
-            tqdm.write(f"{failures[-1]}", file=sys.stderr)
-        timings[notebook.name] = round(time.perf_counter() - start, 1)
-    status = {failure.notebook: failure.error for failure in failures}
-    (out / "timings.json").write_text(json.dumps(
-        {"parameters": params.as_dict(), "seconds": timings, "failed": status}, indent=2))
-    render_summary(out, [out / nb.name for nb in selected if (out / nb.name).is_file()])
+            failure, interrupted = execute(notebook, copy, {**parameters, "scale": scale, "device": device,
+                                                            "results_path": str(results)})
+        finally:
+            _claim_new_records(results, name, len(kept), order)
+        if failure:
+            failures.append(failure)
+            failed[name] = failure.error
+            tqdm.write(f"{failure}", file=sys.stderr)
+        if copy.is_file():
+            seconds[name] = round(time.perf_counter() - start, 1)
+        _write_json(out / TIMINGS_NAME, {
+            "parameters": {**params.as_dict(), "results_path": RESULTS_NAME},
+            "seconds": {nb: seconds[nb] for nb in order if nb in seconds},
+            "failed": {nb: failed[nb] for nb in order if nb in failed},
+        })
+        if interrupted:
+            break
+    bar.close()
+    render_summary(out, [out / nb for nb in order if nb in seconds and (out / nb).is_file()])
+    if interrupted:
+        raise CourseInterrupted(failures, out)
     if failures:
         raise CourseFailed(failures, out)
     return out
@@ -150,9 +311,15 @@ def main(argv: list[str] | None = None) -> int:
             budget_gb=args.budget_gb,
             model_name_or_path=args.model,
         )
+    except ValueError as error:
+        print(f"course: {error}", file=sys.stderr)
+        return 2
     except CourseFailed as failed:
         print(f"course FAILED: {failed}", file=sys.stderr)
         return 1
+    except CourseInterrupted as interrupted:
+        print(f"course INTERRUPTED: {interrupted}", file=sys.stderr)
+        return 130
     print(f"course written to {out} (summary: {out / 'summary.html'})")
     return 0
 
