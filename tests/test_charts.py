@@ -124,6 +124,13 @@ def test_steps_chart_marks_predicted_peaks_and_writes_quality_and_speed(records)
     assert "EM = exact match" in ax.get_xlabel()
 
 
+def test_steps_chart_leaves_quality_out_when_asked(records):
+    ax = charts.steps_chart(records, quality_key=None).axes[0]  # random weights: their quality is noise
+    above = annotations(ax.figure)
+    assert not any("EM" in text for text in above) and "19.2 tok/s" in above[1]
+    assert "exact match" not in ax.get_xlabel()
+
+
 def test_steps_chart_lifts_bar_text_over_a_budget_line_just_above_the_bar(records):
     notes = sorted((t for t in charts.steps_chart(records).axes[0].texts if isinstance(t, Annotation)),
                    key=lambda t: t.xy[0])

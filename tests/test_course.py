@@ -254,3 +254,24 @@ def test_a_killed_kernel_or_a_cell_past_the_timeout_fails_its_notebook_and_the_r
     for failure in (killed, slow):
         assert nbformat.read(failure.executed_copy, as_version=4).metadata.papermill.exception is True
     assert steps_and_notebooks(out) == [("before the kill", "00-killed.ipynb"), ("after", "02-after.ipynb")]
+
+
+def test_executed_copies_record_their_source_and_an_edition_publishes_them(tmp_path: Path):
+    import nbformat
+
+    from xcomp_lab.course.editions import METADATA_KEY, source_digest, stale_copies
+    from xcomp_lab.tools.course import publish_edition
+
+    source = tmp_path / "notebooks"
+    (source / "src").mkdir(parents=True)
+    write_notebook(source / "00-fine.ipynb", "print('ran')")
+    (source / "src" / "00-fine.py").write_text("# %%\nprint('ran')\n")
+    out = run_course(tmp_path / "out", notebook_dir=source, scale="tiny", device="cpu", progress=False)
+    recorded = nbformat.read(out / "00-fine.ipynb", as_version=4).metadata[METADATA_KEY]
+    assert recorded["source_sha256"] == source_digest(source / "src" / "00-fine.py")
+    assert recorded["parameters"]["scale"] == "tiny" and "results_path" not in recorded["parameters"]
+    edition = publish_edition(out, tmp_path / "results" / "full-demo")
+    assert stale_copies(edition / "notebooks", source / "src") == []
+    assert (edition / "results.jsonl").is_file() and (edition / "env.json").is_file()
+    (source / "src" / "00-fine.py").write_text("# %%\nprint('changed')\n")
+    assert len(stale_copies(edition / "notebooks", source / "src")) == 1

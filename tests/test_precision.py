@@ -15,9 +15,7 @@ from xcomp_lab.lessons.precision import (
     measure_cast,
     measure_load,
     stored_dtypes,
-    weights_are_random,
     with_speed,
-    without_quality,
 )
 from xcomp_lab.data.quality import QualityReport
 from xcomp_lab.memory.footprint import resident_bytes
@@ -101,10 +99,10 @@ def test_only_the_courses_full_checkpoint_counts_as_random_weights(tmp_path):
     from xcomp_lab.course.params import check_params
 
     tiny = check_params(scale="tiny", device="cpu", results_path=tmp_path / "r.jsonl")
-    assert not weights_are_random(tiny)
+    assert not tiny.random_weights
     for scale, path, random_ in (("full", None, True), ("full", "/models/xcomposer2", False), ("tiny", None, False)):
         params = dataclasses.replace(tiny, scale=scale, model_name_or_path=path)
-        assert weights_are_random(params) is random_
+        assert params.random_weights is random_
 
 
 def test_stored_dtypes_reads_the_safetensors_headers(tiny_checkpoint):
@@ -115,12 +113,8 @@ def test_stored_dtypes_reads_the_safetensors_headers(tiny_checkpoint):
     assert stored_dtypes("internlm/internlm-xcomposer2-vl-7b") == {}  # a hub id: nothing local to read
 
 
-def test_noise_label_and_quality_free_records():
+def test_noise_label():
     report = QualityReport(n=2, exact_match=0.0, token_accuracy=0.0, agreement_with_reference=1.0,
                            logit_stats={"max_abs_diff": 0.5, "mean_abs_diff": 0.1, "top1_agreement": 0.9})
     assert "noise" not in drift_line(report)
     assert drift_line(report, noise=True).endswith("random weights: the caption and top-1 figures are noise")
-    record = {"step": "fp16", "extra": {**report.as_dict(), "load_kind": "cuda-allocator"}}
-    stripped = without_quality(record)
-    assert stripped["extra"] == {"n": 2, "max_abs_diff": 0.5, "mean_abs_diff": 0.1, "load_kind": "cuda-allocator"}
-    assert record["extra"]["exact_match"] == 0.0  # a copy

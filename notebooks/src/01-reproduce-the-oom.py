@@ -127,10 +127,14 @@ import textwrap
 
 from xcomp_lab.lessons.oom import parse_oom_message
 
-print(textwrap.fill(quickstart.memory.error, 116), end="\n\n")
-oom = parse_oom_message(quickstart.memory.error)
-print(f"read as: {oom.source}\n")
-print(oom.table())
+if quickstart.ok:
+    oom = None
+    print(f"no error to read: the quick start fitted {budget.card} (a larger card than the report's?)")
+else:
+    print(textwrap.fill(quickstart.memory.error, 116), end="\n\n")
+    oom = parse_oom_message(quickstart.memory.error)
+    print(f"read as: {oom.source}\n")
+    print(oom.table())
 
 # %% [markdown]
 # The table names each field; the lines under it add them up against the limit. What the message cannot say is
@@ -243,14 +247,18 @@ print(f"saved {html_path}: open it in a browser")
 # What filled the budget when the request failed, computed from the trace:
 
 # %%
-without = trace.in_use_at_oom - trace.copies_at_oom + trace.requested_bytes
-print(f"at the failure ({trace.oom_label}): {fmt_bytes(trace.in_use_at_oom)} in use, of which autocast's weight "
-      f"copies {fmt_bytes(trace.copies_at_oom)} ({trace.copies_at_oom / trace.in_use_at_oom:.0%}), made by "
-      f"{sum(1 for row in trace.part_rows if row[1])} parts of the model one after the other")
-print(f"the failing request: {fmt_bytes(trace.requested_bytes)} = x{trace.requested_bytes / trace.copies_at_oom:.2f} "
-      f"the copies held")
-print(f"without the copies the same request needs {fmt_bytes(without)}: "
-      f"{'within' if without <= budget.limit_bytes else 'still over'} the budget of {fmt_bytes(budget.limit_bytes)}")
+if trace.oom_event is None:
+    print(f"the recorded call did not fail: the copies ({fmt_bytes(copies)} when every layer has run) fitted "
+          f"beside everything else in {fmt_bytes(budget.limit_bytes)}")
+else:
+    without = trace.in_use_at_oom - trace.copies_at_oom + trace.requested_bytes
+    print(f"at the failure ({trace.oom_label}): {fmt_bytes(trace.in_use_at_oom)} in use, of which autocast's weight "
+          f"copies {fmt_bytes(trace.copies_at_oom)} ({trace.copies_at_oom / trace.in_use_at_oom:.0%}), made by "
+          f"{sum(1 for row in trace.part_rows if row[1])} parts of the model one after the other")
+    print(f"the failing request: {fmt_bytes(trace.requested_bytes)} = "
+          f"x{trace.requested_bytes / trace.copies_at_oom:.2f} the copies held")
+    print(f"without the copies the same request needs {fmt_bytes(without)}: "
+          f"{'within' if without <= budget.limit_bytes else 'still over'} the budget of {fmt_bytes(budget.limit_bytes)}")
 
 # %% [markdown]
 # ## Step 7: two fixes that keep FP32
@@ -317,7 +325,7 @@ print(f"- Without a budget autocast's cache added {fmt_bytes(extra)} ({extra / f
       f"x{extra / copies:.2f} the FP16 copies of every matmul weight).")
 print(f"- Without autocast the peak is {no_autocast.memory.peak_bytes / budget.limit_bytes:.0%} of the budget; "
       f"under inference_mode {inference_run.memory.peak_bytes / budget.limit_bytes:.0%}.")
-print(f"- After the OOM run_step's memory came back to {fmt_bytes(left)} above its value before the call"
+print(f"- After the {'OOM' if not quickstart.ok else 'quick start'} run_step's memory came back to {fmt_bytes(left)} above its value before the call"
       + (f"; with cuBLAS's workspaces freed ({fmt_bytes(cleared)}), memory is {fmt_bytes(above)} above its value "
          f"before the first failed call" if params.device == "cuda" else "")
       + (": the kernel needs no restart." if above <= 0 else "."))

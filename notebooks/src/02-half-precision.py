@@ -83,7 +83,7 @@ free(params.device)
 
 # %%
 from xcomp_lab.lessons.precision import measure_cast, measure_load, fp32_reference, drift_line, run_precision_step
-from xcomp_lab.lessons.precision import stored_dtypes, weights_are_random
+from xcomp_lab.lessons.precision import stored_dtypes
 from xcomp_lab.course.steps import STEPS, course_budget, load_for_step, run_step
 
 fp32_step = STEPS["fp32-no-autocast"]
@@ -116,7 +116,7 @@ print("the checkpoint stores: " + (", ".join(f"{dtype} {fmt_bytes(n)}" for dtype
 # %%
 from xcomp_lab.data.quality import quality_report
 
-random_weights = weights_are_random(params)
+random_weights = params.random_weights
 n_eval, n_logits = 8, 2  # held-out scenes captioned by every model; prompts whose logits are compared
 reference = fp32_reference(model, tokenizer, n=n_eval, n_logits=n_logits, max_new_tokens=params.max_new_tokens,
                            image_size=params.image_size)
@@ -452,10 +452,8 @@ if random_weights:
 
 # %%
 from xcomp_lab.course.charts import steps_chart
-from xcomp_lab.lessons.precision import without_quality
 
-chart_records = [fp32_record, half.record, fp16.record, bf16.record]
-steps_chart([without_quality(r) for r in chart_records] if random_weights else chart_records,
+steps_chart([fp32_record, half.record, fp16.record, bf16.record], quality_key=None if random_weights else "exact_match",
             budget_bytes=budget.limit_bytes, title=f"FP32 and three ways to 16 bits ({params.scale}, {params.device})")
 
 # %% [markdown]

@@ -37,7 +37,6 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 from xcomp_lab.model.loading import resolve_checkpoint
 from xcomp_lab.course.steps import course_budget
-from xcomp_lab.lessons.precision import weights_are_random
 
 path = resolve_checkpoint(params.model_name_or_path, params.scale)
 model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32, device_map={"": params.device},
@@ -50,7 +49,7 @@ print(f"model.training after from_pretrained: {training_at_load} | modules in tr
 print("so the quick start's .eval() " + ("changes nothing: the model is in eval mode already" if not modules_training
                                          else f"switches {modules_training} modules to eval mode"))
 budget = course_budget(params, model.config)
-random_weights = weights_are_random(params)
+random_weights = params.random_weights
 print(budget.describe())
 
 # %% [markdown]

@@ -399,7 +399,8 @@ for name, step in (("FP16", fp16), ("INT8", int8), ("NF4", nf4)):
 # %%
 from xcomp_lab.course.charts import steps_chart
 
-steps_chart([fp16.chart_record, int8.chart_record, nf4.chart_record], budget_bytes=baseline.budget.limit_bytes,
+steps_chart([fp16.record, int8.record, nf4.record], budget_bytes=baseline.budget.limit_bytes,
+            quality_key=None if params.random_weights else "exact_match",
             title=f"FP16, INT8 and NF4 under a {params.budget_gb:g} GB budget ({params.scale}, {params.device})")
 
 # %% [markdown]

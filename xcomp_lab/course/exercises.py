@@ -411,7 +411,8 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in (
              "the weights are loaded once, whatever the batch: only activations and KV cache are per image.",
              _batch_peak),
     Exercise("4.2", "my_activation_growth_x", "activations at the largest image size / at the smallest", RATIO,
-             "eager attention's scores are T x T: they grow with the square of the prompt.",
+             "every activation grows with the prompt; eager's T x T scores add more only where they outweigh the "
+             "logits of every position.",
              "only the attention scores grow with T²; everything else grows with T.",
              _activation_growth),
     Exercise("5.1", "my_offload_resident_x", "resident weights after offloading / before", RATIO,

@@ -39,6 +39,12 @@ class CourseParams:
     def as_dict(self) -> dict:
         return {**asdict(self), "results_path": str(self.results_path)}
 
+    @property
+    def random_weights(self) -> bool:
+        """True where these parameters load the course's own full-scale checkpoint: random weights, whose captions
+        and top-1 agreements are noise (the tiny scale loads the trained captioner, `model_name_or_path` real ones)."""
+        return self.scale == "full" and self.model_name_or_path is None
+
     def __str__(self) -> str:
         model = self.model_name_or_path or f"synthetic replica ({self.scale})"
         image = f"{self.image_size} px" if self.image_size else "model default"

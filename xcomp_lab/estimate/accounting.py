@@ -93,7 +93,7 @@ class SimulatedAccounting(CpuAccounting):
 
     def _tag_copy(self, out: torch.Tensor) -> None:
         storage = out.untyped_storage()
-        if storage._cdata not in self._live:
+        if storage._cdata not in self.live:
             return
         nbytes = self.storage_bytes(storage)
         self.copies += nbytes
@@ -104,9 +104,9 @@ class SimulatedAccounting(CpuAccounting):
     def _untag(self, nbytes: int) -> None:
         self.copies -= nbytes
 
-    def _count(self, nbytes: int) -> None:
+    def allocated(self, nbytes: int) -> None:
         self._check_budget(nbytes)
-        super()._count(nbytes)
+        super().allocated(nbytes)
         self._record(self.current)
 
     def _record(self, level: int) -> None:

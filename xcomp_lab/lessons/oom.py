@@ -370,7 +370,7 @@ class CpuCopyRecorder(CpuAccounting):
         for tensor in _tensors(out):
             storage = tensor.untyped_storage()
             key = storage._cdata
-            if key in self._live and key not in self._addresses:
+            if key in self.live and key not in self._addresses:
                 size = storage.nbytes()
                 self._addresses[key] = self._next_address
                 self.events.append({"action": "alloc", "addr": self._next_address, "size": size, "stream": 0,
@@ -380,9 +380,9 @@ class CpuCopyRecorder(CpuAccounting):
                 self._next_address += size
         return out
 
-    def _freed(self, key: int, nbytes: int, ref: weakref.ref) -> None:
-        counted = self._live.get(key) is ref
-        super()._freed(key, nbytes, ref)
+    def freed(self, key: int, nbytes: int, ref: weakref.ref) -> None:
+        counted = self.live.get(key) is ref
+        super().freed(key, nbytes, ref)
         address = self._addresses.pop(key, None) if counted else None
         if address is not None:
             for action in ("free_requested", "free_completed"):

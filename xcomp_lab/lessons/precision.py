@@ -7,9 +7,8 @@ transformers 5 makes the loaded tensors in a pool of worker threads (`core_model
 `peak_bytes` is None there and only resident bytes are reported. The host-RAM peak of a load on any device is
 `xcomp_lab.lessons.host_memory`'s.
 
-`stored_dtypes()` reads which dtypes a checkpoint stores from its safetensors headers; `weights_are_random()`
-says whether the course parameters load random weights (the course's own full-scale checkpoint), where caption
-and top-1 figures are noise.
+`stored_dtypes()` reads which dtypes a checkpoint stores from its safetensors headers. Where the course
+parameters load random weights (`CourseParams.random_weights`), caption and top-1 figures are noise.
 
 `fp32_reference()` captions a held-out subset and keeps the prefill logits of a few prompts once;
 `drift_from()` then scores any other model against it (captions vs the truth and vs FP32, logit stats), and
@@ -28,7 +27,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-from xcomp_lab.core.checks import check_int
+from xcomp_lab.core.checks import IMAGE_SIZE, check_int
 from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.params import CourseParams
 from xcomp_lab.course.steps import Step, run_step
@@ -120,21 +119,6 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def weights_are_random(params: CourseParams) -> bool:
-    """True where these parameters load the course's own full-scale checkpoint: random weights, whose captions and
-    top-1 agreements are noise (the tiny scale loads the trained captioner, `model_name_or_path` real weights)."""
-    return params.scale == "full" and params.model_name_or_path is None
-
-
-QUALITY_KEYS = ("exact_match", "token_accuracy", "agreement_with_reference", "top1_agreement")
-
-
-def without_quality(record_: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a results record without its caption and top-1 figures: what a chart of random weights shows."""
-    extra = {k: v for k, v in record_.get("extra", {}).items() if k not in QUALITY_KEYS}
-    return {**record_, "extra": extra}
-
-
 def stored_dtypes(checkpoint: str | Path) -> dict[str, int]:
     """Bytes of tensor data per stored dtype ("F16", "F32", "BF16", ...) in a local checkpoint's safetensors files.
 
@@ -178,7 +162,7 @@ def fp32_reference(model: Any, tokenizer: Any, *, n: int = 16, n_logits: int = 4
         check_int(name, value)
     if n_logits > n:
         raise ValueError(f"n_logits={n_logits} is more than n={n}; compare logits on at most the captioned images.")
-    size = image_size or model.config.image_size
+    size = model.config.image_size if image_size is None else IMAGE_SIZE.check("image_size", image_size)
     data = scenes.held_out_dataset(n, image_size=size)
     images = [image for image, _ in data]
     captions = caption_images(model, tokenizer, images, max_new_tokens=max_new_tokens, image_size=size)
@@ -206,7 +190,7 @@ def drift_from(reference: Reference, model: Any, tokenizer: Any) -> Drift:
 def drift_line(report: QualityReport, *, noise: bool = False) -> str:
     """One line: captions against the truth and the reference, logits against the reference's.
 
-    `noise=True` (random weights, see `weights_are_random`) marks the caption and top-1 figures as noise.
+    `noise=True` (random weights, see `CourseParams.random_weights`) marks the caption and top-1 figures as noise.
     """
     stats = report.logit_stats or {}
     agree = ("" if report.agreement_with_reference is None

@@ -39,7 +39,7 @@ from xcomp_lab.course.params import CourseParams
 from xcomp_lab.course.steps import STEPS, course_budget, get_step, load_for_step
 from xcomp_lab.data.quality import QualityReport, quality_report
 from xcomp_lab.lessons.precision import Reference, WeightsChange, drift_line, fp32_reference, measure_load, \
-    run_precision_step, weights_are_random, without_quality
+    run_precision_step
 from xcomp_lab.memory import Budget, measure
 from xcomp_lab.memory.budget import resolve_device
 from xcomp_lab.memory.footprint import module_bytes, quantized_linear_bytes, statistics, statistics_bytes
@@ -91,7 +91,7 @@ def take_reference(params: CourseParams, *, n: int = 4, n_logits: int = 2) -> Ba
                                image_size=params.image_size)
     del model, tokenizer
     _free(params.device)
-    return Baseline(reference, load.after_bytes, budget, weights_are_random(params))
+    return Baseline(reference, load.after_bytes, budget, params.random_weights)
 
 
 # ------------------------------------------------------------------------------------------------ the footprint
@@ -243,11 +243,6 @@ class StepRun:
     @property
     def peak_bytes(self) -> int:
         return self.run.memory.peak_bytes
-
-    @property
-    def chart_record(self) -> dict[str, Any]:
-        """The results record as a chart should show it: without caption quality where the weights are random."""
-        return without_quality(self.record) if self.random_weights else self.record
 
     def __str__(self) -> str:
         return drift_line(self.drift)

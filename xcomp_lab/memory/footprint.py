@@ -62,10 +62,15 @@ def module_bytes(module: nn.Module) -> int:
 
 
 def resident_bytes(model: nn.Module | None, device: str) -> int:
-    """Bytes of the model's parameters and buffers stored on `device`, each storage counted once."""
+    """Bytes of the model's parameters and buffers stored on `device`, each storage counted once.
+
+    A bare "cuda" means the current CUDA device, as everywhere in PyTorch.
+    """
     if model is None:
         return 0
     target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
     return _storage_bytes([t for t in chain(model.parameters(), model.buffers()) if t.device == target])
 
 

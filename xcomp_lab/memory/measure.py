@@ -136,6 +136,10 @@ class CpuAccounting(TorchDispatchMode):
 
     Keyed by the C++ StorageImpl address (`_cdata`), so views and in-place results, which share a storage,
     are never counted twice. The per-op path is kept short because it runs for every aten op.
+
+    Subclasses (the estimator's accounting, notebook 01's allocation recorder) extend two hooks: `allocated(nbytes)`
+    runs after every counted allocation, `freed(key, nbytes, ref)` when a counted storage dies; `live` maps each
+    storage counted now to a weak reference to it.
     """
 
     # Fake tensors (FakeTensorMode) hold no memory, so a measured block that makes some ignores them; the
@@ -152,7 +156,7 @@ class CpuAccounting(TorchDispatchMode):
         self.limit = budget.limit_bytes if budget is not None else None
         self.timeline: list[Sample] = []
         self.t0 = perf_counter()
-        self._live: dict[int, weakref.ref] = {}  # StorageImpl address -> weak ref to the storage
+        self.live: dict[int, weakref.ref] = {}  # StorageImpl address -> weak ref to the storage
         self._plans: dict[Any, Plan] = {}
         self._sample_every = sample_every
         self._countdown = sample_every
@@ -184,20 +188,20 @@ class CpuAccounting(TorchDispatchMode):
                 return out
             storage = out.untyped_storage()
             key = storage._cdata
-            if key in self._live:
+            if key in self.live:
                 return out
             nbytes = storage.nbytes()
             if nbytes == 0:
                 return out
             # Made before reading `current`: allocating the ref may run the GC, whose frees adjust `current`.
-            ref = weakref.ref(storage, partial(self._freed, key, nbytes))
+            ref = weakref.ref(storage, partial(self.freed, key, nbytes))
             if self.limit is not None and self.current + nbytes > self.limit:
                 error = self._over_budget(func, tuple(out.shape), out.dtype, nbytes)
                 # The traceback keeps this frame alive: drop the op's outputs so they are freed now.
                 out = storage = ref = None
                 raise error
-            self._live[key] = ref
-            self._count(nbytes)
+            self.live[key] = ref
+            self.allocated(nbytes)
             return out
         self._account_many(func, plan, out)
         return out
@@ -222,9 +226,9 @@ class CpuAccounting(TorchDispatchMode):
             storage = tensor.untyped_storage()
             key = storage._cdata
             nbytes = self.storage_bytes(storage)
-            if key in self._live or key in refs or nbytes == 0:
+            if key in self.live or key in refs or nbytes == 0:
                 continue
-            refs[key] = weakref.ref(storage, partial(self._freed, key, nbytes))
+            refs[key] = weakref.ref(storage, partial(self.freed, key, nbytes))
             total += nbytes
             if largest is None or nbytes > largest[2]:
                 largest = (tuple(tensor.shape), tensor.dtype, nbytes)
@@ -234,8 +238,8 @@ class CpuAccounting(TorchDispatchMode):
             shape, dtype, _ = largest
             items = refs = storage = tensor = None
             raise self._over_budget(func, shape, dtype, total)
-        self._live.update(refs)
-        self._count(total)
+        self.live.update(refs)
+        self.allocated(total)
 
     @staticmethod
     def storage_bytes(storage: torch.UntypedStorage) -> int:
@@ -246,7 +250,8 @@ class CpuAccounting(TorchDispatchMode):
         """
         return storage.nbytes()
 
-    def _count(self, nbytes: int) -> None:
+    def allocated(self, nbytes: int) -> None:
+        """Count `nbytes` of new storage (the hook subclasses extend)."""
         self.current += nbytes
         if self.current > self.peak:
             self.peak = self.current
@@ -255,9 +260,10 @@ class CpuAccounting(TorchDispatchMode):
             self._countdown = self._sample_every
             self.sample("")
 
-    def _freed(self, key: int, nbytes: int, ref: weakref.ref) -> None:
-        if self._live.get(key) is ref:
-            del self._live[key]
+    def freed(self, key: int, nbytes: int, ref: weakref.ref) -> None:
+        """Uncount a dead storage, if it is the one counted under `key` (the hook subclasses extend)."""
+        if self.live.get(key) is ref:
+            del self.live[key]
             self.current -= nbytes
 
     def sample(self, label: str) -> None:

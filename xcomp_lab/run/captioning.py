@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from xcomp_lab.core.checks import check_int
+from xcomp_lab.core.checks import IMAGE_SIZE, check_int
 from xcomp_lab.data import scenes
 from xcomp_lab.data.quality import QualityReport, quality_report
 from xcomp_lab.model.modeling_internlm_xcomposer2 import IMAGE_PLACEHOLDER, ImageInput
@@ -107,7 +107,7 @@ def evaluate_captioner(
     vision tower's own size (112 px at tiny scale, 490 at full).
     """
     check_int("n", n)
-    size = image_size or model.config.image_size
+    size = model.config.image_size if image_size is None else IMAGE_SIZE.check("image_size", image_size)
     data = scenes.held_out_dataset(n, image_size=size)
     images = [image for image, _ in data]
     predictions = caption_images(model, tokenizer, images, batch_size=batch_size, image_size=size)

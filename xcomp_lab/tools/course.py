@@ -2,10 +2,14 @@
 
     python -m xcomp_lab.tools.course                      # tiny scale on this machine's CPU
     SCALE=full DEVICE=cuda python -m xcomp_lab.tools.course   # the GPU edition (make course SCALE=full DEVICE=cuda)
+    python -m xcomp_lab.tools.course --scale full --device cuda --edition results/full-h200
+                                                          # ... and publish it as the repository's full-scale copies
     python -m xcomp_lab.tools.course --only 03 08 --output DIR   # rerun two notebooks of the course run in DIR
 
 Executed notebooks, the results file, the charts, per-notebook timings and `summary.html` all land in one
-output folder (default `course-output/<scale>-<device>`).
+output folder (default `course-output/<scale>-<device>`). Every executed copy records the digest of its
+source and its parameters (`course.editions`); `--edition` copies them, the results and the GPUs into a
+repository folder, whose copies `tests/test_editions.py` holds to the current sources.
 
 A run of every notebook starts the results file afresh. A rerun of some notebooks (`--only`) replaces only
 their records, just before each runs: each record names the notebook that wrote it, and the file is rewritten
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +42,9 @@ from papermill.execute import raise_for_execution_errors
 from tqdm.auto import tqdm
 
 from xcomp_lab.core.jsonl import set_aside_torn_line
+from xcomp_lab.core.machine import gpu_environment
 from xcomp_lab.core.resources import repository_root
+from xcomp_lab.course.editions import stamp
 from xcomp_lab.course.params import CourseParams, check_params, resolve_course_device
 from xcomp_lab.course.results import read_results, write_results
 from xcomp_lab.model.scales import check_scale
@@ -259,6 +266,7 @@ def run_course(
             tqdm.write(f"{failure}", file=sys.stderr)
         if copy.is_file():
             seconds[name] = round(time.perf_counter() - start, 1)
+            _stamp_copy(copy, notebook, params)
         _write_json(out / TIMINGS_NAME, {
             "parameters": {**params.as_dict(), "results_path": RESULTS_NAME},
             "seconds": {nb: seconds[nb] for nb in order if nb in seconds},
@@ -273,6 +281,31 @@ def run_course(
     if failures:
         raise CourseFailed(failures, out)
     return out
+
+
+def _stamp_copy(copy: Path, notebook: Path, params: CourseParams) -> None:
+    """Record the executed copy's source digest and parameters (`course.editions`), when its source is known."""
+    source = notebook.parent / "src" / f"{notebook.stem}.py"
+    if source.is_file():
+        nbformat.write(stamp(nbformat.read(copy, as_version=4), source, params.as_dict()), copy)
+
+
+def publish_edition(out: Path, edition: str | os.PathLike) -> Path:
+    """Copy a course run's executed notebooks, results and timings, with this machine's GPUs, into `edition`.
+
+    `edition` is a folder of the repository such as `results/full-h200`: its `notebooks/` are what the static
+    site shows and what `tests/test_editions.py` checks against the sources.
+    """
+    target = Path(edition)
+    (target / "notebooks").mkdir(parents=True, exist_ok=True)
+    for old in (target / "notebooks").glob("[0-9][0-9]-*.ipynb"):
+        old.unlink()
+    for executed in sorted(out.glob("[0-9][0-9]-*.ipynb")):
+        shutil.copyfile(executed, target / "notebooks" / executed.name)
+    for name in (RESULTS_NAME, TIMINGS_NAME):
+        shutil.copyfile(out / name, target / name)
+    _write_json(target / "env.json", gpu_environment())
+    return target
 
 
 def render_summary(out: Path, executed: list[Path]) -> Path:
@@ -299,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=env.get("MODEL") or None, help="real weights: a directory or hub id")
     parser.add_argument("--output", default=env.get("OUTPUT") or None)
     parser.add_argument("--notebooks", default=None, help="the folder of numbered notebooks (default: notebooks/)")
+    parser.add_argument("--edition", default=None,
+                        help="also publish the executed notebooks, results and GPUs to this folder, e.g. "
+                             "results/full-h200 (what the site shows and tests/test_editions.py checks)")
     parser.add_argument("--only", nargs="*", default=env.get("ONLY", "").split() or None, help="notebook prefixes, e.g. 00 01")
     args = parser.parse_args(argv)
     try:
@@ -321,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"course INTERRUPTED: {interrupted}", file=sys.stderr)
         return 130
     print(f"course written to {out} (summary: {out / 'summary.html'})")
+    if args.edition:
+        print(f"edition published to {publish_edition(out, args.edition)}")
     return 0
 
 

@@ -70,7 +70,7 @@ def _quality(record: Mapping[str, Any], key: str, where: str) -> float | None:
     return float(value)
 
 
-def _read_step(record: Any, index: int, quality_key: str) -> StepBar:
+def _read_step(record: Any, index: int, quality_key: str | None) -> StepBar:
     if not isinstance(record, Mapping):
         raise ValueError(f"record {index} must be a dict (one results line), got {type(record).__name__}: "
                          f"read records with xcomp_lab.course.results.read_results")
@@ -96,11 +96,11 @@ def _read_step(record: Any, index: int, quality_key: str) -> StepBar:
         oom=bool(oom),
         predicted_peak_bytes=as_int("predicted_peak_bytes"),
         tokens_per_s=record_number(record, "tokens_per_s", where),
-        quality=_quality(record, quality_key, where),
+        quality=_quality(record, quality_key, where) if quality_key else None,
     )
 
 
-def read_step_records(records: Any, quality_key: str) -> list[StepBar]:
+def read_step_records(records: Any, quality_key: str | None) -> list[StepBar]:
     if isinstance(records, Mapping) or not isinstance(records, Sequence) or isinstance(records, str):
         raise ValueError(f"records must be a list of result dicts, got {type(records).__name__}: "
                          f"pass read_results(path) or list(latest_by_step(records).values())")

@@ -27,7 +27,7 @@ from xcomp_lab.course.charts.base import (
 from xcomp_lab.course.charts.records import StepBar, common_budget, read_step_records
 
 
-def _bar_text(step: StepBar, quality_key: str, unit: AxisUnit) -> str:
+def _bar_text(step: StepBar, quality_key: str | None, unit: AxisUnit) -> str:
     top = step.top_bytes
     if step.oom:
         lines = ["OOM"] + ([f"at {unit.fmt(top)}"] if top else [])
@@ -40,7 +40,7 @@ def _bar_text(step: StepBar, quality_key: str, unit: AxisUnit) -> str:
     return "\n".join(lines)
 
 
-def _bar_text_key(steps: list[StepBar], quality_key: str) -> str:
+def _bar_text_key(steps: list[StepBar], quality_key: str | None) -> str:
     """What the text above the bars says, as the x-axis label."""
     parts = ["above each bar: peak"]
     short = QUALITY_SHORT.get(quality_key, quality_key)
@@ -111,7 +111,7 @@ def _draw_predicted(ax: Axes, steps: list[StepBar], unit: AxisUnit) -> list[floa
     return list(py)
 
 
-def _write_bar_texts(ax: Axes, steps: list[StepBar], budget_bytes: int | None, ymax: float, quality_key: str,
+def _write_bar_texts(ax: Axes, steps: list[StepBar], budget_bytes: int | None, ymax: float, quality_key: str | None,
                      unit: AxisUnit) -> None:
     """The text above each bar, lifted over a budget line or prediction marker sitting just above the bar."""
     for i, step in enumerate(steps):
@@ -125,12 +125,13 @@ def _write_bar_texts(ax: Axes, steps: list[StepBar], budget_bytes: int | None, y
 
 
 def steps_chart(records: Sequence[Mapping[str, Any]], *, budget_bytes: int | None = None, title: str | None = None,
-                quality_key: str = "exact_match", path: str | Path | None = None) -> Figure:
+                quality_key: str | None = "exact_match", path: str | Path | None = None) -> Figure:
     """Each step's peak as a stacked bar (weights / KV cache / activations / other), in GiB (MiB when small).
 
     The budget (given, or the one all records share; else each record's own) is a dashed line; an OOM step's
     bar is hatched red up to the memory in use when it failed and says "OOM"; the predicted peak is a hollow
-    diamond; `extra[quality_key]` and tokens/s, when present, are written above the bar.
+    diamond; `extra[quality_key]` (None: no quality, as for random weights) and tokens/s, when present, are
+    written above the bar.
     """
     steps = read_step_records(records, quality_key)
     budget = common_budget(steps, budget_bytes)
