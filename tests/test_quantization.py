@@ -3,7 +3,6 @@ outlier columns, which couple positions), matmul costs, and the notebook's step 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -231,9 +230,7 @@ def test_the_notebook_steps_load_score_and_record(params):
     run = q.caption_step("fp16", model, tokenizer, baseline.reference.images[:1], params, baseline, fp16)
     assert run.peak_bytes >= fp16.resident_bytes and run.speed.tokens_per_s > 0
     assert run.record["step"] == "fp16" and params.results_path.read_text().count("\n") >= 1
-    assert str(run).startswith("exact match") and run.chart_record is run.record
-    noise = dataclasses.replace(run, random_weights=True).chart_record
-    assert "exact_match" in run.record["extra"] and "exact_match" not in noise["extra"]
+    assert str(run).startswith("exact match") and "exact_match" in run.record["extra"]
     with pytest.raises(ValueError, match="footprint is of step 'fp16'"):
         q.caption_step("int8", model, tokenizer, baseline.reference.images[:1], params, baseline, fp16)
     del model

@@ -238,7 +238,6 @@ class StepRun:
     drift: QualityReport
     run: CaptionRun
     record: dict[str, Any]
-    random_weights: bool  # the quality figures are noise
 
     @property
     def peak_bytes(self) -> int:
@@ -263,7 +262,7 @@ def caption_step(name: str, model: Any, tokenizer: Any, images: Sequence[Any], p
     run = run_precision_step(get_step(name), model, tokenizer, images, params, baseline.budget, baseline.reference,
                              footprint.load, speed=speed)
     record(params, run.record)
-    return StepRun(name, footprint.total_bytes, speed, run.drift.report, run.run, run.record, baseline.random_weights)
+    return StepRun(name, footprint.total_bytes, speed, run.drift.report, run.run, run.record)
 
 
 # ------------------------------------------------------------------------------------------------- PLoRA checks
