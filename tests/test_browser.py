@@ -199,6 +199,9 @@ def run_cell(page, index: int):
 def test_planner_updates_text_and_chart_in_jupyterlab(lab: Lab, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    from xcomp_lab.lessons.planner import card_label
+    from xcomp_lab.memory.cards import card_for_gb
+
     screenshot = Path(os.environ.get("BROWSER_SCREENSHOT") or tmp_path / "planner-browser.png")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -216,7 +219,7 @@ def test_planner_updates_text_and_chart_in_jupyterlab(lab: Lab, tmp_path: Path) 
         expect(chart).to_have_count(1)
         first_chart = chart.get_attribute("src")
 
-        planner.locator(".widget-dropdown", has_text="card (GB)").locator("select").select_option("24")
+        planner.locator(".widget-dropdown", has_text="card").locator("select").select_option(card_label(card_for_gb(24)))
         planner.locator(".widget-dropdown", has_text="dtype").locator("select").select_option("float32")
         planner.get_by_role("button", name="Predict").click()
         expect(text).to_have_text(after, timeout=UPDATE_TIMEOUT_MS)

@@ -1,13 +1,16 @@
-"""The planner's search for the largest batch that fits, and its budget rule."""
+"""The planner's search for the largest batch that fits, its budget rule and its cards."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 
 from xcomp_lab.course.params import check_params
-from xcomp_lab.lessons.planner import largest_batch, plan, search_largest
+from xcomp_lab.lessons.planner import (card_budget_bytes, card_choices, card_label, card_of_size, largest_batch,
+                                       machine_card, plan, planner, search_largest)
 from xcomp_lab.memory.budget import card_limit_bytes
-from xcomp_lab.memory.cards import CARDS, CONTEXT_BYTES
+from xcomp_lab.memory.cards import CARDS, CLASS_CARDS, CONTEXT_BYTES
 from xcomp_lab.model.inventory import parameter_count
 
 
@@ -84,3 +87,63 @@ def test_the_estimator_refuses_sizes_past_the_course_limits_at_once(kwargs, word
 def test_the_batch_search_limit_is_the_course_batch_limit():
     with pytest.raises(ValueError, match=r"limit=1000; it must be at most 256"):
         largest_batch(check_params(scale="tiny", device="cpu"), limit=1000)
+
+
+# ------------------------------------------------------------------------------------------------ cards by name
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("gb", [16, 24, 32, 40, 48, 80, 30, 12.5])
+def test_a_named_card_is_budgeted_by_the_one_rule(gb, device):
+    fp32 = parameter_count("tiny") * 4
+    card = card_of_size(gb)
+    assert card_budget_bytes(card, device, fp32) == card_limit_bytes(gb, device, fp32)
+    if gb in CLASS_CARDS:
+        assert card.name == CLASS_CARDS[gb]
+
+
+def test_plan_takes_a_card_by_name_or_by_size():
+    by_name = plan(card="RTX 4090", scale="tiny", device="cpu", new_tokens=2)
+    by_size = plan(24, scale="tiny", device="cpu", new_tokens=2)
+    assert by_name.card == by_size.card == CARDS["RTX 4090"] and by_name.card_gb == by_size.card_gb == 24
+    assert by_name.estimate.table() == by_size.estimate.table()
+    l4 = plan(card=CARDS["L4"], scale="tiny", device="cuda", new_tokens=2)
+    assert l4.budget_bytes == CARDS["L4"].total_bytes - CONTEXT_BYTES and l4.line().startswith("L4, float16, batch 1")
+    assert plan(30, scale="tiny", device="cpu", new_tokens=2).card.name == "30 GB card of no known model"
+
+
+def test_a_card_the_catalogue_lacks_or_a_size_that_disagrees_is_refused():
+    with pytest.raises(ValueError, match=r"card='RTX 9090'; choose one of \['RTX A4000'"):
+        plan(card="RTX 9090", scale="tiny", device="cpu", new_tokens=2)
+    with pytest.raises(ValueError, match=r"card_gb=24 and card='L40S' \(48 GB\) disagree"):
+        plan(24, card="L40S", scale="tiny", device="cpu", new_tokens=2)
+
+
+def test_the_machine_card_is_what_pytorch_sees_on_the_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert machine_card() is None and len(card_choices()) == len(CARDS)
+    props = SimpleNamespace(name="NVIDIA L40S", total_memory=CARDS["L40S"].total_bytes + 2**20)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    own = machine_card()
+    assert own.name == "NVIDIA L40S (this machine)" and own.marketed_gb == 48
+    assert own.usable_bytes == props.total_memory - CONTEXT_BYTES
+    assert card_choices()[0] == own and len(card_choices()) == len(CARDS) + 1
+    props.name = "NVIDIA H200"
+    props.total_memory = round(139.8 * 2**30)
+    assert machine_card().marketed_gb == 140  # no catalogue name: the GiB PyTorch sees, rounded up
+    props.name = "NVIDIA GeForce RTX 4090"
+    assert machine_card().marketed_gb == 24
+
+
+def test_the_planner_widget_lists_cards_by_name_and_starts_on_the_course_card():
+    pytest.importorskip("ipywidgets")
+    box = planner(scale="tiny", device="cpu", card_gb=24)
+    card = box.children[0].children[0]
+    assert card.description == "card" and card.value == CARDS["RTX 4090"]
+    labels = [label for label, _ in card.options]
+    assert card_label(CARDS["L40S"]) in labels and len(labels) == len(CARDS)
+    output = box.children[-1]
+    assert output.outputs[0]["text"] == plan(24, scale="tiny", device="cpu").estimate.table() + "\n"
+    assert len(planner(scale="tiny", device="cpu", card_gb=30).children[0].children[0].options) == len(CARDS) + 1

@@ -1,9 +1,9 @@
 # %% [markdown]
-# # 08 · Planner and summary: every fix side by side, and a planner for your own card
+# # 08 · Planner and summary: every fix side by side, and which card each configuration fits
 #
 # Each notebook appended its measurements to one results file. Here they come back together: memory per step
-# against the budget, what the estimator predicted for each, quality next to memory, and a planner that
-# predicts the peak of a configuration before you load anything.
+# against the budget, what the estimator predicted for each, quality next to memory, and a planner that predicts
+# the peak of a configuration on a card you name, before you load anything.
 
 # %% tags=["parameters"]
 scale = "tiny"
@@ -29,7 +29,8 @@ print(params)
 # ## Step 1: read back what the course measured
 #
 # The last record of each course step (notebooks 01 to 06 wrote them), with the estimator's prediction for the
-# same step made now, without loading anything.
+# same step made now, without loading anything. For a step that ran out of memory the measured figure is where the
+# call stopped, not its peak: what to compare there is whether the estimator predicted the OOM too.
 
 # %% tags=["nbval-ignore-output"]
 from xcomp_lab.estimate import estimate_step
@@ -43,64 +44,160 @@ for name, step in STEPS.items():
     if name not in measured:
         continue
     r = dict(measured[name])
-    r["predicted_peak_bytes"] = estimate_step(step, params).peak_bytes
+    predicted = estimate_step(step, params)
+    r["predicted_peak_bytes"], r["predicted_oom"] = predicted.peak_bytes, predicted.oom
     course.append(r)
     status = "OOM " if r["oom"] else "fits"
     print(f"{name:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} | predicted "
-          f"{fmt_bytes(r['predicted_peak_bytes']):>10} | x{r['peak_bytes'] / r['predicted_peak_bytes']:.2f}")
+          f"{fmt_bytes(r['predicted_peak_bytes']):>10} ({'OOM' if predicted.oom else 'fits'}) | "
+          f"x{r['peak_bytes'] / r['predicted_peak_bytes']:.2f}")
 if not course:
     print(f"No course results in {params.results_path} yet: run notebooks 01-07 first (`make course` runs them "
           f"in order); the planner below works without them.")
 
 # %% [markdown]
-# For steps that ran out of memory the measured figure is where the call stopped, not its peak. For the rest,
-# measurement and prediction agree closely because the estimator replays the very same computation on fake
-# tensors and counts it the same way.
+# How close were the predictions? The largest gap on the steps that fitted, and the verdict on those that did not;
+# then the budget the records were measured under, against the budget the course's card of `budget_gb` gives now.
 
 # %% tags=["nbval-ignore-output"]
-from pathlib import Path
+from xcomp_lab.memory.budget import card_bytes, card_limit_bytes
+from xcomp_lab.model.inventory import parameter_count
 
+fitted = [(abs(r["peak_bytes"] / r["predicted_peak_bytes"] - 1), r["step"]) for r in course if not r["oom"]]
+if fitted:
+    worst = max(fitted)
+    print(f"Steps that fitted: {len(fitted)}; the estimator's largest error {worst[0]:.1%} ({worst[1]}).")
+for r in course:
+    if r["oom"]:
+        print(f"{r['step']} ran out of memory; the estimator predicted "
+              f"{'an OOM too' if r['predicted_oom'] else 'that it fits: they disagree'}.")
+card_budget = card_limit_bytes(params.budget_gb, params.device, parameter_count(params.scale) * 4)
+recorded_budgets = sorted({r["budget_bytes"] for r in course if r["budget_bytes"] is not None})
+print(f"budget_gb={params.budget_gb:g}: {card_bytes(params.budget_gb)[1]}; on {params.device} at this scale "
+      f"{fmt_bytes(card_budget)}.")
+if recorded_budgets:
+    same = recorded_budgets == [card_budget]
+    print(f"Budget in the records: {', '.join(fmt_bytes(b) for b in recorded_budgets)}: "
+          + ("the same card." if same else "not this card's (the records were made under another card or rule): "
+                                           "read their verdicts against the budget they name, not this one."))
+
+# %% [markdown]
+# ## Step 2: every step against the budget, and quality against memory
+#
+# One bar per step: weights, KV cache and activations stacked, the budget as a dashed line, the estimator's
+# prediction as a hollow diamond; a step that ran out of memory is hatched red up to where it stopped. Quality
+# (exact match of the captions, where notebooks 02 and 06 scored them) is written above a bar only where the
+# weights are trained: at `scale="full"` the replica's weights are random and its captions noise.
+
+# %% tags=["nbval-ignore-output"]
 from xcomp_lab.course.charts import quality_memory_chart, steps_chart
 
 charts = params.results_path.parent
 budget_bytes = course[0]["budget_bytes"] if course else None
+quality_key = None if params.random_weights else "exact_match"
+steps_figure = None
 if course:
-    steps_chart(course, budget_bytes=budget_bytes, path=charts / "steps.png",
-                title=f"Every step under a {params.budget_gb:g} GB budget ({params.scale}, {params.device})")
-
-# %% tags=["nbval-ignore-output"]
-scored = [r for r in course if not r["oom"] and "exact_match" in (r.get("extra") or {})]
-if scored:
-    quality_memory_chart(scored, budget_bytes=budget_bytes, quality_key="exact_match",
-                         path=charts / "quality-vs-memory.png", title="Caption quality against peak memory")
+    steps_figure = steps_chart(course, budget_bytes=budget_bytes, quality_key=quality_key, path=charts / "steps.png",
+                               title=f"Every step under the {params.budget_gb:g} GB budget ({params.scale}, "
+                                     f"{params.device})")
 else:
-    print("No step has a caption-quality figure yet: notebooks 02 and 06 score the captions of each precision.")
+    print("No course results to draw.")
+steps_figure
 
 # %% [markdown]
-# **Exercise 8.1: predict, then ask the planner.** How many images can FP16 caption at once within this
-# notebook's budget (`budget_gb`), at its image size, new tokens and attention? Predict the largest batch that
-# fits, a whole number of images: Step 1's FP16 peak and notebook 04's batch runs are your evidence. Write it
-# into `my_largest_batch`; after Step 2 the planner searches for the answer, and `answer_8_1.solution()` shows
-# the worked reasoning.
+# The bars read against one another: how far each step's peak lies below the budget, how much of it is weights,
+# and where the diamond (the prediction) sits against the bar (the measurement). The same peaks as a share of the
+# FP32 caption's, with the captions' exact match where this run has one:
+
+# %% tags=["nbval-ignore-output"]
+reference = next((r for r in course if r["step"] == "fp32-no-autocast"), None)
+scored = [r for r in course if not r["oom"] and "exact_match" in (r.get("extra") or {})]
+for r in course:
+    if r["oom"]:
+        continue
+    share = f"{r['peak_bytes'] / reference['peak_bytes']:5.0%} of FP32's" if reference else ""
+    quality = (f" | exact match {r['extra']['exact_match']:.0%} of {r['extra'].get('n', '?')} scenes"
+               if quality_key and r in scored else "")
+    print(f"{r['step']:20s} peak {fmt_bytes(r['peak_bytes']):>10} {share}{quality}")
+if params.random_weights:
+    print("Random weights at this scale: the captions' exact match is noise, so quality is not shown; the tiny "
+          "scale's trained captioner (or real weights) gives the quality side.")
+
+# %% tags=["nbval-ignore-output"]
+quality_figure = None
+if scored and quality_key:
+    quality_figure = quality_memory_chart(scored, budget_bytes=budget_bytes, quality_key=quality_key,
+                                          path=charts / "quality-vs-memory.png",
+                                          title="Caption quality against peak memory")
+elif quality_key:
+    print("No step has a caption-quality figure yet: notebooks 02 and 06 score the captions of each precision.")
+quality_figure
+
+# %% [markdown]
+# Each point is one step: further left is less memory, higher is better captions. A point left of another at the
+# same height saved memory for no loss of quality that this run could see: with as few scenes per step as the
+# lines above count, a caption or two apart is within what the sample can tell.
+#
+# **Exercise 8.1: predict, then ask the planner.** How many images can FP16 caption at once on the course's card
+# of this notebook's `budget_gb` (Step 1 names it), at its image size, new tokens and attention? Predict the
+# largest batch that fits, a whole number of images: Step 1's FP16 peak and notebook 04's batch runs are your
+# evidence. Write it into `my_largest_batch`; in Step 4 the planner searches for the answer, and
+# `answer_8_1.solution()` shows the worked reasoning.
 
 # %%
 my_largest_batch = None  # your prediction, in images
 
 # %% [markdown]
-# ## Step 2: the planner
+# ## Step 3: the card in this machine, in plain PyTorch
 #
-# `plan()` predicts one configuration; `planner()` wraps it in widgets (in JupyterLab: change a control, press
-# *Predict*). At `scale="tiny"` the card is scaled to the tiny model as the course's CPU budget is; set
-# `scale="full"` to plan for the real 7B-VL model (a few seconds per prediction).
+# A card's budget is what PyTorch sees on it less the CUDA context (notebook 00). On a GPU two calls read the
+# first: `torch.cuda.get_device_properties(0).total_memory` (fixed) and `torch.cuda.mem_get_info()` (free and
+# total right now; what is in use includes this process's CUDA context and any other process).
+
+# %% tags=["nbval-ignore-output"]
+import torch
+
+if params.device == "cuda":
+    props = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info()
+    print(f"{props.name}: total_memory {fmt_bytes(props.total_memory)} | mem_get_info: {fmt_bytes(free)} free of "
+          f"{fmt_bytes(total)}")
+else:
+    print(f"device={params.device}: no GPU here, so no torch.cuda.mem_get_info(); the planner offers the "
+          f"catalogue's cards only")
+
+# %% [markdown]
+# `machine_card()` wraps the first call: on a machine with a GPU the planner lists that card first, budgeted like
+# every other card.
+#
+# ## Step 4: the planner
+#
+# `plan()` predicts one configuration on one card: by name (`card="L4"`, any card of `xcomp_lab.memory.cards`),
+# by marketed size (`plan(24)`: the course's card of that class) or this machine's (`card=machine_card()`).
+# `planner()` wraps it in widgets (in JupyterLab: change a control, press *Predict*). At `scale="tiny"` each card
+# is scaled to the tiny model as the course's CPU budget is; set `scale="full"` to plan for the real 7B-VL model.
+# Cards sold with the same size differ in what PyTorch sees: FP16 on each 24 GB card of the catalogue, then FP32
+# on the course's 24 GB card and NF4 on its 16 GB card.
 
 # %%
-from xcomp_lab.lessons.planner import plan, plan_chart, planner
+from xcomp_lab.lessons.planner import machine_card, plan, planner
+from xcomp_lab.memory.cards import cards_of_class
 
-for card, dtype, quantization in [(24, "float32", "none"), (24, "float16", "none"), (16, "float16", "nf4")]:
-    result = plan(card, dtype=dtype, quantization=quantization, scale=params.scale, device=params.device,
-                  new_tokens=params.max_new_tokens)
-    print(f"{card} GB card, {dtype} {quantization}: predicted peak {fmt_bytes(result.estimate.peak_bytes)} "
-          f"of {fmt_bytes(result.budget_bytes)} -> {'fits' if result.fits else 'does not fit'}")
+setting = dict(scale=params.scale, device=params.device, new_tokens=params.max_new_tokens)
+class_24 = [plan(card=card, dtype="float16", **setting) for card in cards_of_class(24)]
+examples = class_24 + [plan(24, dtype="float32", **setting), plan(16, dtype="float16", quantization="nf4", **setting)]
+for result in examples:
+    print(result.line())
+
+# %% [markdown]
+# What separates the 24 GB cards, computed from the lines above:
+
+# %%
+spare = {r.card.name: r.budget_bytes - r.estimate.peak_bytes for r in class_24}
+tightest, roomiest = min(spare, key=spare.get), max(spare, key=spare.get)
+print(f"FP16 fits {sum(r.fits for r in class_24)} of the {len(class_24)} 24 GB cards; spare from "
+      f"{fmt_bytes(spare[tightest])} ({tightest}) to {fmt_bytes(spare[roomiest])} ({roomiest}), "
+      f"{fmt_bytes(spare[roomiest] - spare[tightest])} apart for the same marketed size.")
 
 # %%
 from xcomp_lab.course.exercises import check
@@ -110,28 +207,38 @@ batch_search = largest_batch(params, dtype="float16")
 
 # %%
 answer_8_1 = check("8.1", my_largest_batch, measured=batch_search.largest, lower_bound=batch_search.capped,
-                   source="planner", peaks=batch_search.peaks, budget_bytes=batch_search.budget_bytes)
+                   source="planner", peaks=batch_search.peaks, budget_bytes=batch_search.budget_bytes,
+                   card=batch_search.card.name)
 
 # %% tags=["nbval-ignore-output"]
-planner(scale=params.scale, device=params.device)
+planner(scale=params.scale, device=params.device, card_gb=params.budget_gb)
 
 # %% [markdown]
 # ## What we learned
 
 # %% tags=["nbval-ignore-output"]
 by_name = {r["step"]: r for r in course}
-if "fp32-quickstart" in by_name and "nf4" in by_name:
+if "fp32-quickstart" in by_name:
+    quick = by_name["fp32-quickstart"]
+    line = (f"- The FP32 quick start {'ran out of memory' if quick['oom'] else 'fitted'} under the "
+            f"{fmt_bytes(quick['budget_bytes'])} budget")
+    if "fp32-no-autocast" in by_name:
+        plain = by_name["fp32-no-autocast"]
+        line += (f"; without autocast FP32 {'ran out too' if plain['oom'] else 'fitted'} "
+                 f"(peak {fmt_bytes(plain['peak_bytes'])})")
+    print(line + ".")
+if "fp32-no-autocast" in by_name and "nf4" in by_name:
     fp32, nf4 = by_name["fp32-no-autocast"], by_name["nf4"]
-    print(f"- The FP32 quick start {'ran out of memory' if by_name['fp32-quickstart']['oom'] else 'fitted'} "
-          f"under the {params.budget_gb:g} GB budget; dropping autocast alone made FP32 fit.")
     print(f"- Weights: FP32 {fmt_bytes(fp32['weights_bytes'])}, NF4 {fmt_bytes(nf4['weights_bytes'])} "
           f"({fp32['weights_bytes'] / nf4['weights_bytes']:.1f}x smaller).")
-fitted = [(abs(r["peak_bytes"] / r["predicted_peak_bytes"] - 1), r["step"]) for r in course if not r["oom"]]
 if fitted:
-    worst = max(fitted)
     print(f"- The estimator's largest error on a step that fitted: {worst[0]:.1%} ({worst[1]}).")
+print(f"- On the {batch_search.card.name}, the planner fits {batch_search.largest}"
+      f"{' or more' if batch_search.capped else ''} FP16 image(s) at once; across the 24 GB class the spare memory "
+      f"for one image differs by {fmt_bytes(spare[roomiest] - spare[tightest])}.")
 
 # %% [markdown]
-# **Questions.** (1) Which single change saves the most memory for the least quality? (2) On a 24 GB card,
-# what is the largest batch of 490 px images the planner says FP16 can caption? (3) Where would the estimator
-# be wrong on a real GPU (think of what the allocator keeps that tensors do not)?
+# **Questions.** (1) Which single change saves the most memory for the least quality, and can the full-scale
+# edition answer the quality half? (2) On each 24 GB card of the planner's list, what is the largest batch of
+# 490 px images the planner says FP16 can caption, and why can cards sold with the same size disagree? (3) Where
+# would the estimator be wrong on a real GPU (think of what the allocator keeps that tensors do not)?

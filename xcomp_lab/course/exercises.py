@@ -362,12 +362,13 @@ def _logits(measured: float, batch: int, tokens: int, vocab: int) -> str:
             f"{fmt_bytes(6 * batch * vocab)}.")
 
 
-def _largest_batch(measured: float, peaks: Mapping[int, int], budget_bytes: int) -> str:
+def _largest_batch(measured: float, peaks: Mapping[int, int], budget_bytes: int, card: str = "") -> str:
+    budget = f"the {card}'s {fmt_bytes(budget_bytes)} budget" if card else f"the {fmt_bytes(budget_bytes)} budget"
     largest = int(measured)
     if largest == 0:
-        return (f"- Even one image crosses the {fmt_bytes(budget_bytes)} budget (the replay stopped at "
-                f"{fmt_bytes(peaks[1])}): no batch fits. Lower the precision or quantize first.")
-    lines = [f"- One image: predicted peak {fmt_bytes(peaks[1])} of the {fmt_bytes(budget_bytes)} budget, which leaves "
+        return (f"- Even one image crosses {budget} (the replay stopped at {fmt_bytes(peaks[1])}): no batch fits. "
+                f"Lower the precision or quantize first.")
+    lines = [f"- One image: predicted peak {fmt_bytes(peaks[1])} of {budget}, which leaves "
              f"{fmt_bytes(budget_bytes - peaks[1])}."]
     if largest >= 2:
         per_image = peaks[2] - peaks[1]

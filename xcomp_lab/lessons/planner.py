@@ -2,30 +2,97 @@
 
 `plan()` is a plain function (it works in papermill and scripts); `planner()` wraps it in ipywidgets with
 a chart that updates when "Predict" is pressed. Predictions come from `estimate.estimate_caption`, which
-replays the captioning call on fake tensors, so nothing is allocated. The card's budget follows the course's one rule
-(`memory.budget.card_limit_bytes`): the card's bytes on CUDA, scaled to the model on a CPU.
+replays the captioning call on fake tensors, so nothing is allocated.
+
+A card is named (`memory.cards.CARDS`: the memory PyTorch sees on it), or given by its marketed size
+(`card_gb=24`: the course's card of that class, the RTX 4090), or is the GPU in this machine (`machine_card()`).
+Its budget follows the course's one rule (`memory.budget.card_limit_bytes`): what PyTorch sees on the card less
+the CUDA context on CUDA, that figure scaled to the model on a CPU.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from matplotlib.figure import Figure
 
-from xcomp_lab.core.checks import BATCH_SIZE, check_int, check_number
+from xcomp_lab.core.checks import BATCH_SIZE, check_choice, check_int, check_number
 from xcomp_lab.core.dtypes import DTYPE_NAMES
+from xcomp_lab.core.units import GIB, fmt_bytes
 from xcomp_lab.course.charts import steps_chart
 from xcomp_lab.course.params import CourseParams
 from xcomp_lab.estimate import Estimate, estimate_caption
-from xcomp_lab.memory.budget import card_limit_bytes
+from xcomp_lab.memory.budget import DEVICE_KINDS, FULL_FP32_WEIGHT_BYTES, card_bytes, card_limit_bytes
+from xcomp_lab.memory.cards import CARDS, CLASS_CARDS, CONTEXT_BYTES, Card, card_for_gb, card_named
 from xcomp_lab.model.inventory import parameter_count
 from xcomp_lab.model.loading import QUANTIZATIONS
 from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
 from xcomp_lab.model.scales import check_scale
 
-GPU_PRESETS_GB = (16, 24, 40, 48, 80)
+DEFAULT_CARD_GB = 48  # the story's card class: the course's card for it is the L40S
+GPU_PRESETS_GB = tuple(sorted(CLASS_CARDS))  # the marketed sizes with a course card
+
+
+def card_of_size(gb: float) -> Card:
+    """The card the course budgets for a marketed size: its class card (48 -> L40S), or for a size with no known
+    card one that shows PyTorch the least share of its GiB a known card shows (`memory.budget.card_bytes`)."""
+    check_number("card_gb", gb, maximum=1000, hint=f"a card size in GB such as {GPU_PRESETS_GB}")
+    known = card_for_gb(gb)
+    if known is not None:
+        return known
+    usable, how = card_bytes(gb)
+    return Card(f"{gb:g} GB card of no known model", math.ceil(gb), usable + CONTEXT_BYTES, how)
+
+
+def machine_card(index: int = 0) -> Card | None:
+    """The GPU in this machine as a card (`torch.cuda.get_device_properties(index).total_memory`, what PyTorch
+    sees on it), or None without a CUDA GPU. Its marketed size is the catalogue's where a catalogue name is a
+    whole word of its name ("NVIDIA L40S" is an L40S, not an L4), else the GiB PyTorch sees rounded up."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(index)
+    known = [card for card in CARDS.values() if re.search(rf"(?<!\w){re.escape(card.name)}(?!\w)", props.name)]
+    marketed = max(known, key=lambda c: len(c.name)).marketed_gb if known else math.ceil(props.total_memory / GIB)
+    return Card(f"{props.name} (this machine)", marketed, props.total_memory,
+                f"this machine: torch.cuda.get_device_properties({index}).total_memory")
+
+
+def card_label(card: Card) -> str:
+    """How the planner lists a card: its name, marketed size and what PyTorch sees on it."""
+    return f"{card.name} ({card.marketed_gb} GB, PyTorch sees {fmt_bytes(card.total_bytes)})"
+
+
+def card_choices(card_gb: float = DEFAULT_CARD_GB) -> list[Card]:
+    """The cards the planner offers: this machine's GPU first (where there is one), the catalogue by the memory
+    PyTorch sees, and the card of `card_gb` where it is not in the catalogue."""
+    cards = sorted(CARDS.values(), key=lambda c: (c.total_bytes, c.name))
+    own = machine_card()
+    size_card = card_of_size(card_gb)
+    return ([own] if own else []) + cards + ([] if size_card in cards else [size_card])
+
+
+def card_budget_bytes(card: Card, device: str, fp32_parameter_bytes: int) -> int:
+    """The bytes `card` allows, by the one budget rule of `memory.budget.card_limit_bytes` for any card.
+
+    On CUDA what PyTorch sees on the card less the CUDA context (`card.usable_bytes`); on a CPU that figure scaled
+    to the model (the same ratio of budget to FP32 parameter bytes as the card has to the full model's). For the
+    course's card of a size this is `card_limit_bytes(size, ...)` to the byte (`tests/test_planner.py`).
+    """
+    check_int("fp32_parameter_bytes", fp32_parameter_bytes, hint="parameters x 4")
+    kind = check_choice("device", str(device).split(":")[0], DEVICE_KINDS)
+    if kind == "cuda":
+        return card.usable_bytes
+    return round(card.usable_bytes * fp32_parameter_bytes / FULL_FP32_WEIGHT_BYTES)
+
+
+def resolve_card(card: str | Card) -> Card:
+    """A card by its catalogue name (see `memory.cards.CARDS`), or a `Card` (e.g. `machine_card()`) as it is."""
+    return card if isinstance(card, Card) else card_named(card)
 
 
 @dataclass(frozen=True)
@@ -35,6 +102,7 @@ class Plan:
     card_gb: float
     budget_bytes: int
     estimate: Estimate
+    card: Card
 
     @property
     def fits(self) -> bool:
@@ -54,9 +122,14 @@ class Plan:
             "predicted_peak_bytes": e.peak_bytes,
         }
 
+    def line(self) -> str:
+        """One line: the card, the configuration, the predicted peak against the budget and the verdict."""
+        return (f"{self.card.name}, {self.estimate.label}: predicted peak {fmt_bytes(self.estimate.peak_bytes)} of "
+                f"{fmt_bytes(self.budget_bytes)} -> {'fits' if self.fits else 'does not fit'}")
+
 
 def plan(
-    card_gb: float = 48,
+    card_gb: float = DEFAULT_CARD_GB,
     dtype: str = "float16",
     quantization: str = "none",
     batch_size: int = 1,
@@ -65,11 +138,25 @@ def plan(
     attn_implementation: str = "eager",
     scale: str = "full",
     device: str = "cuda",
+    card: str | Card | None = None,
 ) -> Plan:
-    """Predict a captioning call (inference_mode, no autocast) on a `card_gb` card."""
+    """Predict a captioning call (inference_mode, no autocast) on a card.
+
+    `card`: a card by name (`plan(card="L4")`) or a `Card` (`machine_card()`); without it, the course's card of
+    the marketed size `card_gb` (`plan(24)`: the RTX 4090). A `card_gb` other than the default must agree with
+    the named card's size.
+    """
     check_number("card_gb", card_gb, maximum=1000, hint=f"a card size in GB such as {GPU_PRESETS_GB}")
     check_scale(scale)
-    budget = card_limit_bytes(card_gb, device, parameter_count(scale) * 4)
+    fp32_bytes = parameter_count(scale) * 4
+    if card is None:
+        chosen, budget = card_of_size(card_gb), card_limit_bytes(card_gb, device, fp32_bytes)
+    else:
+        chosen = resolve_card(card)
+        if card_gb not in (DEFAULT_CARD_GB, chosen.marketed_gb):
+            raise ValueError(f"card_gb={card_gb!r} and card={chosen.name!r} ({chosen.marketed_gb} GB) disagree: give "
+                             f"the card alone, or card_gb alone for the course's card of that size")
+        budget = card_budget_bytes(chosen, device, fp32_bytes)
     label = f"{dtype}{'' if quantization == 'none' else '+' + quantization}, batch {batch_size}"
     estimate = estimate_caption(
         scale,
@@ -84,22 +171,26 @@ def plan(
         budget=budget,
         label=label,
     )
-    return Plan(card_gb, budget, estimate)
+    return Plan(float(chosen.marketed_gb if card is not None else card_gb), budget, estimate, chosen)
 
 
 def plan_chart(result: Plan) -> Figure:
     """The predicted peak as a stacked bar against the card's budget."""
     verdict = "fits" if result.fits else "does not fit"
-    return steps_chart([result.record()], budget_bytes=result.budget_bytes,
-                       title=f"{result.card_gb:g} GB card: {verdict}")
+    return steps_chart([result.record()], budget_bytes=result.budget_bytes, title=f"{result.card.name}: {verdict}")
 
 
-def planner(scale: str = "full", device: str = "cuda") -> Any:
-    """An ipywidgets planner: controls, a Predict button, the verdict table and the chart."""
+def planner(scale: str = "full", device: str = "cuda", card_gb: float = DEFAULT_CARD_GB) -> Any:
+    """An ipywidgets planner: controls, a Predict button, the verdict table and the chart.
+
+    The card list is `card_choices()`; the course's card of `card_gb` is selected at first.
+    """
     import ipywidgets as widgets
 
+    cards = card_choices(card_gb)
     controls = dict(
-        card_gb=widgets.Dropdown(options=GPU_PRESETS_GB, value=48, description="card (GB)"),
+        card=widgets.Dropdown(options=[(card_label(c), c) for c in cards], value=card_of_size(card_gb),
+                              description="card", layout=widgets.Layout(width="max-content")),
         dtype=widgets.Dropdown(options=DTYPE_NAMES, value="float16", description="dtype"),
         quantization=widgets.Dropdown(options=QUANTIZATIONS, value="none", description="quantization"),
         batch_size=widgets.IntSlider(value=1, min=1, max=8, description="batch"),
@@ -119,7 +210,8 @@ def planner(scale: str = "full", device: str = "cuda") -> Any:
         output.append_display_data(plan_chart(result))
 
     button.on_click(predict)
-    box = widgets.VBox([widgets.HBox(list(controls.values())[:4]), widgets.HBox([*list(controls.values())[4:], button]), output])
+    rows = list(controls.values())
+    box = widgets.VBox([widgets.HBox(rows[:1]), widgets.HBox(rows[1:4]), widgets.HBox([*rows[4:], button]), output])
     predict()
     return box
 
@@ -132,6 +224,7 @@ class BatchSearch:
     peaks: dict[int, int]  # predicted peak per batch size tried (where the replay stopped, for one that did not fit)
     budget_bytes: int
     capped: bool  # the search stopped at its limit with the batch still fitting: the answer is a lower bound
+    card: Card
 
 
 def search_largest(try_batch: Callable[[int], tuple[int, bool]], limit: int = 256) -> tuple[int, dict[int, int], bool]:
@@ -168,16 +261,19 @@ def search_largest(try_batch: Callable[[int], tuple[int, bool]], limit: int = 25
 
 
 def largest_batch(params: CourseParams, dtype: str = "float16", quantization: str = "none",
-                  limit: int = 256) -> BatchSearch:
-    """The planner's largest batch for this notebook's card, scale, image size, new tokens and attention."""
+                  limit: int = 256, card: str | Card | None = None) -> BatchSearch:
+    """The planner's largest batch at this notebook's scale, image size, new tokens and attention, on its card
+    (the course's card of `budget_gb`) or on `card` (a name or a `Card`)."""
     BATCH_SIZE.check("limit", limit, minimum=2, hint="the largest batch to try")
+    plans: list[Plan] = []
 
     def try_batch(batch: int) -> tuple[int, bool]:
-        result = plan(params.budget_gb, dtype=dtype, quantization=quantization, batch_size=batch,
-                      image_size=params.image_size, new_tokens=params.max_new_tokens,
-                      attn_implementation=params.attn_implementation, scale=params.scale, device=params.device)
+        result = plan(params.budget_gb if card is None else DEFAULT_CARD_GB, dtype=dtype, quantization=quantization,
+                      batch_size=batch, image_size=params.image_size, new_tokens=params.max_new_tokens,
+                      attn_implementation=params.attn_implementation, scale=params.scale, device=params.device,
+                      card=card)
+        plans.append(result)
         return result.estimate.peak_bytes, result.fits
 
     largest, peaks, capped = search_largest(try_batch, limit)
-    budget = card_limit_bytes(params.budget_gb, params.device, parameter_count(params.scale) * 4)
-    return BatchSearch(largest, peaks, budget, capped)
+    return BatchSearch(largest, peaks, plans[0].budget_bytes, capped, plans[0].card)
