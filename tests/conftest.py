@@ -1,4 +1,10 @@
-"""Shared fixtures: a random tiny checkpoint in FP32, built once per test session."""
+"""Shared fixtures: a random tiny checkpoint in FP32, built once per test session; the bitsandbytes CPU path.
+
+`XCOMP_LAB_BNB_CPU_PATH` (see `xcomp_lab.model.bnb_cpu`) set for `make test` applies to the course runs the
+tests make (`course_cpu_path`), which then take that 4-bit kernel from start to end. The saved outputs nbval
+compares were recorded on the portable path, so the notebooks' own kernels run with it whatever was asked;
+`tests/test_cpu_kernel_paths.py` forces each path itself.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,18 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REQUESTED_CPU_PATH = os.environ.get("XCOMP_LAB_BNB_CPU_PATH") or "portable"
+os.environ["XCOMP_LAB_BNB_CPU_PATH"] = "portable"
+
+
+def pytest_report_header() -> str:
+    return f"bitsandbytes CPU path for the course runs: {REQUESTED_CPU_PATH} (nbval kernels: portable)"
+
+
+@pytest.fixture(scope="session")
+def course_cpu_path() -> str:
+    """The bitsandbytes CPU path `make test` was asked for: the course runs take it."""
+    return REQUESTED_CPU_PATH
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,20 @@ FIXES = ("fp32-no-autocast", "fp32-inference-mode", "fp16-half", "fp16", "bf16",
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
-    out = run_course(tmp_path_factory.mktemp("course-default"), scale="tiny", device="cpu", progress=False)
+def default_run(tmp_path_factory: pytest.TempPathFactory, course_cpu_path: str) -> tuple[Path, dict[str, dict]]:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XCOMP_LAB_BNB_CPU_PATH", course_cpu_path)  # the notebooks' kernels inherit it
+        out = run_course(tmp_path_factory.mktemp("course-default"), scale="tiny", device="cpu", progress=False)
     return out, latest_by_step(read_results(out / "results.jsonl"))
+
+
+def test_the_course_ran_on_the_bitsandbytes_cpu_path_asked_for(default_run, course_cpu_path):
+    import nbformat
+
+    out, _ = default_run
+    text = "".join(output.get("text", "") for cell in nbformat.read(out / "06-int8-and-4bit.ipynb", as_version=4).cells
+                   if cell.cell_type == "code" for output in cell.get("outputs", []))
+    assert f"bitsandbytes CPU path '{course_cpu_path}'" in text
 
 
 def test_course_writes_every_executed_notebook_and_a_summary(default_run):

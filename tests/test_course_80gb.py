@@ -9,16 +9,18 @@ from xcomp_lab.tools.course import run_course
 
 
 @pytest.fixture(scope="module")
-def big_card_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    out = run_course(
-        tmp_path_factory.mktemp("course-80gb"),
-        scale="tiny",
-        device="cpu",
-        budget_gb=80,
-        max_new_tokens=4,
-        attn_implementation="sdpa",
-        progress=False,
-    )
+def big_card_run(tmp_path_factory: pytest.TempPathFactory, course_cpu_path: str) -> dict[str, dict]:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XCOMP_LAB_BNB_CPU_PATH", course_cpu_path)  # the notebooks' kernels inherit it
+        out = run_course(
+            tmp_path_factory.mktemp("course-80gb"),
+            scale="tiny",
+            device="cpu",
+            budget_gb=80,
+            max_new_tokens=4,
+            attn_implementation="sdpa",
+            progress=False,
+        )
     return latest_by_step(read_results(out / "results.jsonl"))
 
 
