@@ -197,6 +197,17 @@ def cuda_mark(label: str, device: str | int | torch.device = "cuda") -> Mark:
                 int(stats["requested_bytes.all.current"]))
 
 
+def device_traces(snapshot: Mapping[str, Any], device: int) -> Sequence[Any]:
+    """The snapshot's per-device allocation histories, checked to be a snapshot's and to hold `device`."""
+    traces = snapshot.get("device_traces") if isinstance(snapshot, Mapping) else None
+    if not isinstance(traces, Sequence):
+        raise ValueError("snapshot must be the dict of torch.cuda.memory._snapshot(), with 'device_traces': record "
+                         "history first with torch.cuda.memory._record_memory_history()")
+    if not 0 <= device < len(traces):
+        raise ValueError(f"device={device}: the snapshot has traces for {len(traces)} device(s)")
+    return traces
+
+
 def trace_timeline(snapshot: Mapping[str, Any], marks: Sequence[Mark], device: int = 0) -> list[Sample]:
     """Every allocation and free between the first and the last mark, from a snapshot's memory history.
 
@@ -207,12 +218,7 @@ def trace_timeline(snapshot: Mapping[str, Any], marks: Sequence[Mark], device: i
     checks the log against the allocator. The last mark must be read after the call and before the snapshot,
     with nothing allocated or freed in between. Times are the log's (`time_us`), from the first mark on.
     """
-    traces = snapshot.get("device_traces") if isinstance(snapshot, Mapping) else None
-    if not isinstance(traces, Sequence):
-        raise ValueError("snapshot must be the dict of torch.cuda.memory._snapshot(), with 'device_traces': record "
-                         "history first with torch.cuda.memory._record_memory_history()")
-    if not 0 <= device < len(traces):
-        raise ValueError(f"device={device}: the snapshot has traces for {len(traces)} device(s)")
+    traces = device_traces(snapshot, device)
     if len(marks) < 2:
         raise ValueError(f"marks must hold at least the start and the end of the call, got {len(marks)}")
     events = [e for e in traces[device] if e.get("action") in ("alloc", "free_requested")]
@@ -389,12 +395,7 @@ class Allocation:
 
 def largest_allocations(snapshot: Mapping[str, Any], n: int = 5, device: int = 0) -> list[Allocation]:
     """The `n` largest allocations of the recorded history, grouped by size and the line of code that made them."""
-    traces = snapshot.get("device_traces") if isinstance(snapshot, Mapping) else None
-    if not isinstance(traces, Sequence):
-        raise ValueError("snapshot must be the dict of torch.cuda.memory._snapshot(), with 'device_traces': record "
-                         "history first with torch.cuda.memory._record_memory_history()")
-    if not 0 <= device < len(traces):
-        raise ValueError(f"device={device}: the snapshot has traces for {len(traces)} device(s)")
+    traces = device_traces(snapshot, device)
     check_int("n", n, hint="how many sizes to list")
     groups: dict[tuple[int, str], int] = {}
     for entry in traces[device]:

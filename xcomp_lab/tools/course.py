@@ -81,26 +81,26 @@ class NotebookFailure:
         return f"{self.notebook} failed in cell [{self.cell}]: {self.error} (executed copy: {self.executed_copy})"
 
 
+def _failures_message(headline: str, failures: list[NotebookFailure]) -> str:
+    return headline + "".join(f"\n- {failure}" for failure in failures)
+
+
 class CourseFailed(RuntimeError):
     """One or more notebooks failed; the others ran, and the summary shows everything that ran."""
 
     def __init__(self, failures: list[NotebookFailure], output_dir: Path) -> None:
-        self.failures = failures
-        self.output_dir = output_dir
-        lines = "\n".join(f"- {failure}" for failure in failures)
-        super().__init__(f"{len(failures)} notebook(s) failed; summary of what ran: "
-                         f"{output_dir / 'summary.html'}\n{lines}")
+        self.failures, self.output_dir = failures, output_dir
+        super().__init__(_failures_message(f"{len(failures)} notebook(s) failed; summary of what ran: "
+                                           f"{output_dir / 'summary.html'}", failures))
 
 
 class CourseInterrupted(KeyboardInterrupt):
     """The course stopped on Ctrl-C or a KeyboardInterrupt in a notebook, after recording what ran."""
 
     def __init__(self, failures: list[NotebookFailure], output_dir: Path) -> None:
-        self.failures = failures
-        self.output_dir = output_dir
-        lines = "\n".join(f"- {failure}" for failure in failures)
-        super().__init__(f"course interrupted; timings in {output_dir / TIMINGS_NAME}, summary of what ran: "
-                         f"{output_dir / 'summary.html'}\n{lines}")
+        self.failures, self.output_dir = failures, output_dir
+        super().__init__(_failures_message(f"course interrupted; timings in {output_dir / TIMINGS_NAME}, summary of "
+                                           f"what ran: {output_dir / 'summary.html'}", failures))
 
 
 def select(course: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
