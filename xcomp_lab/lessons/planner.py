@@ -28,14 +28,14 @@ from xcomp_lab.course.charts import steps_chart
 from xcomp_lab.course.params import CourseParams
 from xcomp_lab.estimate import Estimate, estimate_caption
 from xcomp_lab.memory.budget import DEVICE_KINDS, FULL_FP32_WEIGHT_BYTES, card_bytes, card_limit_bytes
-from xcomp_lab.memory.cards import CARDS, CLASS_CARDS, CONTEXT_BYTES, Card, card_for_gb, card_named
+from xcomp_lab.memory.cards import CARDS, CONTEXT_BYTES, Card, card_for_gb, card_named
 from xcomp_lab.model.inventory import parameter_count
 from xcomp_lab.model.loading import QUANTIZATIONS
 from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
 from xcomp_lab.model.scales import check_scale
 
 DEFAULT_CARD_GB = 48  # the story's card class: the course's card for it is the L40S
-GPU_PRESETS_GB = tuple(sorted(CLASS_CARDS))  # the marketed sizes with a course card
+GPU_PRESETS_GB = (16, 24, 40, 48, 80)  # sizes the error for a bad card_gb suggests
 
 
 def card_of_size(gb: float) -> Card:
@@ -194,7 +194,8 @@ def planner(scale: str = "full", device: str = "cuda", card_gb: float = DEFAULT_
         dtype=widgets.Dropdown(options=DTYPE_NAMES, value="float16", description="dtype"),
         quantization=widgets.Dropdown(options=QUANTIZATIONS, value="none", description="quantization"),
         batch_size=widgets.IntSlider(value=1, min=1, max=8, description="batch"),
-        image_size=widgets.IntSlider(value=490 if scale == "full" else 112, min=112, max=980, step=14, description="image px"),
+        image_size=widgets.IntSlider(value=490 if scale == "full" else 112, min=112, max=980, step=14,
+                                     description="image px"),
         new_tokens=widgets.IntSlider(value=16, min=1, max=512, description="new tokens"),
         attn_implementation=widgets.Dropdown(options=SUPPORTED_ATTENTION, value="eager", description="attention"),
     )
