@@ -7,10 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from xcomp_lab.course.params import check_params
-from xcomp_lab.lessons.planner import (card_budget_bytes, card_choices, card_label, card_of_size, largest_batch,
-                                       machine_card, plan, planner, search_largest)
-from xcomp_lab.memory.budget import card_limit_bytes
-from xcomp_lab.memory.cards import CARDS, CLASS_CARDS, CONTEXT_BYTES
+from xcomp_lab.lessons.planner import card_choices, card_label, largest_batch, plan, planner, search_largest
+from xcomp_lab.memory.budget import card_budget_bytes, card_limit_bytes
+from xcomp_lab.memory.cards import CARDS, CLASS_CARDS, CONTEXT_BYTES, card_of_size, machine_card
 from xcomp_lab.model.inventory import parameter_count
 
 

@@ -133,14 +133,18 @@ print(f"budget_gb={params.budget_gb:g}: the course emulates {course_card}")
 # memory as PyTorch sees it, `torch.cuda.mem_get_info()` the free and total memory right now.
 
 # %% tags=["nbval-ignore-output"]
+from xcomp_lab.memory.cards import machine_card
+
 if params.device == "cuda":
     props = torch.cuda.get_device_properties(0)
     free, total = torch.cuda.mem_get_info()
     print(f"{props.name}: total_memory {fmt_bytes(props.total_memory)} | mem_get_info: {fmt_bytes(free)} free "
           f"of {fmt_bytes(total)}, {fmt_bytes(total - free)} in use (this process's CUDA context and any other "
           f"process) | PyTorch reserved {fmt_bytes(torch.cuda.memory_reserved())}")
-    known = [card for card in CARDS.values() if card.name in props.name]
-    for card in known:
+    own = machine_card()
+    print(f"as a card: {own.describe()}")
+    same = [card for card in CARDS.values() if card.marketed_gb == own.marketed_gb]
+    for card in same:
         print(f"the catalogue's {card.name}: {fmt_bytes(card.total_bytes)} ({card.source})")
 else:
     print(f"device={params.device}: no GPU here, so no torch.cuda.mem_get_info(); the table above is what PyTorch "

@@ -180,7 +180,8 @@ else:
 # on the course's 24 GB card and NF4 on its 16 GB card.
 
 # %%
-from xcomp_lab.lessons.planner import machine_card, plan, planner
+from xcomp_lab.lessons.planner import plan, planner
+from xcomp_lab.memory.cards import machine_card
 from xcomp_lab.memory.cards import cards_of_class
 
 setting = dict(scale=params.scale, device=params.device, new_tokens=params.max_new_tokens)

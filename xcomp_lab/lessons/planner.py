@@ -12,23 +12,20 @@ the CUDA context on CUDA, that figure scaled to the model on a CPU.
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from matplotlib.figure import Figure
 
-from xcomp_lab.core.checks import BATCH_SIZE, check_choice, check_int, check_number
+from xcomp_lab.core.checks import BATCH_SIZE, check_int, check_number
 from xcomp_lab.core.dtypes import DTYPE_NAMES
-from xcomp_lab.core.units import GIB, fmt_bytes
+from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.charts import steps_chart
 from xcomp_lab.course.params import CourseParams
 from xcomp_lab.estimate import Estimate, estimate_caption
-from xcomp_lab.memory.budget import DEVICE_KINDS, FULL_FP32_WEIGHT_BYTES, card_bytes, card_limit_bytes
-from xcomp_lab.memory.cards import CARDS, CONTEXT_BYTES, Card, card_for_gb, card_named
+from xcomp_lab.memory.budget import card_budget_bytes, card_limit_bytes
+from xcomp_lab.memory.cards import CARDS, Card, card_named, card_of_size, machine_card
 from xcomp_lab.model.inventory import parameter_count
 from xcomp_lab.model.loading import QUANTIZATIONS
 from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
@@ -38,28 +35,10 @@ DEFAULT_CARD_GB = 48  # the story's card class: the course's card for it is the 
 GPU_PRESETS_GB = (16, 24, 40, 48, 80)  # sizes the error for a bad card_gb suggests
 
 
-def card_of_size(gb: float) -> Card:
-    """The card the course budgets for a marketed size: its class card (48 -> L40S), or for a size with no known
-    card one that shows PyTorch the least share of its GiB a known card shows (`memory.budget.card_bytes`)."""
+def size_card(gb: float) -> Card:
+    """The course's card for a marketed size (`memory.cards.card_of_size`), checked as the planner takes sizes."""
     check_number("card_gb", gb, maximum=1000, hint=f"a card size in GB such as {GPU_PRESETS_GB}")
-    known = card_for_gb(gb)
-    if known is not None:
-        return known
-    usable, how = card_bytes(gb)
-    return Card(f"{gb:g} GB card of no known model", math.ceil(gb), usable + CONTEXT_BYTES, how)
-
-
-def machine_card(index: int = 0) -> Card | None:
-    """The GPU in this machine as a card (`torch.cuda.get_device_properties(index).total_memory`, what PyTorch
-    sees on it), or None without a CUDA GPU. Its marketed size is the catalogue's where a catalogue name is a
-    whole word of its name ("NVIDIA L40S" is an L40S, not an L4), else the GiB PyTorch sees rounded up."""
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(index)
-    known = [card for card in CARDS.values() if re.search(rf"(?<!\w){re.escape(card.name)}(?!\w)", props.name)]
-    marketed = max(known, key=lambda c: len(c.name)).marketed_gb if known else math.ceil(props.total_memory / GIB)
-    return Card(f"{props.name} (this machine)", marketed, props.total_memory,
-                f"this machine: torch.cuda.get_device_properties({index}).total_memory")
+    return card_of_size(gb)
 
 
 def card_label(card: Card) -> str:
@@ -72,22 +51,8 @@ def card_choices(card_gb: float = DEFAULT_CARD_GB) -> list[Card]:
     PyTorch sees, and the card of `card_gb` where it is not in the catalogue."""
     cards = sorted(CARDS.values(), key=lambda c: (c.total_bytes, c.name))
     own = machine_card()
-    size_card = card_of_size(card_gb)
-    return ([own] if own else []) + cards + ([] if size_card in cards else [size_card])
-
-
-def card_budget_bytes(card: Card, device: str, fp32_parameter_bytes: int) -> int:
-    """The bytes `card` allows, by the one budget rule of `memory.budget.card_limit_bytes` for any card.
-
-    On CUDA what PyTorch sees on the card less the CUDA context (`card.usable_bytes`); on a CPU that figure scaled
-    to the model (the same ratio of budget to FP32 parameter bytes as the card has to the full model's). For the
-    course's card of a size this is `card_limit_bytes(size, ...)` to the byte (`tests/test_planner.py`).
-    """
-    check_int("fp32_parameter_bytes", fp32_parameter_bytes, hint="parameters x 4")
-    kind = check_choice("device", str(device).split(":")[0], DEVICE_KINDS)
-    if kind == "cuda":
-        return card.usable_bytes
-    return round(card.usable_bytes * fp32_parameter_bytes / FULL_FP32_WEIGHT_BYTES)
+    of_size = size_card(card_gb)
+    return ([own] if own else []) + cards + ([] if of_size in cards else [of_size])
 
 
 def resolve_card(card: str | Card) -> Card:
@@ -150,7 +115,7 @@ def plan(
     check_scale(scale)
     fp32_bytes = parameter_count(scale) * 4
     if card is None:
-        chosen, budget = card_of_size(card_gb), card_limit_bytes(card_gb, device, fp32_bytes)
+        chosen, budget = size_card(card_gb), card_limit_bytes(card_gb, device, fp32_bytes)
     else:
         chosen = resolve_card(card)
         if card_gb not in (DEFAULT_CARD_GB, chosen.marketed_gb):
@@ -189,7 +154,7 @@ def planner(scale: str = "full", device: str = "cuda", card_gb: float = DEFAULT_
 
     cards = card_choices(card_gb)
     controls = dict(
-        card=widgets.Dropdown(options=[(card_label(c), c) for c in cards], value=card_of_size(card_gb),
+        card=widgets.Dropdown(options=[(card_label(c), c) for c in cards], value=size_card(card_gb),
                               description="card", layout=widgets.Layout(width="max-content")),
         dtype=widgets.Dropdown(options=DTYPE_NAMES, value="float16", description="dtype"),
         quantization=widgets.Dropdown(options=QUANTIZATIONS, value="none", description="quantization"),

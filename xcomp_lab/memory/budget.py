@@ -16,8 +16,8 @@ from typing import Iterator
 import torch
 
 from xcomp_lab.core.checks import check_choice, check_int, check_number
-from xcomp_lab.core.units import GIB, fmt_bytes
-from xcomp_lab.memory.cards import CONTEXT_BYTES, MIN_VISIBLE_SHARE, card_for_gb
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.memory.cards import Card, card_of_size
 
 # InternLM-XComposer2-VL-7B as the original remote code builds it: 8,666,840,064 parameters in FP32.
 FULL_MODEL_PARAMS = 8_666_840_064
@@ -69,14 +69,8 @@ def card_bytes(gb: float) -> tuple[int, str]:
     less the CUDA context; another size gets the smallest share of its GiB that a known card shows PyTorch
     (`MIN_VISIBLE_SHARE`), less the context: a cautious guess, said as such.
     """
-    card = card_for_gb(gb)
-    if card is not None:
-        return card.usable_bytes, card.describe()
-    visible = round(gb * GIB * MIN_VISIBLE_SHARE)
-    usable = visible - CONTEXT_BYTES
-    return usable, (f"a {gb:g} GB card of no known model: PyTorch assumed to see {fmt_bytes(visible)} "
-                    f"({MIN_VISIBLE_SHARE:.1%} of {gb:g} GiB, the least a known card shows), {fmt_bytes(usable)} "
-                    "usable after the CUDA context")
+    card = card_of_size(gb)
+    return card.usable_bytes, card.describe()
 
 
 @dataclass(frozen=True)
@@ -186,21 +180,24 @@ class Budget:
             )
 
 
-def card_limit_bytes(card_gb: float, device: str, fp32_parameter_bytes: int) -> int:
-    """The course's one budget rule, worked out without a GPU: the bytes a `card_gb` GB card allows.
+def card_budget_bytes(card: Card, device: str, fp32_parameter_bytes: int) -> int:
+    """The course's one budget rule, worked out without a GPU: the bytes `card` allows a model.
 
-    On CUDA what a model may allocate on the course's card of that size (`card_bytes`: its total as PyTorch
-    reports it, less the CUDA context). On a CPU that figure scaled to the model: the same ratio of budget to
-    FP32 parameter bytes as the card has to the full model's (8,666,840,064 x 4), so that a tiny model meets
-    the same limits the full one meets on the real card.
+    On CUDA what PyTorch sees on the card less the CUDA context (`card.usable_bytes`). On a CPU that figure scaled
+    to the model: the same ratio of budget to FP32 parameter bytes as the card has to the full model's
+    (8,666,840,064 x 4), so that a tiny model meets the same limits the full one meets on the real card.
     """
-    check_number("card_gb", card_gb, hint="the card's size in GB, e.g. 48")
     check_int("fp32_parameter_bytes", fp32_parameter_bytes, hint="parameters x 4")
     kind = check_choice("device", str(device).split(":")[0], DEVICE_KINDS)
-    usable, _ = card_bytes(card_gb)
     if kind == "cuda":
-        return usable
-    return round(usable * fp32_parameter_bytes / FULL_FP32_WEIGHT_BYTES)
+        return card.usable_bytes
+    return round(card.usable_bytes * fp32_parameter_bytes / FULL_FP32_WEIGHT_BYTES)
+
+
+def card_limit_bytes(card_gb: float, device: str, fp32_parameter_bytes: int) -> int:
+    """`card_budget_bytes` for the course's card of a marketed size (`memory.cards.card_of_size`)."""
+    check_number("card_gb", card_gb, hint="the card's size in GB, e.g. 48")
+    return card_budget_bytes(card_of_size(card_gb), device, fp32_parameter_bytes)
 
 
 def card_budget(card_gb: float, device: str, fp32_parameter_bytes: int) -> Budget:

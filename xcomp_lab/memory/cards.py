@@ -15,7 +15,11 @@ varies a little with driver and ECC settings, so treat it as that card's typical
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
+
+import torch
 
 from xcomp_lab.core.checks import check_choice, check_number
 from xcomp_lab.core.units import GIB, MIB
@@ -87,3 +91,26 @@ def card_for_gb(gb: float) -> Card | None:
 def cards_of_class(gb: int) -> list[Card]:
     """Every known card sold with `gb` GB, smallest visible memory first."""
     return sorted((c for c in CARDS.values() if c.marketed_gb == gb), key=lambda c: c.total_bytes)
+
+
+def card_of_size(gb: float) -> Card:
+    """The card the course budgets for a marketed size: its class card (48 -> L40S), or, for a size with no known
+    card, one that shows PyTorch the least share of its GiB any known card shows (`MIN_VISIBLE_SHARE`)."""
+    known = card_for_gb(gb)
+    if known is not None:
+        return known
+    return Card(f"{gb:g} GB card of no known model", math.ceil(gb), round(gb * GIB * MIN_VISIBLE_SHARE),
+                f"assumed: {MIN_VISIBLE_SHARE:.1%} of {gb:g} GiB, the least share a known card shows PyTorch")
+
+
+def machine_card(index: int = 0) -> Card | None:
+    """The GPU in this machine as a card (`torch.cuda.get_device_properties(index).total_memory`, what PyTorch
+    sees on it), or None without a CUDA GPU. Its marketed size is the catalogue's where a catalogue name is a
+    whole word of its name ("NVIDIA L40S" is an L40S, not an L4), else the GiB PyTorch sees rounded up."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(index)
+    known = [card for card in CARDS.values() if re.search(rf"(?<!\w){re.escape(card.name)}(?!\w)", props.name)]
+    marketed = max(known, key=lambda c: len(c.name)).marketed_gb if known else math.ceil(props.total_memory / GIB)
+    return Card(f"{props.name} (this machine)", marketed, props.total_memory,
+                f"this machine: torch.cuda.get_device_properties({index}).total_memory")

@@ -11,8 +11,8 @@ The text is the Jinja2 template `xcomp_lab/tools/templates/instructor-guide.md.j
 sentence, command and table layout, and the formatting of each figure. This module reads the inputs, computes
 every figure the text quotes and renders: the tiny-scale course run recorded in `docs/` (`timings-tiny-cpu.json`,
 `results-tiny-cpu.jsonl`), the full-scale GPU run in `results/full-h100/` and, when present, the two-GPU split in
-`results/full-h100x2/split.jsonl`, the peak memory of each notebook's kernel recorded beside the template
-(`templates/kernel-memory-tiny-cpu.json`, `measure_kernel_memory`) and the notebooks' sources (`notebooks/src/`,
+`results/full-h100x2/split.jsonl`, the peak memory of each notebook's kernel recorded in `docs/`
+(`kernel-memory-tiny-cpu.json`, `measure_kernel_memory`) and the notebooks' sources (`notebooks/src/`,
 whose questions the answer key answers); paths are found from `repository_root()` when a function runs.
 
 The teaching material stays here as Python data rather than in the template or a data file: the learning goals
@@ -60,7 +60,7 @@ from xcomp_lab.model.scales import config_for_scale
 TEMPLATE = "instructor-guide.md.j2"
 TIMINGS_NAME = "timings-tiny-cpu.json"
 TINY_RESULTS_NAME = "results-tiny-cpu.jsonl"
-KERNEL_MEMORY_NAME = "kernel-memory-tiny-cpu.json"  # package data beside the template (measure_kernel_memory)
+KERNEL_MEMORY_NAME = "kernel-memory-tiny-cpu.json"  # in docs/, beside the other recorded runs (measure_kernel_memory)
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class GuidePaths:
     full: Path
     split: Path
     sources: Path  # the notebooks' .py sources, whose questions the answer key answers
+    kernel_memory: Path  # each notebook kernel's peak memory at tiny scale (measure_kernel_memory)
 
 
 def guide_paths(root: Path | None = None) -> GuidePaths:
@@ -82,7 +83,8 @@ def guide_paths(root: Path | None = None) -> GuidePaths:
     docs = root / "docs"
     return GuidePaths(docs=docs, guide=docs / "instructor-guide.md", timings=docs / TIMINGS_NAME,
                       tiny_results=docs / TINY_RESULTS_NAME, full=root / "results" / "full-h100",
-                      split=root / "results" / "full-h100x2" / "split.jsonl", sources=root / "notebooks" / "src")
+                      split=root / "results" / "full-h100x2" / "split.jsonl", sources=root / "notebooks" / "src",
+                      kernel_memory=docs / KERNEL_MEMORY_NAME)
 
 
 @dataclass(frozen=True)
@@ -1057,9 +1059,9 @@ def _exercises(tiny: dict[str, Any]) -> dict[str, Any]:
             "discuss_minutes": EXERCISE_PLAN.discuss_minutes, "well_done": WELL_DONE, "close": CLOSE}
 
 
-def _kernel_memory() -> dict[str, Any]:
+def _kernel_memory(path: Path) -> dict[str, Any]:
     """The recorded peak memory of each notebook's kernel at tiny scale (`measure_kernel_memory`), summed up."""
-    recorded = json.loads(package_file("xcomp_lab.tools", "templates", KERNEL_MEMORY_NAME).read_text())
+    recorded = json.loads(path.read_text())
     peaks, machine = recorded["peak_rss_bytes"], recorded["machine"]
     largest = max(peaks, key=peaks.get)
     return {"largest": {"stem": largest.removesuffix(".ipynb"), "bytes": peaks[largest]},
@@ -1134,7 +1136,7 @@ def guide_context(paths: GuidePaths | None = None) -> dict[str, Any]:
         "split": _split(paths.split), "sdpa": _sdpa(full, tiny), "half": _half(full, tiny),
         "estimator": _estimator(predictions, full), "budget": _budget(tiny),
         "key": _key_figures(full, tiny, predictions),
-        "kernel_memory": _kernel_memory(), "kernel_memory_file": KERNEL_MEMORY_NAME,
+        "kernel_memory": _kernel_memory(paths.kernel_memory), "kernel_memory_file": KERNEL_MEMORY_NAME,
     }
     context["agendas"] = _agendas(context["tiny"])
     context["exercises"] = _exercises(context["tiny"])
@@ -1166,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check that the committed guide is current")
     parser.add_argument("--kernel-memory", action="store_true",
                         help=f"first measure each notebook kernel's peak memory at tiny scale into the package's "
-                             f"templates/{KERNEL_MEMORY_NAME} (a few minutes)")
+                             f"docs/{KERNEL_MEMORY_NAME} (a few minutes)")
     args = parser.parse_args(argv)
     if args.check and (args.timings or args.kernel_memory):
         parser.error("--check compares the committed guide with the committed inputs; it records nothing")
@@ -1174,8 +1176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.timings:
         print(f"recorded {record_run(args.timings, paths.docs, note=args.note)}")
     if args.kernel_memory:
-        target = Path(str(package_file("xcomp_lab.tools", "templates"))) / KERNEL_MEMORY_NAME
-        print(f"recorded {measure_kernel_memory(target, note=args.note)}")
+        print(f"recorded {measure_kernel_memory(paths.kernel_memory, note=args.note)}")
     text = render_guide(paths)
     if args.check:
         current = paths.guide.is_file() and paths.guide.read_text() == text
