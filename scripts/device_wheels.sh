@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Wheels for running the course on a GPU machine whose image has Python 3.12, torch, transformers, accelerate,
-# matplotlib and jinja2 but not bitsandbytes, jupyter or papermill (the workplace's device machines): the same
-# versions as this checkout's .venv, for CPython 3.12 on manylinux x86_64, written to .whl/ (git-ignored).
+# matplotlib and jinja2 but not bitsandbytes, jupyter or papermill, and an older transformers (the workplace's
+# device machines): the same versions as this checkout's .venv, for CPython 3.12 on manylinux x86_64, written to
+# .whl/ (git-ignored).
 # bitsandbytes ships a library per CUDA, ROCm and XPU version (43 MB): only its CPU and CUDA 13.0 ones are kept.
 #
 #   scripts/device_wheels.sh            # then, on the GPU machine:
@@ -12,7 +13,9 @@ PACKAGES="papermill entrypoints tenacity nbclient nbformat fastjsonschema jsonsc
 referencing rpds-py jupyter_client jupyter_core platformdirs traitlets pyzmq tornado ipykernel comm debugpy
 nest-asyncio2 ipython ipython-pygments-lexers jedi parso matplotlib-inline pexpect ptyprocess prompt_toolkit wcwidth
 stack_data asttokens executing pure_eval nbconvert beautifulsoup4 soupsieve bleach webencodings tinycss2 defusedxml
-jupyterlab_pygments mistune pandocfilters ipywidgets jupyterlab_widgets widgetsnbextension filelock bitsandbytes"
+jupyterlab_pygments mistune pandocfilters ipywidgets jupyterlab_widgets widgetsnbextension filelock bitsandbytes
+transformers huggingface_hub tokenizers safetensors accelerate hf-xet httpx2 httpcore2 h11 truststore anyio typer
+annotated-doc shellingham"
 pins=()
 for name in $PACKAGES; do
   version=$(.venv/bin/python -m pip show "$name" 2>/dev/null | awk '/^Version/{print $2}')
