@@ -28,17 +28,25 @@ def fake_param(data: torch.Tensor, **attributes: Any) -> nn.Parameter:
 
 def quantize(model: nn.Module, quantization: str, compute: torch.dtype, fake_mode: FakeTensorMode) -> None:
     """Convert the linears as `from_pretrained(quantization_config=...)` does, quantizing the fake weights."""
+    quantize_with(model, quantization_config(quantization, compute), fake_mode)
+
+
+def quantize_with(model: nn.Module, config: Any, fake_mode: FakeTensorMode) -> None:
+    """Quantize any model's fake linears as `from_pretrained(quantization_config=config)` does (a BitsAndBytesConfig):
+    the same modules skipped (the output embeddings, tied and fp32-kept modules, the config's skip list)."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnb_f
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.base import HfQuantizer
 
     # Double quantization reads this global map; made here so that it is a real tensor, not a fake one.
     if "dynamic" not in bnb_f.name2qmap:
         bnb_f.name2qmap["dynamic"] = bnb_f.create_dynamic_map()
     originals = {name: module for name, module in model.named_modules() if type(module) is nn.Linear}
     # Outside the fake mode: the new modules make bitsandbytes parameters on the meta device.
-    replace_with_bnb_linear(model, get_keys_to_not_convert(model), quantization_config(quantization, compute))
+    skip = HfQuantizer.get_modules_to_not_convert(model, config.llm_int8_skip_modules,
+                                                  getattr(model, "_keep_in_fp32_modules", None))
+    replace_with_bnb_linear(model, skip, config)
     with fake_mode:
         for name, module in model.named_modules():
             if not isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):

@@ -1,0 +1,121 @@
+"""The accounting of a planned call: `memory.measure`'s CPU tensor accounting over the replay's fake and real
+tensors, with the phase and the part of the model at each peak, and for CUDA every allocation and free also
+passed to the simulated caching allocator (`allocator.CachingAllocator`), whose statistics are what
+`torch.cuda.max_memory_allocated` and `max_memory_reserved` report.
+
+For CUDA it also adds what CUDA kernels allocate inside one op, which CPU kernels do not: bitsandbytes' CUDA
+temporaries (`estimate.accounting.bnb_cuda_scratch`) and the auxiliary outputs of CUDA's attention kernels
+(`cuda_kernels`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from xcomp_lab.estimate.accounting import bnb_cuda_scratch
+from xcomp_lab.memory.measure import CpuAccounting
+from xcomp_lab.plan.allocator import CachingAllocator
+
+
+@dataclass(frozen=True)
+class PhasePeak:
+    """The highest memory of one phase, and where in the model it was reached."""
+
+    allocated: int
+    reserved: int | None  # CUDA only
+    where: str
+
+
+class PlanAccounting(CpuAccounting):
+    """Counts fake and real storages; with an allocator, mirrors every allocation and free into it."""
+
+    counts_fake = True
+
+    def __init__(self, start_bytes: int, allocator: CachingAllocator | None = None) -> None:
+        # No budget and no timeline: a plan keeps peaks.
+        super().__init__(start_bytes, None, sample_every=1 << 30, max_samples=64)
+        self.allocator = allocator
+        self.blocks: dict[int, object] = {}  # storage key -> the allocator's block
+        self.phase = "start"
+        self.where = ""
+        self.peaks: dict[str, PhasePeak] = {}
+
+    # ----- what runs -----
+
+    def mark(self, phase: str) -> None:
+        self.phase, self.where = phase, ""
+
+    def at(self, where: str) -> None:
+        self.where = where
+
+    @property
+    def level(self) -> int:
+        """Memory allocated now: the allocator's figure on CUDA, the accounting's on CPU."""
+        return self.allocator.allocated if self.allocator is not None else self.current
+
+    # ----- the hooks of CpuAccounting -----
+
+    def allocated(self, nbytes: int) -> None:
+        if self.allocator is not None:
+            for key in self._fresh():
+                self.blocks[key] = self.allocator.malloc(self.live[key]().nbytes())
+        super().allocated(nbytes)
+        self._record()
+
+    def _fresh(self) -> list[int]:
+        """The storages just counted, oldest first: the newest entries of `live` that have no block yet."""
+        while True:
+            fresh = []
+            try:
+                for key in reversed(self.live):
+                    if key in self.blocks:
+                        break
+                    fresh.append(key)
+            except RuntimeError:  # a storage freed by the garbage collector meanwhile: look again
+                continue
+            return fresh[::-1]
+
+    def freed(self, key: int, nbytes: int, ref: weakref.ref) -> None:
+        if self.live.get(key) is ref and key in self.blocks:
+            self.allocator.free(self.blocks.pop(key))
+        super().freed(key, nbytes, ref)
+
+    def transient(self, nbytes: int) -> None:
+        """Memory a kernel allocates and frees inside one op (CUDA only)."""
+        if self.allocator is not None and nbytes:
+            block = self.allocator.malloc(nbytes)
+            self._record()
+            self.allocator.free(block)
+
+    def _record(self) -> None:
+        level = self.level
+        group = self.phase.split()[0]  # "decode step 3" counts as "decode"
+        reserved = self.allocator.reserved if self.allocator is not None else None
+        known = self.peaks.get(group)
+        if known is None:
+            known = self.peaks[group] = PhasePeak(-1, reserved, "")
+        if level > known.allocated:
+            where = f"{self.phase}, {self.where}" if self.where else self.phase
+            known = self.peaks[group] = PhasePeak(level, known.reserved, where)
+        if reserved is not None and reserved > known.reserved:
+            self.peaks[group] = PhasePeak(known.allocated, reserved, known.where)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.allocator is not None and func.namespace == "bitsandbytes":
+            self.transient(bnb_cuda_scratch(func, args, kwargs or {}))
+        return out
+
+
+def peak_of(peaks: dict[str, PhasePeak]) -> PhasePeak:
+    """The highest of the phases' peaks (its `reserved` is the highest reserved of any phase)."""
+    top = max(peaks.values(), key=lambda p: p.allocated)
+    reserved = [p.reserved for p in peaks.values() if p.reserved is not None]
+    return PhasePeak(top.allocated, max(reserved) if reserved else None, top.where)
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

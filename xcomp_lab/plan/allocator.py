@@ -1,0 +1,173 @@
+"""PyTorch's CUDA caching allocator, simulated over a stream of allocations and frees: what
+`torch.cuda.max_memory_allocated` and `torch.cuda.max_memory_reserved` would report for it.
+
+The rules are those of c10/cuda/CUDACachingAllocator.cpp (PyTorch 2.x, default settings: no
+`max_split_size_mb`, no expandable segments, no garbage-collection threshold, one stream):
+
+- every request is rounded up to a multiple of 512 B (`round_size`, kMinBlockSize; at least 512 B);
+- requests of at most 1 MiB (kSmallSize) come from the small pool, larger ones from the large pool;
+- a request the pool cannot serve reserves a new segment (`get_allocation_size`): 2 MiB (kSmallBuffer) for a small
+  request, 20 MiB (kLargeBuffer) for a request under 10 MiB (kMinLargeAlloc), else the request rounded up to
+  2 MiB (kRoundLarge);
+- a pool serves a request from its smallest free block that is large enough, the lowest address among equals
+  (`get_free_block`, blocks ordered by size then address);
+- a block larger than the request is split (`should_split`) when the rest is at least 512 B in the small pool, or
+  more than 1 MiB in the large pool; otherwise the whole block is handed out, and counted as allocated;
+- a freed block merges with free neighbours of its segment (`free_block`, `try_merge_blocks`);
+- `empty_cache()` releases every segment with nothing allocated in it;
+- when a new segment would exceed the card (`limit`), the free segments are released and the segment retried
+  (`release_cached_blocks`); if it still does not fit, the request fails: an out-of-memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+MIN_BLOCK = 512  # kMinBlockSize
+SMALL_SIZE = 1 << 20  # kSmallSize: requests up to this come from the small pool
+SMALL_BUFFER = 2 << 20  # kSmallBuffer: a small-pool segment
+LARGE_BUFFER = 20 << 20  # kLargeBuffer: the segment for a large request under MIN_LARGE_ALLOC
+MIN_LARGE_ALLOC = 10 << 20  # kMinLargeAlloc
+ROUND_LARGE = 2 << 20  # kRoundLarge: larger segments are rounded up to this
+
+
+def round_size(nbytes: int) -> int:
+    """The block size a request gets: a multiple of 512 B, at least 512 B."""
+    return MIN_BLOCK if nbytes < MIN_BLOCK else -(-nbytes // MIN_BLOCK) * MIN_BLOCK
+
+
+def segment_size(size: int) -> int:
+    """The segment reserved (cudaMalloc) for a rounded request the pool cannot serve."""
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return -(-size // ROUND_LARGE) * ROUND_LARGE
+
+
+class OutOfMemory(Exception):
+    """The simulated card cannot reserve the segment a request needs."""
+
+    def __init__(self, requested: int, reserved: int, allocated: int, limit: int) -> None:
+        super().__init__(f"cannot allocate {requested} B: {allocated} B allocated, {reserved} B reserved of {limit} B")
+        self.requested, self.reserved, self.allocated, self.limit = requested, reserved, allocated, limit
+
+
+@dataclass(eq=False)
+class Block:
+    address: int
+    size: int
+    small: bool
+    segment: int  # the address of its segment
+    allocated: bool = False
+    prev: Block | None = field(default=None, repr=False)
+    next: Block | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.size, self.address)
+
+
+class CachingAllocator:
+    """The simulation: `malloc(nbytes)` returns a block, `free(block)` gives it back; statistics as CUDA's."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.pools: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # free blocks, sorted by (size, address)
+        self.free_blocks: dict[tuple[int, int], Block] = {}
+        self.segments: dict[int, int] = {}  # segment address -> size
+        self.next_address = 0
+        self.allocated = 0  # memory_allocated(): the sizes of the blocks handed out
+        self.reserved = 0  # memory_reserved(): the sizes of the segments
+        self.peak_allocated = 0
+        self.peak_reserved = 0
+        self.segments_made = 0
+
+    # ----- the pools -----
+
+    def _insert(self, block: Block) -> None:
+        bisect.insort(self.pools[block.small], block.key)
+        self.free_blocks[block.key] = block
+
+    def _remove(self, block: Block) -> None:
+        pool = self.pools[block.small]
+        del pool[bisect.bisect_left(pool, block.key)]
+        del self.free_blocks[block.key]
+
+    def _find(self, size: int, small: bool) -> Block | None:
+        pool = self.pools[small]
+        index = bisect.bisect_left(pool, (size, -1))
+        if index == len(pool):
+            return None
+        block = self.free_blocks[pool[index]]
+        self._remove(block)
+        return block
+
+    def _new_segment(self, size: int, small: bool) -> Block:
+        total = segment_size(size)
+        if self.limit is not None and self.reserved + total > self.limit:
+            self.empty_cache()
+            if self.reserved + total > self.limit:
+                raise OutOfMemory(size, self.reserved, self.allocated, self.limit)
+        address = self.next_address
+        self.next_address += total
+        self.segments[address] = total
+        self.segments_made += 1
+        self.reserved += total
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        return Block(address, total, small, address)
+
+    # ----- the API -----
+
+    def malloc(self, nbytes: int) -> Block:
+        """Allocate `nbytes` as the caching allocator does; the block handed out (it may be larger)."""
+        size = round_size(nbytes)
+        small = size <= SMALL_SIZE
+        block = self._find(size, small) or self._new_segment(size, small)
+        rest = block.size - size
+        if (rest >= MIN_BLOCK) if small else (rest > SMALL_SIZE):
+            tail = Block(block.address + size, rest, small, block.segment, prev=block, next=block.next)
+            if block.next is not None:
+                block.next.prev = tail
+            block.next, block.size = tail, size
+            self._insert(tail)
+        block.allocated = True
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return block
+
+    def free(self, block: Block) -> None:
+        """Return a block to its pool, merged with its free neighbours."""
+        block.allocated = False
+        self.allocated -= block.size
+        for neighbour in (block.prev, block.next):
+            if neighbour is None or neighbour.allocated:
+                continue
+            self._remove(neighbour)
+            if neighbour is block.prev:
+                block.address, block.prev = neighbour.address, neighbour.prev
+                if neighbour.prev is not None:
+                    neighbour.prev.next = block
+            else:
+                block.next = neighbour.next
+                if neighbour.next is not None:
+                    neighbour.next.prev = block
+            block.size += neighbour.size
+        self._insert(block)
+
+    def transient(self, nbytes: int) -> None:
+        """Memory a kernel allocates and frees inside itself."""
+        if nbytes:
+            self.free(self.malloc(nbytes))
+
+    def empty_cache(self) -> None:
+        """Release every segment with nothing allocated in it (`torch.cuda.empty_cache()`)."""
+        for key in [k for k, b in self.free_blocks.items() if b.prev is None and b.next is None]:
+            block = self.free_blocks[key]
+            self._remove(block)
+            self.reserved -= self.segments.pop(block.segment)
+
+    def reset_peaks(self) -> None:
+        """`torch.cuda.reset_peak_memory_stats()`: the peaks restart from the current figures."""
+        self.peak_allocated, self.peak_reserved = self.allocated, self.reserved

@@ -1,0 +1,342 @@
+"""`estimate`: predict one `generate` call of any transformers LLM or VLM from its configuration, no weights, no GPU.
+
+The model's own code runs on fake tensors (`replay`), with the real inputs its processor would make
+(`build.make_inputs`), under the CPU tensor accounting (`accounting`). On CPU the prediction is what
+`memory.measure("cpu")` reports for the real call. For CUDA the same stream of allocations and frees goes
+through a simulation of PyTorch's caching allocator (`allocator`), after the load of the weights and the
+inputs, with CUDA's kernels where they differ from the CPU's (`cuda_kernels`): the peak is what
+`torch.cuda.max_memory_allocated` and `max_memory_reserved` report for the call, measured as
+`memory.measure("cuda")` measures it (empty cache and peaks reset at its start, weights and inputs on the card).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from xcomp_lab.core.checks import BATCH_SIZE, NEW_TOKENS, check_choice, check_int
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.estimate.accounting import CudaSoftmax
+from xcomp_lab.estimate.fake import quant_state_tensors
+from xcomp_lab.memory.cards import Card, card_named
+from xcomp_lab.plan.accounting import PhasePeak, PlanAccounting, peak_of
+from xcomp_lab.plan.allocator import CachingAllocator, round_size
+from xcomp_lab.plan.families import Family, family_of
+from xcomp_lab.plan.realvalues import RealValues
+from xcomp_lab.plan.replay import (
+    build_fake_model,
+    generate_kwargs,
+    phases,
+)
+
+DEVICES = ("cuda", "cpu")
+ATTENTIONS = ("sdpa", "eager")
+QUANTIZATIONS = ("none", "int8", "nf4")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PHASES = ("load", "vision", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What `estimate` was given, resolved: the configuration, and the preset it is (or stands in for)."""
+
+    config: Any
+    preset: Any  # presets.Preset: gives the processor's settings and the inputs
+    tiny: bool
+    family: Family
+    name: str
+
+
+def resolve_model(model: Any) -> ModelSource:
+    """A preset name ("llama-3-8b", "llama-3-8b:tiny"), a folder with config.json, or a config object."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    from xcomp_lab.plan.presets import PRESETS, get_preset
+
+    if isinstance(model, str) and not Path(model).is_dir():
+        name, _, variant = model.partition(":")
+        if variant not in ("", "tiny"):
+            raise ValueError(f"model={model!r}: a preset is named alone or with ':tiny' (e.g. 'llama-3-8b:tiny').")
+        preset = get_preset(name)
+        config = preset.config(tiny=bool(variant))
+        return ModelSource(config, preset, bool(variant), family_of(config), model)
+    if isinstance(model, (str, Path)):
+        if not (Path(model) / "config.json").is_file():
+            raise ValueError(f"model={str(model)!r} is a folder without a config.json; pass a model folder, a "
+                             "config object or a preset name.")
+        config, name = AutoConfig.from_pretrained(model), str(model)
+    elif isinstance(model, PretrainedConfig):
+        config, name = model, type(model).__name__
+    else:
+        raise TypeError(f"model={model!r}; pass a preset name ({', '.join(PRESETS)}), a folder with a "
+                         "config.json, or a transformers config object.")
+    family = family_of(config)
+    preset, tiny = stand_in_preset(config)
+    return ModelSource(config, preset, tiny, family, name)
+
+
+def stand_in_preset(config: Any) -> tuple[Any, bool]:
+    """The preset of the same architecture whose processor settings a config's inputs use (tiny or full size,
+    whichever has the same vision input size), and whether it is the tiny variant."""
+    from xcomp_lab.plan.presets import PRESETS
+
+    same = [p for p in PRESETS.values() if p.published["model_type"] == config.model_type]
+    if not same:
+        return None, False
+    preset = same[0]
+    tiny_width = preset.config(tiny=True).get_text_config().hidden_size
+    return preset, config.get_text_config().hidden_size == tiny_width
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One predicted `generate` call. Bytes are the device's: on CUDA as the caching allocator counts them."""
+
+    model: str
+    device: str
+    settings: dict[str, Any]
+    weights_bytes: int  # parameters + buffers (+ bitsandbytes statistics on CUDA)
+    quant_state_bytes: int  # bitsandbytes statistics (absmax, SCB): CPU accounting does not count them
+    inputs_bytes: int  # the inputs on the device (CUDA), counted from the start
+    kv_cache_bytes: int  # the cache's keys and values at the last step
+    prompt_tokens: int
+    image_tokens: int
+    new_tokens: int
+    phases: dict[str, PhasePeak]  # "load", "vision" (VLMs), "prefill", "decode"
+    peak_bytes: int  # max_memory_allocated of the call (CPU: the accounting's peak)
+    reserved_peak_bytes: int | None  # max_memory_reserved of the call (CUDA)
+    peak_where: str
+    card: Card | None = None
+    seconds: float = 0.0
+    notes: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def activations_bytes(self) -> int:
+        """Peak - weights - KV cache - inputs: activations, logits and temporaries at the peak."""
+        return max(self.peak_bytes - self.weights_bytes - self.kv_cache_bytes - self.inputs_bytes, 0)
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the call's reserved peak (allocated, on CPU) fits the card's usable memory; None without a card."""
+        if self.card is None:
+            return None
+        return (self.reserved_peak_bytes or self.peak_bytes) <= self.card.usable_bytes
+
+    def table(self) -> str:
+        """Phases with allocated and reserved peaks, the breakdown and the verdict; print() it."""
+        reserved = self.reserved_peak_bytes is not None
+        lines = [f"{self.model} on {self.device}: {self.settings['dtype']}, {self.settings['quantization']}, "
+                 f"{self.settings['attn']}, batch {self.settings['batch']}, {self.prompt_tokens} prompt tokens"
+                 + (f" ({self.image_tokens} image tokens)" if self.image_tokens else "")
+                 + f" + {self.new_tokens} new",
+                 f"{'phase':<10}{'allocated':>12}{'reserved' if reserved else '':>12}  peak at"]
+        for name in PHASES:
+            if name in self.phases:
+                p = self.phases[name]
+                lines.append(f"{name:<10}{fmt_bytes(p.allocated):>12}"
+                             f"{fmt_bytes(p.reserved) if p.reserved is not None else '':>12}  {p.where}")
+        lines.append(f"{'part':<22}{'size':>12}{'share':>8}")
+        for part, nbytes in (("weights", self.weights_bytes), ("inputs", self.inputs_bytes),
+                             ("KV cache", self.kv_cache_bytes), ("activations, logits", self.activations_bytes)):
+            if nbytes or part != "inputs":
+                lines.append(f"{part:<22}{fmt_bytes(nbytes):>12}{nbytes / self.peak_bytes:>8.1%}")
+        peak = f"peak {fmt_bytes(self.peak_bytes)} allocated"
+        if reserved:
+            peak += f", {fmt_bytes(self.reserved_peak_bytes)} reserved"
+        lines.append(f"{peak}, in {self.peak_where}")
+        if self.card is not None:
+            used = self.reserved_peak_bytes or self.peak_bytes
+            spare = self.card.usable_bytes - used
+            lines.append(f"{'fits' if self.fits else 'does not fit'} {self.card.name} "
+                         f"({fmt_bytes(self.card.usable_bytes)} usable): "
+                         + (f"{fmt_bytes(spare)} to spare" if spare >= 0 else f"{fmt_bytes(-spare)} short"))
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict."""
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("phases", "card")}
+        out["phases"] = {k: {"allocated": v.allocated, "reserved": v.reserved, "where": v.where}
+                         for k, v in self.phases.items()}
+        out["card"] = self.card.name if self.card else None
+        out["notes"] = list(self.notes)
+        return out
+
+    def __str__(self) -> str:
+        reserved = (f", reserved {fmt_bytes(self.reserved_peak_bytes)}" if self.reserved_peak_bytes is not None
+                    else "")
+        return (f"{self.model}: peak {fmt_bytes(self.peak_bytes)}{reserved} on {self.device} = weights "
+                f"{fmt_bytes(self.weights_bytes)} + KV cache {fmt_bytes(self.kv_cache_bytes)} + activations "
+                f"{fmt_bytes(self.activations_bytes)}")
+
+
+@dataclass(frozen=True)
+class Call:
+    """The checked settings of one planned call."""
+
+    source: ModelSource
+    dtype: torch.dtype
+    quantization: str
+    attn: str
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    image_size: int | None
+    device: str
+    card: Card | None
+
+    def settings(self) -> dict[str, Any]:
+        return {"dtype": next(k for k, v in DTYPES.items() if v == self.dtype), "quantization": self.quantization,
+                    "attn": self.attn, "batch": self.batch, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                    "image_size": self.image_size}
+
+
+def check_call(model: Any, *, dtype: Any, quantization: Any, attn: Any, batch: Any, prompt_tokens: Any,
+               new_tokens: Any, image_size: Any, device: Any, card: Any) -> Call:
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        dtype = next(k for k, v in DTYPES.items() if v == dtype)
+    check_choice("dtype", dtype, list(DTYPES), "the dtype of the weights that stay unquantized")
+    check_choice("quantization", quantization, QUANTIZATIONS, "bitsandbytes LLM.int8(), NF4, or none")
+    check_choice("attn", attn, ATTENTIONS, "the attention implementation")
+    check_choice("device", device, DEVICES, "the device the call runs on")
+    BATCH_SIZE.check("batch", batch, hint="sequences generated together")
+    NEW_TOKENS.check("new_tokens", new_tokens, hint="tokens generated per sequence")
+    check_int("prompt_tokens", prompt_tokens, hint="tokens in each prompt, image tokens included")
+    if source.family.is_vlm:
+        if image_size is None:
+            image_size = source.preset.default_image_size(source.tiny)
+        check_int("image_size", image_size, hint="the side in pixels of the square image each prompt holds")
+    elif image_size is not None:
+        raise ValueError(f"image_size={image_size} was given, but {source.name} is a language model "
+                         f"({source.config.model_type}); leave it None.")
+    if card is not None and not isinstance(card, Card):
+        card = card_named(card)
+    return Call(source, DTYPES[dtype], quantization, attn, batch, prompt_tokens, new_tokens, image_size, device, card)
+
+
+def call_inputs(call: Call) -> dict[str, torch.Tensor]:
+    """The real inputs of the call, as the measurement makes them (`build.make_inputs`)."""
+    from xcomp_lab.plan.build import make_inputs
+
+    source = call.source
+    inputs = make_inputs(source.preset, batch_size=call.batch, prompt_tokens=call.prompt_tokens,
+                         image_size=call.image_size, tiny=source.tiny)
+    if source.config.model_type == "qwen2_vl" and "mm_token_type_ids" not in inputs:
+        # Qwen2VLProcessor returns it (1 at image tokens); the model refuses pixels without it.
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == source.config.image_token_id).long()
+    return inputs
+
+
+def weight_tensors(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(parameters and buffers, bitsandbytes statistics) of a model, each storage once."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen.setdefault(t.untyped_storage()._cdata, t)
+    stats = {t.untyped_storage()._cdata: t for t in quant_state_tensors(model)}
+    return list(seen.values()), [t for k, t in stats.items() if k not in seen]
+
+
+def simulate_load(allocator: CachingAllocator, model: torch.nn.Module, dtype: torch.dtype,
+                  acc: PlanAccounting) -> None:
+    """The weights arriving on the card, module by module, as the loader puts them there; a quantized linear's
+    weight arrives in `dtype` and is freed once quantized."""
+    acc.mark("load")
+    quantized = {id(m): m for m in model.modules() if quant_state_tensors(m)}
+    placed: set[int] = set()
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        staging = None
+        if id(module) in quantized:
+            staging = allocator.malloc(module.in_features * module.out_features * dtype_size(dtype))
+            own += quant_state_tensors(module)
+        for t in own:
+            key = t.untyped_storage()._cdata
+            if key not in placed:
+                placed.add(key)
+                allocator.malloc(t.untyped_storage().nbytes())
+                acc._record()
+        if staging is not None:
+            allocator.free(staging)
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def estimate(model: Any, *, dtype: str | torch.dtype = "bf16", quantization: str = "none", attn: str = "sdpa",
+             batch: int = 1, prompt_tokens: int = 512, new_tokens: int = 32, image_size: int | None = None,
+             device: str = "cuda", card: str | Card | None = None) -> Plan:
+    """Predict one `model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)`.
+
+    `model`: a preset name (`presets.preset_names()`, ':tiny' for its tiny variant), a folder with a config.json,
+    or a transformers config. `dtype` ("bf16", "fp16", "fp32"), `quantization` ("none", "int8", "nf4" as
+    `build.quantization_config` makes them), `attn` ("sdpa", "eager"): the model as `from_pretrained` loads it.
+    `batch` prompts of `prompt_tokens` tokens each (image tokens included), one `image_size` px image each for a
+    VLM (default: the preset's). `device`: "cuda" (allocated and reserved as the caching allocator counts them) or
+    "cpu" (the CPU tensor accounting). `card`: a name in `memory.cards.CARDS`, to say whether the call fits.
+    """
+    start = time.perf_counter()
+    call = check_call(model, dtype=dtype, quantization=quantization, attn=attn, batch=batch,
+                      prompt_tokens=prompt_tokens, new_tokens=new_tokens, image_size=image_size, device=device,
+                      card=card)
+    return run_plan(call, start)
+
+
+def run_plan(call: Call, start: float) -> Plan:
+    from xcomp_lab.plan.build import quantization_config
+
+    source, cuda = call.source, call.device == "cuda"
+    inputs = call_inputs(call)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True, static_shapes=True)
+    bnb = quantization_config(call.quantization, call.dtype)
+    fake = build_fake_model(source.config, dtype=call.dtype, attn=call.attn, bnb_config=bnb, fake_mode=fake_mode)
+    weights, statistics = weight_tensors(fake)
+    params_bytes = sum(t.untyped_storage().nbytes() for t in weights)
+    stats_bytes = sum(t.untyped_storage().nbytes() for t in statistics)
+    allocator = CachingAllocator() if cuda else None
+    acc = PlanAccounting(params_bytes, allocator)
+    inputs_bytes = 0
+    if cuda:
+        simulate_load(allocator, fake, call.dtype, acc)
+        load = acc.peaks.pop("load")
+        allocator.empty_cache()
+        for t in inputs.values():
+            allocator.malloc(t.untyped_storage().nbytes())
+        inputs_bytes = sum(round_size(t.untyped_storage().nbytes()) for t in inputs.values())
+        allocator.reset_peaks()
+    else:
+        load = PhasePeak(params_bytes, None, "load")
+    cache: list[int] = []
+    token = int(inputs["input_ids"][0, 0])
+    kernels = CudaSoftmax() if cuda else contextlib.nullcontext()
+    with fake_mode, RealValues(token), acc, kernels, phases(fake, source.family, acc, call.new_tokens, cache):
+        acc.mark("generate")
+        fake.generate(**inputs, **generate_kwargs(call.new_tokens))
+    peaks = {"load": load, **{k: v for k, v in acc.peaks.items() if k in PHASES}}
+    top = peak_of(acc.peaks)
+    return Plan(
+        model=source.name, device=call.device, settings=call.settings(),
+        weights_bytes=(allocator_weights(fake, statistics) if cuda else params_bytes), quant_state_bytes=stats_bytes,
+        inputs_bytes=inputs_bytes, kv_cache_bytes=cache[0] if cache else 0,
+        prompt_tokens=call.prompt_tokens, image_tokens=image_tokens(source, inputs), new_tokens=call.new_tokens,
+        phases=peaks, peak_bytes=top.allocated, reserved_peak_bytes=top.reserved, peak_where=top.where,
+        card=call.card, seconds=time.perf_counter() - start)
+
+
+def allocator_weights(model: torch.nn.Module, statistics: list[torch.Tensor]) -> int:
+    weights, _ = weight_tensors(model)
+    return sum(round_size(t.untyped_storage().nbytes()) for t in [*weights, *statistics])
+
+
+def image_tokens(source: ModelSource, inputs: dict[str, torch.Tensor]) -> int:
+    """Image tokens in each prompt (0 for an LLM)."""
+    if not source.family.is_vlm:
+        return 0
+    ids = inputs["input_ids"]
+    return int((ids == source.config.image_token_id).sum()) // ids.shape[0]

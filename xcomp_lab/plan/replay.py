@@ -1,0 +1,99 @@
+"""The replay: one `model.generate` call of any transformers model, run by transformers itself on fake weights.
+
+The model is built by its own class (`from_config`, the dtype and attention asked for, on fake tensors) and
+quantized as `from_pretrained(quantization_config=BitsAndBytesConfig(...))` leaves it, by the real bitsandbytes
+modules (`estimate.fake.quantize_with`). Then `model.generate(**inputs, do_sample=False, max_new_tokens=N,
+min_new_tokens=N)` runs as written: transformers' own generate loop, logits processors, cache classes (dynamic,
+sliding-window, hybrid, whatever the model asks for), masks and modeling file. The inputs are real tensors
+and the values the code reads stay real (`realvalues.RealValues`), so every branch goes the way the real call
+goes and every op allocates what it allocates there.
+
+Hooks tell the accounting what runs: the phase (vision encoder, prefill, decode step n) and the part (decoder
+layer i/n, output head), and they read the cache's size at the last step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from xcomp_lab.estimate.fake import quantize_with
+from xcomp_lab.plan.accounting import PlanAccounting
+from xcomp_lab.plan.families import Family
+
+
+def generate_kwargs(new_tokens: int) -> dict[str, Any]:
+    """The planned call's `generate` settings: greedy, exactly `new_tokens` new tokens."""
+    return {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+
+
+def build_fake_model(config: Any, *, dtype: torch.dtype, attn: str, bnb_config: Any,
+                     fake_mode: FakeTensorMode) -> nn.Module:
+    """The model on fake tensors, as `from_pretrained(dtype=, attn_implementation=, quantization_config=)` leaves it."""
+    from xcomp_lab.plan.build import model_class
+
+    config = copy.deepcopy(config)
+    with fake_mode:
+        model = model_class(config).from_config(config, dtype=dtype, attn_implementation=attn).eval()
+    if bnb_config is not None:
+        quantize_with(model, bnb_config, fake_mode)
+    return model
+
+
+@contextlib.contextmanager
+def phases(model: nn.Module, family: Family, acc: PlanAccounting, new_tokens: int,
+           cache_bytes: list[int]) -> Iterator[None]:
+    """Mark the phase and part for the accounting while generate runs; put the final cache's bytes in `cache_bytes`."""
+    layers = model.get_submodule(family.layers)
+    state = {"forward": 0}
+
+    def forward_starts(*_: Any) -> None:
+        step = state["forward"]
+        if step:
+            acc.mark(f"decode step {step}")
+        elif acc.phase != "vision":  # generate may have run the vision encoder already, before this forward
+            acc.mark("vision" if family.is_vlm else "prefill")
+
+    def vision_starts(*_: Any) -> None:
+        if acc.phase != "vision":
+            acc.mark("vision")
+        acc.at("vision encoder")
+
+    def forward_ends(_module: Any, _args: Any, output: Any) -> None:
+        state["forward"] += 1
+        if state["forward"] == new_tokens:
+            cache_bytes.append(stored_cache_bytes(output.get("cache", output.get("past_key_values"))))
+
+    def layer_starts(index: int, *_: Any) -> None:
+        if acc.phase == "vision":
+            acc.mark("prefill")
+        acc.at(f"decoder layer {index + 1}/{len(layers)}")
+
+    handles = [model.register_forward_pre_hook(forward_starts), model.register_forward_hook(forward_ends),
+               model.lm_head.register_forward_pre_hook(lambda *_: acc.at("output head"))]
+    handles += [layer.register_forward_pre_hook(partial(layer_starts, i)) for i, layer in enumerate(layers)]
+    if family.vision:
+        handles.append(model.get_submodule(family.vision).register_forward_pre_hook(vision_starts))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def stored_cache_bytes(cache: Any) -> int:
+    """Bytes the cache's key and value tensors hold, each storage once."""
+    storages = {}
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
