@@ -41,7 +41,7 @@ browser-test: setup
 
 # The static HTML edition: tiny-scale notebooks, the full-scale GPU ones and the instructor guide -> site/index.html
 site: setup
-	$(BIN)/python -m xcomp_lab.tools.site --out site --extra results/full-h100
+	$(BIN)/python -m xcomp_lab.tools.site --out site --extra results/full-h200
 
 # Run the course at tiny scale, record its timings and results in docs/ and regenerate docs/instructor-guide.md.
 # NOTE="..." says what else ran on the machine (it is printed under the timings).

@@ -103,6 +103,7 @@ def _checkout(tmp_path: Path) -> Path:
     (root / "pyproject.toml").write_text("")
     shutil.copytree(PATHS.docs, root / "docs")
     shutil.copytree(PATHS.full, root / "results" / PATHS.full.name)
+    shutil.copytree(PATHS.edition, root / "results" / PATHS.edition.name)
     shutil.copytree(PATHS.split.parent, root / "results" / PATHS.split.parent.name)
     return root
 

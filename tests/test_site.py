@@ -12,7 +12,7 @@ import pytest
 from xcomp_lab.tools.course import notebooks
 from xcomp_lab.tools.guide import guide_paths
 
-FULL = guide_paths().full
+FULL = guide_paths().edition  # the notebooks executed at full scale on a GPU, with their records
 from xcomp_lab.tools.site import build_site, render_guide
 
 pytestmark = pytest.mark.slow  # renders eleven notebooks

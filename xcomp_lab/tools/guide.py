@@ -72,6 +72,7 @@ class GuidePaths:
     timings: Path
     tiny_results: Path
     full: Path
+    edition: Path  # the notebooks executed at full scale on a GPU (`tools.course --edition`)
     split: Path
     sources: Path  # the notebooks' .py sources, whose questions the answer key answers
     kernel_memory: Path  # each notebook kernel's peak memory at tiny scale (measure_kernel_memory)
@@ -83,6 +84,7 @@ def guide_paths(root: Path | None = None) -> GuidePaths:
     docs = root / "docs"
     return GuidePaths(docs=docs, guide=docs / "instructor-guide.md", timings=docs / TIMINGS_NAME,
                       tiny_results=docs / TINY_RESULTS_NAME, full=root / "results" / "full-h100",
+                      edition=root / "results" / "full-h200",
                       split=root / "results" / "full-h100x2" / "split.jsonl", sources=root / "notebooks" / "src",
                       kernel_memory=docs / KERNEL_MEMORY_NAME)
 
@@ -755,14 +757,19 @@ def _tiny(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _full(full: list[dict[str, Any]], env: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """The full-scale GPU run: its card, software, budget, span and the notebooks executed at full scale."""
+def _full(full: list[dict[str, Any]], env: dict[str, Any], edition: Path) -> dict[str, Any]:
+    """The full-scale GPU run: its card, software, budget and span; and the full-scale edition of the notebooks
+    (`edition`): which notebooks, on which GPU and software, and how long each took."""
     stamps = sorted(r["timestamp"] for r in full)
+    executed = [p.stem for p in sorted((edition / "notebooks").glob("[0-9][0-9]-*.ipynb"))]
+    edition_env = json.loads((edition / "env.json").read_text()) if executed else {}
+    seconds = json.loads((edition / "timings.json").read_text())["seconds"] if executed else {}
     return {
         "steps": len(full), "first": stamps[0], "last": stamps[-1], "card_gb": full[0]["params"]["budget_gb"],
         "gpu": env["gpu"], "gpu_gib": env["total_memory_bytes"] / GIB, "torch": env["torch"], "cuda": env["cuda"],
-        "transformers": env["transformers"],
-        "executed": [p.stem for p in sorted((folder / "notebooks").glob("[0-9][0-9]-*.ipynb"))],
+        "transformers": env["transformers"], "executed": executed, "edition_folder": edition.name,
+        "edition_gpu": edition_env.get("gpu"), "edition_torch": edition_env.get("torch"),
+        "edition_transformers": edition_env.get("transformers"), "edition_minutes": sum(seconds.values()) / 60,
     }
 
 
@@ -1131,7 +1138,7 @@ def guide_context(paths: GuidePaths | None = None) -> dict[str, Any]:
     env = json.loads((paths.full / "env.json").read_text())
     predictions = json.loads((paths.full / "predictions.json").read_text())
     context = {
-        "tiny": _tiny(run), "full": _full(full, env, paths.full), "eval_mode": _eval_mode(full, tiny),
+        "tiny": _tiny(run), "full": _full(full, env, paths.edition), "eval_mode": _eval_mode(full, tiny),
         "quick_start": _quick_start(full, tiny), "quantized": _quantized(full, tiny), "offload": _offload(tiny, full),
         "split": _split(paths.split), "sdpa": _sdpa(full, tiny), "half": _half(full, tiny),
         "estimator": _estimator(predictions, full), "budget": _budget(tiny),

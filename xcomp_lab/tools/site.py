@@ -1,7 +1,7 @@
 """A browsable static edition of the course: executed notebooks and the instructor guide as HTML, with an index.
 
     make site                                          # the same as the next line
-    python -m xcomp_lab.tools.site --out site --extra results/full-h100
+    python -m xcomp_lab.tools.site --out site --extra results/full-h200
 
 The index has two sections: the notebooks at tiny scale as saved in `notebooks/` (pages at the top of the
 site) and, with `--extra`, the notebooks executed at full scale on a GPU (pages under `full/`) with that run's
@@ -114,7 +114,7 @@ def build_site(out: str | Path = "site", sources: list[Path] | None = None, extr
                            "timings, setup, the GPU edition, common questions).</p>")
     if extra is not None:
         if not (extra / "results.jsonl").is_file():
-            raise FileNotFoundError(f"{extra} has no results.jsonl; pass a folder written by xcomp_lab.tools.gpu_run.")
+            raise FileNotFoundError(f"{extra} has no results.jsonl; pass a full-scale edition (xcomp_lab.tools.course --edition) or a folder written by xcomp_lab.tools.gpu_run.")
         full = [render_notebook(path, out, "full")
                 for path in sorted((extra / "notebooks").glob("[0-9][0-9]-*.ipynb"))]
         listed = _links(full) if full else "<p>No notebook has been executed at full scale yet.</p>"
@@ -131,7 +131,7 @@ def build_site(out: str | Path = "site", sources: list[Path] | None = None, extr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="site")
-    parser.add_argument("--extra", type=Path, default=None, help="a full-scale results folder (xcomp_lab.tools.gpu_run)")
+    parser.add_argument("--extra", type=Path, default=None, help="a full-scale edition (xcomp_lab.tools.course --edition) or results folder (xcomp_lab.tools.gpu_run)")
     parser.add_argument("--no-guide", action="store_true", help="leave the instructor guide out")
     args = parser.parse_args(argv)
     out = build_site(args.out, extra=args.extra, guide=None if args.no_guide else "committed")
