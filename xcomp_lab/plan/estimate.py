@@ -31,7 +31,8 @@ from xcomp_lab.plan.families import Family, family_of
 from xcomp_lab.plan.realvalues import RealValues
 from xcomp_lab.plan.replay import (
     build_fake_model,
-    generate_kwargs,
+    fast_forward,
+    greedy_generate,
     phases,
 )
 
@@ -204,6 +205,11 @@ def check_call(model: Any, *, dtype: Any, quantization: Any, attn: Any, batch: A
     check_choice("dtype", dtype, list(DTYPES), "the dtype of the weights that stay unquantized")
     check_choice("quantization", quantization, QUANTIZATIONS, "bitsandbytes LLM.int8(), NF4, or none")
     check_choice("attn", attn, ATTENTIONS, "the attention implementation")
+    if attn == "sdpa" and not supports_sdpa(source.config):
+        import transformers
+
+        raise ValueError(f"attn='sdpa': {source.name} ({source.config.model_type}) has no sdpa attention in "
+                         f"transformers {transformers.__version__}; use attn='eager'.")
     check_choice("device", device, DEVICES, "the device the call runs on")
     BATCH_SIZE.check("batch", batch, hint="sequences generated together")
     NEW_TOKENS.check("new_tokens", new_tokens, hint="tokens generated per sequence")
@@ -218,6 +224,13 @@ def check_call(model: Any, *, dtype: Any, quantization: Any, attn: Any, batch: A
     if card is not None and not isinstance(card, Card):
         card = card_named(card)
     return Call(source, DTYPES[dtype], quantization, attn, batch, prompt_tokens, new_tokens, image_size, device, card)
+
+
+def supports_sdpa(config: Any) -> bool:
+    """Whether the model's class in this transformers runs sdpa attention."""
+    from xcomp_lab.plan.build import model_class
+
+    return bool(model_class(config)._model_mapping[type(config)]._supports_sdpa)
 
 
 def call_inputs(call: Call) -> dict[str, torch.Tensor]:
@@ -271,7 +284,7 @@ def dtype_size(dtype: torch.dtype) -> int:
 
 def estimate(model: Any, *, dtype: str | torch.dtype = "bf16", quantization: str = "none", attn: str = "sdpa",
              batch: int = 1, prompt_tokens: int = 512, new_tokens: int = 32, image_size: int | None = None,
-             device: str = "cuda", card: str | Card | None = None) -> Plan:
+             device: str = "cuda", card: str | Card | None = None, exact_decode: bool = False) -> Plan:
     """Predict one `model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)`.
 
     `model`: a preset name (`presets.preset_names()`, ':tiny' for its tiny variant), a folder with a config.json,
@@ -280,15 +293,19 @@ def estimate(model: Any, *, dtype: str | torch.dtype = "bf16", quantization: str
     `batch` prompts of `prompt_tokens` tokens each (image tokens included), one `image_size` px image each for a
     VLM (default: the preset's). `device`: "cuda" (allocated and reserved as the caching allocator counts them) or
     "cpu" (the CPU tensor accounting). `card`: a name in `memory.cards.CARDS`, to say whether the call fits.
+    `exact_decode`: run every decode step in full (by default the steps between the first and the last skip the
+    layers' passing activations: `replay.fast_forward`).
     """
     start = time.perf_counter()
     call = check_call(model, dtype=dtype, quantization=quantization, attn=attn, batch=batch,
                       prompt_tokens=prompt_tokens, new_tokens=new_tokens, image_size=image_size, device=device,
                       card=card)
-    return run_plan(call, start)
+    if not isinstance(exact_decode, bool):
+        raise TypeError(f"exact_decode={exact_decode!r}; pass True or False.")
+    return run_plan(call, start, exact_decode)
 
 
-def run_plan(call: Call, start: float) -> Plan:
+def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
     from xcomp_lab.plan.build import quantization_config
 
     source, cuda = call.source, call.device == "cuda"
@@ -315,9 +332,11 @@ def run_plan(call: Call, start: float) -> Plan:
     cache: list[int] = []
     token = int(inputs["input_ids"][0, 0])
     kernels = CudaSoftmax() if cuda else contextlib.nullcontext()
-    with fake_mode, RealValues(token), acc, kernels, phases(fake, source.family, acc, call.new_tokens, cache):
+    skipping = contextlib.nullcontext() if exact_decode else fast_forward(fake, call.new_tokens)
+    with fake_mode, RealValues(token), acc, kernels, skipping, phases(fake, source.family, acc, call.new_tokens,
+                                                                      cache):
         acc.mark("generate")
-        fake.generate(**inputs, **generate_kwargs(call.new_tokens))
+        greedy_generate(fake, inputs, call.new_tokens)
     peaks = {"load": load, **{k: v for k, v in acc.peaks.items() if k in PHASES}}
     top = peak_of(acc.peaks)
     return Plan(

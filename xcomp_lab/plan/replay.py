@@ -10,12 +10,19 @@ goes and every op allocates what it allocates there.
 
 Hooks tell the accounting what runs: the phase (vision encoder, prefill, decode step n) and the part (decoder
 layer i/n, output head), and they read the cache's size at the last step.
+
+Decode steps only grow: each runs the same ops as the one before on a cache one token longer, and frees all its
+activations before the next. So by default (`fast_forward`) only the first and the last decode steps run the
+model; the steps between keep everything that outlives a step exactly as the real call does (generate's loop,
+its logits processing, the cache grown token by token through the cache's own `update`, the logits of one
+token) and skip the layers' passing activations. `exact_decode=True` runs every step in full.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -29,9 +36,13 @@ from xcomp_lab.plan.accounting import PlanAccounting
 from xcomp_lab.plan.families import Family
 
 
-def generate_kwargs(new_tokens: int) -> dict[str, Any]:
-    """The planned call's `generate` settings: greedy, exactly `new_tokens` new tokens."""
-    return {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+def greedy_generate(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int) -> torch.Tensor:
+    """The planned call: greedy, exactly `new_tokens` new tokens, the first end-of-sequence id as the only one and
+    as padding (a model whose config lists several keeps the first)."""
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos = eos[0] if isinstance(eos, list) else eos
+    return model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          pad_token_id=eos)
 
 
 def build_fake_model(config: Any, *, dtype: torch.dtype, attn: str, bnb_config: Any,
@@ -45,6 +56,35 @@ def build_fake_model(config: Any, *, dtype: torch.dtype, attn: str, bnb_config: 
     if bnb_config is not None:
         quantize_with(model, bnb_config, fake_mode)
     return model
+
+
+@contextlib.contextmanager
+def fast_forward(model: nn.Module, new_tokens: int) -> Iterator[None]:
+    """Run decode steps 2 to new_tokens - 2 without the model's layers (see the module's docstring)."""
+    forward, state = model.forward, {"step": 0, "output": None}
+    head = model.get_output_embeddings()
+
+    @functools.wraps(forward)  # generate checks its kwargs against the forward's signature
+    def skipping(*args: Any, **kwargs: Any) -> Any:
+        step = state["step"]
+        state["step"] += 1
+        if not 2 <= step <= new_tokens - 2:
+            state["output"] = type(out := forward(*args, **kwargs))
+            return out
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        for layer in cache.layers:
+            shape = (*layer.keys.shape[:-2], 1, layer.keys.shape[-1])  # (B, kv heads, 1, head dim)
+            layer.update(torch.empty(shape, dtype=layer.keys.dtype), torch.empty(shape, dtype=layer.values.dtype))
+        batch = kwargs["input_ids"].shape[0] if kwargs.get("input_ids") is not None else kwargs[
+            "inputs_embeds"].shape[0]
+        logits = torch.empty((batch, 1, head.out_features), dtype=head.weight.dtype)  # (B, 1, vocab)
+        return state["output"](logits=logits, cache=cache)
+
+    model.forward = skipping
+    try:
+        yield
+    finally:
+        del model.forward
 
 
 @contextlib.contextmanager
