@@ -60,6 +60,8 @@ def resolve_model(model: Any) -> ModelSource:
 
     from xcomp_lab.plan.presets import PRESETS, get_preset
 
+    if isinstance(model, ModelSource):
+        return model
     if isinstance(model, str) and not Path(model).is_dir():
         name, _, variant = model.partition(":")
         if variant not in ("", "tiny"):
@@ -199,7 +201,9 @@ class Call:
 
 def check_call(model: Any, *, dtype: Any, quantization: Any, attn: Any, batch: Any, prompt_tokens: Any,
                new_tokens: Any, image_size: Any, device: Any, card: Any) -> Call:
-    source = model if isinstance(model, ModelSource) else resolve_model(model)
+    source = resolve_model(model)
+    if dtype is None:
+        dtype = source.preset.dtype if source.preset is not None else torch.bfloat16
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         dtype = next(k for k, v in DTYPES.items() if v == dtype)
     check_choice("dtype", dtype, list(DTYPES), "the dtype of the weights that stay unquantized")
@@ -282,13 +286,13 @@ def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def estimate(model: Any, *, dtype: str | torch.dtype = "bf16", quantization: str = "none", attn: str = "sdpa",
+def estimate(model: Any, *, dtype: str | torch.dtype | None = None, quantization: str = "none", attn: str = "sdpa",
              batch: int = 1, prompt_tokens: int = 512, new_tokens: int = 32, image_size: int | None = None,
              device: str = "cuda", card: str | Card | None = None, exact_decode: bool = False) -> Plan:
     """Predict one `model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)`.
 
     `model`: a preset name (`presets.preset_names()`, ':tiny' for its tiny variant), a folder with a config.json,
-    or a transformers config. `dtype` ("bf16", "fp16", "fp32"), `quantization` ("none", "int8", "nf4" as
+    or a transformers config. `dtype` ("bf16", "fp16", "fp32"; default the preset's published one, else bf16), `quantization` ("none", "int8", "nf4" as
     `build.quantization_config` makes them), `attn` ("sdpa", "eager"): the model as `from_pretrained` loads it.
     `batch` prompts of `prompt_tokens` tokens each (image tokens included), one `image_size` px image each for a
     VLM (default: the preset's). `device`: "cuda" (allocated and reserved as the caching allocator counts them) or

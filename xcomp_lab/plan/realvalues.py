@@ -9,10 +9,11 @@ the image-token scatter and its count check, Idefics3's "which tiles are padding
 All of it reads the real inputs (token ids, attention mask, grids, pixels) and what is computed from them, never
 the weights. So the inputs stay real tensors, and `RealValues` runs every op whose tensor arguments are all real
 on real data, outside the fake mode; an op that touches a fake tensor stays fake. One exception keeps the real
-work small: an op that makes a large output from small real arguments (the eager causal mask, batch x length^2,
-built from position vectors; its values are only ever added to scores, never read) is answered fake, from its
-shape, unless only its values can answer it (an op of data-dependent output, such as `nonzero` or `.item()`).
-Ops on large real arguments (the pixels) run for real: their outputs are no larger than their inputs.
+work small: an op that makes a large output many times larger than its real arguments (the eager causal mask,
+batch x length^2, broadcast from position vectors; its values are only ever added to scores, never read) is
+answered fake, from its shape, unless only its values can answer it (an op of data-dependent output, such as
+`nonzero` or `.item()`). Ops whose outputs are of the size of their inputs (the pixels, the growing token ids)
+run for real.
 
 The one value the model itself produces and `generate` reads is the next token: `argmax` over fake logits is
 answered by a real tensor holding one ordinary token id (`token`), never an end-of-sequence token, as
@@ -33,7 +34,8 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
-SMALL_VALUES = 1 << 16  # elements: real tensors stay at most this large unless only values can answer the op
+SMALL_VALUES = 1 << 16  # elements: an op may make a real output this large from any inputs
+BROADCAST = 4  # beyond that, an output this many times larger than its real inputs is made fake
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
 _ARGMAX = torch.ops.aten.argmax.default
 
@@ -66,10 +68,10 @@ class RealValues(TorchDispatchMode):
             out = func(*args, **kwargs)  # fake: its shape says whether a real run would stay small
         except _DATA_DEPENDENT:
             return self._real(func, args, kwargs)
-        small_out = all(o.numel() <= SMALL_VALUES for o in tree_leaves(out) if isinstance(o, torch.Tensor))
-        if small_out or any(t.numel() > SMALL_VALUES for t in tensors):
-            return self._real(func, args, kwargs)
-        return out
+        made = sum(o.numel() for o in tree_leaves(out) if isinstance(o, torch.Tensor))
+        if made > SMALL_VALUES and made > BROADCAST * sum(t.numel() for t in tensors):
+            return out
+        return self._real(func, args, kwargs)
 
     @staticmethod
     def _real(func: Any, args: tuple, kwargs: dict) -> Any:

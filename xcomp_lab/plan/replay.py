@@ -71,7 +71,7 @@ def fast_forward(model: nn.Module, new_tokens: int) -> Iterator[None]:
         if not 2 <= step <= new_tokens - 2:
             state["output"] = type(out := forward(*args, **kwargs))
             return out
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = kwargs["cache"]
         for layer in cache.layers:
             shape = (*layer.keys.shape[:-2], 1, layer.keys.shape[-1])  # (B, kv heads, 1, head dim)
             layer.update(torch.empty(shape, dtype=layer.keys.dtype), torch.empty(shape, dtype=layer.values.dtype))
@@ -109,7 +109,7 @@ def phases(model: nn.Module, family: Family, acc: PlanAccounting, new_tokens: in
     def forward_ends(_module: Any, _args: Any, output: Any) -> None:
         state["forward"] += 1
         if state["forward"] == new_tokens:
-            cache_bytes.append(stored_cache_bytes(output.get("cache", output.get("past_key_values"))))
+            cache_bytes.append(stored_cache_bytes(output.cache))
 
     def layer_starts(index: int, *_: Any) -> None:
         if acc.phase == "vision":

@@ -1,0 +1,77 @@
+"""The planner's command: predict one generate call of a model on a card, and answer the inverse questions.
+
+    python -m xcomp_lab.plan --model llama-3-8b --card "L40S"
+    python -m xcomp_lab.plan --model qwen2-vl-7b --card "RTX 4090" --quantization nf4 --batch 4 --image-size 896
+    python -m xcomp_lab.plan --model ./my-model-folder --card "A100 40GB" --prompt-tokens 4096 --no-inverse
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.memory.cards import CARDS
+from xcomp_lab.plan.estimate import ATTENTIONS, DEVICES, DTYPES, QUANTIZATIONS, estimate, resolve_model
+from xcomp_lab.plan.inverse import KNOBS, cheapest_recipe, largest
+from xcomp_lab.plan.presets import preset_names
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m xcomp_lab.plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    p.add_argument("--model", required=True,
+                   help=f"a preset ({', '.join(preset_names())}; ':tiny' for its tiny variant) or a folder with a "
+                        "config.json")
+    p.add_argument("--card", choices=list(CARDS), help="the GPU to fit (memory PyTorch sees on it, less the context)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: the preset's published dtype, else bf16")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
+    p.add_argument("--attn", choices=ATTENTIONS, default="sdpa")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=512, help="tokens per prompt, an image's tokens included")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--image-size", type=int, help="VLMs: the side in px of each prompt's image (default: preset's)")
+    p.add_argument("--device", choices=DEVICES, default="cuda")
+    p.add_argument("--exact-decode", action="store_true", help="run every decode step in full (slower)")
+    p.add_argument("--no-inverse", action="store_true", help="skip the largest-value and cheapest-recipe searches")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = dict(dtype=args.dtype, quantization=args.quantization, attn=args.attn, batch=args.batch,
+                    prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, image_size=args.image_size)
+    try:
+        source = resolve_model(args.model)
+        plan = estimate(source, **settings, device=args.device, card=args.card, exact_decode=args.exact_decode)
+        if args.json:
+            print(json.dumps(plan.as_dict(), indent=2))
+            return 0
+        print(plan.table())
+        print(f"predicted in {plan.seconds:.1f} s")
+        if args.no_inverse or args.card is None or args.device != "cuda":
+            return 0
+        settings["dtype"] = plan.settings["dtype"]
+        print(f"\nOn {args.card}, the other settings as above:")
+        for knob in KNOBS:
+            if knob == "image_size" and not source.family.is_vlm:
+                continue
+            answer = largest(source, knob, card=args.card, **settings)
+            extra = f" (peak {fmt_bytes(answer.plan.reserved_peak_bytes)} reserved)" if answer.plan else ""
+            print(f"  {answer}{extra}, {answer.estimates} estimates")
+        recipe = cheapest_recipe(source, card=args.card, **{k: v for k, v in settings.items()
+                                                              if k not in ("quantization", "attn")})
+        print("  cheapest recipe that fits: " + (
+            f"{recipe.settings['dtype']}, quantization {recipe.settings['quantization']}, {recipe.settings['attn']}"
+            f" (peak {fmt_bytes(recipe.reserved_peak_bytes)} reserved)" if recipe else "none"))
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
