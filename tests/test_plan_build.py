@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 
 import pytest
 import torch
 
+from xcomp_lab.core.jsonl import read_jsonl
 from xcomp_lab.plan.build import (
     build_model,
     image_token_count,
@@ -15,6 +17,7 @@ from xcomp_lab.plan.build import (
     quantization_config,
 )
 from xcomp_lab.plan.presets import get_preset, preset_names
+from xcomp_lab.tools import plan_matrix
 
 # The parameter counts the Hub shows for each published checkpoint ("Model size"), in billions, two decimals.
 PUBLISHED_BILLIONS = {"llama-3-8b": 8.03, "qwen2.5-7b": 7.62, "mistral-7b-v0.3": 7.25, "gemma-2-9b": 9.24,
@@ -107,3 +110,33 @@ def test_inputs_fill_the_prompt_and_avoid_special_ids() -> None:
         make_inputs("llava-1.5-7b", batch_size=1, prompt_tokens=16, tiny=True)
     with pytest.raises(ValueError, match="language model"):
         make_inputs("llama-3-8b", batch_size=1, prompt_tokens=16, image_size=224, tiny=True)
+
+
+def test_matrix_tool_on_one_tiny_preset(tmp_path) -> None:
+    plan_matrix.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--presets", "qwen2-vl-7b",
+                      "--quantizations", "none", "--attns", "sdpa", "--batches", "1", "2", "--text-tokens", "8",
+                      "--new-tokens", "2"])
+    records = read_jsonl(tmp_path / plan_matrix.RECORDS)
+    assert [r["batch"] for r in records] == [1, 2]
+    for record in records:
+        assert record["prompt_tokens"] == 8 + 6 and record["image_tokens"] == 4  # 4 image tokens + 2 markers
+        assert record["start_allocated"] == record["weights_bytes"] and not record["oom"]
+        assert set(record["phases"]) == {"prefill", "vision", "decode"}
+        assert record["allocated_peak"] == max(p["allocated"] for p in record["phases"].values())
+    assert records[1]["allocated_peak"] > records[0]["allocated_peak"]
+    assert json.loads((tmp_path / plan_matrix.ENV).read_text())["device"] == "cpu"
+
+
+def test_matrix_builds_cover_every_preset_and_quantization_first() -> None:
+    order = plan_matrix.build_order(preset_names(), ["none", "int8", "nf4"])
+    first = order[:len(preset_names())]
+    assert {name for name, _ in first} == set(preset_names()) and {q for _, q in first} == {"none", "int8", "nf4"}
+    assert sorted(order) == sorted({(n, q) for n in preset_names() for q in ("none", "int8", "nf4")})
+
+
+def test_accelerate_anchor_is_its_weights_rule(tmp_path) -> None:
+    records = plan_matrix.accelerate_anchors(["phi-3-mini-4k"], tmp_path / plan_matrix.ANCHORS)
+    sizes = {r["accelerate_dtype"]: r["total_bytes"] for r in records}
+    parameters = PUBLISHED_BILLIONS["phi-3-mini-4k"] * 1e9
+    assert sizes["float32"] == pytest.approx(4 * parameters, rel=0.01)
+    assert sizes["float16"] * 2 == sizes["int8"] * 4 == sizes["int4"] * 8 == sizes["float32"]  # FP32 /2, /4, /8

@@ -84,19 +84,25 @@ class RandomSlice:
         return list(self.shape)
 
     def __getitem__(self, index: object) -> torch.Tensor:
-        # A fresh tensor each read, as a safetensors slice reads one from its file: weights never share storage.
-        return self.source.tensor(self.shape)[index].clone()
+        tensor = self.source.tensor(self.shape)[index]
+        # A load onto the CPU keeps the tensor read (`.to` is a no-op there): each read is then a fresh copy, as a
+        # safetensors slice reads one from its file, so that no two weights share storage. A load onto a GPU
+        # copies it there itself.
+        return tensor.clone() if self.source.device.type == "cpu" else tensor
 
 
 class RandomCheckpoint(Mapping):
-    """A lazy state dict of random weights for `model`'s parameters of two or more dimensions, in `dtype`.
+    """A lazy state dict of random weights for `model`'s parameters of two or more dimensions, in `dtype`, for a
+    load onto `device`.
 
     Reading an entry draws one normal tensor (std `std`, seeded by its shape) per shape, kept for the entries of
-    the same shape; `clear()` lets those go.
+    the same shape (drawn on the GPU and kept in pinned host memory for a load onto a GPU); `draw()` draws them
+    all at once (before a measured load), `clear()` lets them go.
     """
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, std: float, seed: int = 0) -> None:
-        self.dtype, self.std, self.seed = dtype, std, seed
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, std: float, seed: int = 0,
+                 device: str | torch.device = "cpu") -> None:
+        self.dtype, self.std, self.seed, self.device = dtype, std, seed, torch.device(device)
         self._shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.dim() >= 2}
         # Each shape's own seed, fixed here: the loader reads entries from several threads, in no fixed order.
         self._seeds = {shape: seed + i for i, shape in enumerate(sorted(set(self._shapes.values())))}
@@ -107,9 +113,20 @@ class RandomCheckpoint(Mapping):
         """The random tensor every entry of this shape reads."""
         with self._lock:
             if shape not in self._drawn:
-                generator = torch.Generator().manual_seed(self._seeds[shape])
-                self._drawn[shape] = torch.empty(shape, dtype=self.dtype).normal_(0.0, self.std, generator=generator)
+                # Drawn on the GPU for a load onto it (seconds, not minutes, for 8 billion weights), then kept in
+                # pinned host memory, where a checkpoint's tensors would be.
+                generator = torch.Generator(self.device).manual_seed(self._seeds[shape])
+                drawn = torch.empty(shape, dtype=self.dtype, device=self.device).normal_(0.0, self.std,
+                                                                                         generator=generator)
+                if self.device.type == "cuda":
+                    drawn = torch.empty(shape, dtype=self.dtype, pin_memory=True).copy_(drawn)
+                self._drawn[shape] = drawn
             return self._drawn[shape]
+
+    def draw(self) -> None:
+        """Draw every shape's tensor now (so that a measured load only copies them)."""
+        for shape in self._seeds:
+            self.tensor(shape)
 
     def clear(self) -> None:
         """Forget the drawn tensors (host memory)."""
@@ -150,6 +167,20 @@ def resolve_config(model: str | Preset | PretrainedConfig, tiny: bool = False) -
     return preset.config(tiny)
 
 
+def meta_model(config: PretrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The model of `config` on the meta device (no memory), in `dtype` (default: float32, as from_config)."""
+    with torch.device("meta"):
+        return model_class(config).from_config(config, **({} if dtype is None else {"dtype": dtype}))
+
+
+def random_checkpoint(model: str | Preset | PretrainedConfig, dtype: str | torch.dtype, device: str | torch.device,
+                      seed: int = 0, tiny: bool = False) -> RandomCheckpoint:
+    """The random checkpoint of a model in `dtype`, for loads onto `device` (share it between builds)."""
+    config = resolve_config(model, tiny)
+    return RandomCheckpoint(meta_model(config), dtype_of(dtype), config.get_text_config().initializer_range, seed,
+                            device)
+
+
 def build_model(model: str | Preset | PretrainedConfig, *, dtype: str | torch.dtype = "bf16", attn: str = "sdpa",
                 quantization: str = "none", device: str | torch.device = "cpu", tiny: bool = False, seed: int = 0,
                 checkpoint: RandomCheckpoint | None = None) -> PreTrainedModel:
@@ -164,17 +195,17 @@ def build_model(model: str | Preset | PretrainedConfig, *, dtype: str | torch.dt
     bnb = quantization_config(quantization, torch_dtype)
     check_int("seed", seed, minimum=0)
     config = resolve_config(model, tiny)
-    with torch.device("meta"):
-        skeleton = model_class(config).from_config(config)
+    skeleton_class = type(meta_model(config))
     if checkpoint is None:
-        checkpoint = RandomCheckpoint(skeleton, torch_dtype, config.get_text_config().initializer_range, seed)
-    elif checkpoint.dtype != torch_dtype:
-        raise ValueError(f"checkpoint holds {checkpoint.dtype} weights, but dtype={dtype!r} was asked; pass a "
-                         f"RandomCheckpoint of that dtype or none.")
+        checkpoint = random_checkpoint(config, torch_dtype, device, seed)
+    elif checkpoint.dtype != torch_dtype or checkpoint.device != torch.device(device):
+        raise ValueError(f"checkpoint holds {checkpoint.dtype} weights for {checkpoint.device}, but dtype={dtype!r} "
+                         f"and device={str(device)!r} were asked; pass a RandomCheckpoint made for them, or none.")
     torch.manual_seed(seed)  # the norms and biases `_init_weights` sets
     with _quiet_loading():
-        return type(skeleton).from_pretrained(None, config=config, state_dict=checkpoint, dtype=torch_dtype,
-                                   attn_implementation=attn, quantization_config=bnb, device_map=str(device))
+        return skeleton_class.from_pretrained(None, config=config, state_dict=checkpoint, dtype=torch_dtype,
+                                              attn_implementation=attn, quantization_config=bnb,
+                                              device_map=str(device))
 
 
 class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
@@ -186,7 +217,9 @@ class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
 
 def _special_tokenizer(tokens: Mapping[str, int]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer holding `tokens` (special tokens) at their ids and [UNK] for any other word."""
-    vocab = {"[UNK]": max(tokens.values()) + 1, **tokens}
+    # [UNK] takes the first id no special token holds: inside any vocabulary (an id past it fails on a GPU).
+    unknown = next(i for i in range(len(tokens) + 1) if i not in tokens.values())
+    vocab = {"[UNK]": unknown, **tokens}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
