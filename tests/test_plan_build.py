@@ -125,6 +125,12 @@ def test_matrix_tool_on_one_tiny_preset(tmp_path) -> None:
         assert record["allocated_peak"] == max(p["allocated"] for p in record["phases"].values())
     assert records[1]["allocated_peak"] > records[0]["allocated_peak"]
     assert json.loads((tmp_path / plan_matrix.ENV).read_text())["device"] == "cpu"
+    rows = plan_matrix.compare(tmp_path)  # the planner on the CPU predicts the CPU accounting exactly
+    assert [(r["measured_allocated"], r["error_allocated"]) for r in rows] == \
+        [(r["allocated_peak"], 0.0) for r in records]
+    assert (tmp_path / plan_matrix.CHART).stat().st_size > 0
+    assert plan_matrix.error_summary(rows) == [{"architecture": "qwen2_vl", "calls": 2, "not_predicted": 0,
+                                                "median_allocated": 0.0, "worst_allocated": 0.0}]
 
 
 def test_matrix_builds_cover_every_preset_and_quantization_first() -> None:

@@ -3,6 +3,7 @@
     python -m xcomp_lab.tools.plan_matrix --device cuda --out results/plan-matrix-h200   # every preset, on a GPU
     python -m xcomp_lab.tools.plan_matrix --device cpu --tiny --out /tmp/matrix         # tiny presets, on the CPU
     python -m xcomp_lab.tools.plan_matrix --accelerate --out results/plan-matrix-h200   # accelerate's anchors (CPU)
+    python -m xcomp_lab.tools.plan_matrix --compare --out results/plan-matrix-h200      # the planner against them
 
 For every preset, dtype (its published one) and quantization (none, INT8, NF4) the model is built once with
 random weights (`plan.build.build_model`: what `from_pretrained` leaves), then, switching the attention in place
@@ -54,6 +55,8 @@ from xcomp_lab.plan.build import (
 from xcomp_lab.plan.presets import Preset, get_preset, preset_names
 
 RECORDS = "records.jsonl"
+COMPARE = "compare.jsonl"
+CHART = "compare.png"
 ENV = "env.json"
 ANCHORS = "accelerate.jsonl"
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # Qwen2-VL, LLaVA, Idefics3
@@ -332,6 +335,94 @@ def accelerate_anchors(presets: Sequence[str], out: Path) -> list[dict[str, Any]
     return records
 
 
+def compare(out_dir: Path, presets: Sequence[str] | None = None, batches: Sequence[int] | None = None,
+            text_tokens: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Predict the measured calls of `out_dir/records.jsonl` (all, or those of the given presets, batch sizes and
+    text tokens) with `xcomp_lab.plan.estimate` on this CPU, and write `compare.jsonl` (measured, predicted,
+    relative error of the allocated and reserved peaks, per phase too) and `compare.png`; returns the rows."""
+    from xcomp_lab.plan.estimate import estimate
+
+    measured = [r for r in read_jsonl(out_dir / RECORDS) if "skipped" not in r and not r["oom"]
+                and (presets is None or r["preset"] in presets) and (batches is None or r["batch"] in batches)
+                and (text_tokens is None or r["text_tokens"] in text_tokens)]
+    rows = []
+    for record in tqdm(measured, desc="predict the matrix", unit="call"):
+        row = {key: record[key] for key in ("preset", "architecture", "dtype", "quantization", "attn", "batch",
+                                            "prompt_tokens", "image_tokens", "new_tokens", "run")
+               if key in record}
+        try:
+            plan = estimate(record["preset"] + (":tiny" if record["tiny"] else ""), dtype=record["dtype"],
+                            quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
+                            prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
+                            image_size=record["image_size"],
+                            device="cuda" if record["kind"] == CUDA_KIND else "cpu")
+        except Exception as exc:  # noqa: BLE001 (a call the planner cannot predict is reported, not fatal)
+            rows.append({**row, "prediction_error": f"{type(exc).__name__}: {exc}"})
+            continue
+        row.update(measured_allocated=record["allocated_peak"], predicted_allocated=plan.peak_bytes,
+                   measured_reserved=record["reserved_peak"], predicted_reserved=plan.reserved_peak_bytes,
+                   measured_weights=record["weights_bytes"], predicted_weights=plan.weights_bytes,
+                   predicted_image_tokens=plan.image_tokens, predict_s=round(plan.seconds, 2),
+                   phases={name: {"measured_allocated": peak["allocated"], "measured_reserved": peak["reserved"],
+                                  "predicted_allocated": plan.phases[name].allocated if name in plan.phases else None,
+                                  "predicted_reserved": plan.phases[name].reserved if name in plan.phases else None}
+                           for name, peak in record["phases"].items()})
+        for key in ("allocated", "reserved"):
+            m, p = row[f"measured_{key}"], row[f"predicted_{key}"]
+            row[f"error_{key}"] = None if m is None or p is None else p / m - 1
+        rows.append(row)
+    write_jsonl(out_dir / COMPARE, rows)
+    compare_chart(rows, out_dir / CHART)
+    return rows
+
+
+def error_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per architecture: calls, median and worst (largest in size, sign kept) relative error of each peak."""
+    out = []
+    for arch in sorted({r["architecture"] for r in rows}):
+        mine = [r for r in rows if r["architecture"] == arch and "prediction_error" not in r]
+        line: dict[str, Any] = {"architecture": arch, "calls": len(mine),
+                                "not_predicted": sum(r["architecture"] == arch for r in rows) - len(mine)}
+        for key in ("allocated", "reserved"):
+            errors = sorted(r[f"error_{key}"] for r in mine if r[f"error_{key}"] is not None)
+            if errors:
+                middle = len(errors) // 2
+                line[f"median_{key}"] = errors[middle] if len(errors) % 2 else (errors[middle - 1] + errors[middle]) / 2
+                line[f"worst_{key}"] = max(errors, key=abs)
+        out.append(line)
+    return out
+
+
+def compare_chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Measured against predicted allocated and reserved peaks (GiB), one colour per architecture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xcomp_lab.core.units import GIB
+
+    rows = [r for r in rows if "prediction_error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    for ax, key in zip(axes, ("allocated", "reserved")):
+        for arch in sorted({r["architecture"] for r in rows}):
+            points = [(r[f"measured_{key}"] / GIB, r[f"predicted_{key}"] / GIB) for r in rows
+                      if r["architecture"] == arch and r[f"predicted_{key}"] is not None]
+            if points:
+                ax.scatter(*zip(*points), label=arch, s=18)
+        if not ax.collections:
+            ax.text(0.5, 0.5, "no prediction", ha="center", transform=ax.transAxes)
+        top = max([r[f"measured_{key}"] / GIB for r in rows if r[f"measured_{key}"]] + [0.001])
+        ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", linewidth=0.8)
+        ax.set(xlabel=f"measured max_memory_{key} (GiB)", ylabel="predicted (GiB)",
+               title=f"{key} peak of a generate call")
+        if ax.collections:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,11 +441,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="start no new build after this many seconds (the rest recorded as skipped)")
     parser.add_argument("--skip-done", type=Path, default=None,
                         help="an earlier run's records.jsonl: the builds it measured are left out")
+    parser.add_argument("--compare", action="store_true",
+                        help="predict the calls in --out's records.jsonl (those of --presets, --batches and --text-tokens "
+                             "given): compare.jsonl, compare.png, a summary per architecture")
     parser.add_argument("--accelerate", action="store_true",
                         help="only write accelerate's estimate-memory anchors (accelerate.jsonl), on the CPU")
     args = parser.parse_args(argv)
     if args.accelerate:
         accelerate_anchors(args.presets, args.out / ANCHORS)
+        return
+    if args.compare:
+        for line in error_summary(compare(args.out, args.presets, args.batches, args.text_tokens)):
+            print(json.dumps(line))
         return
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
