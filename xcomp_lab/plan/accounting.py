@@ -63,7 +63,7 @@ class PlanAccounting(CpuAccounting):
             for key in self._fresh():
                 self.blocks[key] = self.allocator.malloc(self.live[key]().nbytes())
         super().allocated(nbytes)
-        self._record()
+        self.record()
 
     def _fresh(self) -> list[int]:
         """The storages just counted, oldest first: the newest entries of `live` that have no block yet."""
@@ -87,10 +87,11 @@ class PlanAccounting(CpuAccounting):
         """Memory a kernel allocates and frees inside one op (CUDA only)."""
         if self.allocator is not None and nbytes:
             block = self.allocator.malloc(nbytes)
-            self._record()
+            self.record()
             self.allocator.free(block)
 
-    def _record(self) -> None:
+    def record(self) -> None:
+        """Note the memory now against the phase's peaks."""
         level = self.level
         group = self.phase.split()[0]  # "decode step 3" counts as "decode"
         reserved = self.allocator.reserved if self.allocator is not None else None

@@ -41,6 +41,12 @@ ATTENTIONS = ("sdpa", "eager")
 QUANTIZATIONS = ("none", "int8", "nf4")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHASES = ("load", "vision", "prefill", "decode")
+# cuBLAS's workspace, taken from the caching allocator at the first matrix product on a stream and kept
+# (CublasHandlePool.cpp, getChosenWorkspaceSize): 4096 KiB x 8 on compute capability 9.0 (H100, H200), else
+# 4096 KiB x 2 + 16 KiB x 8. cuBLASLt shares it (TORCH_CUBLASLT_UNIFIED_WORKSPACE, on by default).
+CUBLAS_WORKSPACE_SM90 = 4096 * 1024 * 8
+CUBLAS_WORKSPACE_OTHER = 4096 * 1024 * 2 + 16 * 1024 * 8
+SM90_CARDS = ("H100", "H200", "H800", "H20")
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class Plan:
     weights_bytes: int  # parameters + buffers (+ bitsandbytes statistics on CUDA)
     quant_state_bytes: int  # bitsandbytes statistics (absmax, SCB): CPU accounting does not count them
     inputs_bytes: int  # the inputs on the device (CUDA), counted from the start
+    workspace_bytes: int  # cuBLAS's workspace (CUDA)
     kv_cache_bytes: int  # the cache's keys and values at the last step
     prompt_tokens: int
     image_tokens: int
@@ -121,8 +128,9 @@ class Plan:
 
     @property
     def activations_bytes(self) -> int:
-        """Peak - weights - KV cache - inputs: activations, logits and temporaries at the peak."""
-        return max(self.peak_bytes - self.weights_bytes - self.kv_cache_bytes - self.inputs_bytes, 0)
+        """Peak - weights - KV cache - inputs - workspace: activations, logits and temporaries at the peak."""
+        return max(self.peak_bytes - self.weights_bytes - self.kv_cache_bytes - self.inputs_bytes
+                   - self.workspace_bytes, 0)
 
     @property
     def fits(self) -> bool | None:
@@ -146,8 +154,9 @@ class Plan:
                              f"{fmt_bytes(p.reserved) if p.reserved is not None else '':>12}  {p.where}")
         lines.append(f"{'part':<22}{'size':>12}{'share':>8}")
         for part, nbytes in (("weights", self.weights_bytes), ("inputs", self.inputs_bytes),
+                             ("cuBLAS workspace", self.workspace_bytes),
                              ("KV cache", self.kv_cache_bytes), ("activations, logits", self.activations_bytes)):
-            if nbytes or part != "inputs":
+            if nbytes or part not in ("inputs", "cuBLAS workspace"):
                 lines.append(f"{part:<22}{fmt_bytes(nbytes):>12}{nbytes / self.peak_bytes:>8.1%}")
         peak = f"peak {fmt_bytes(self.peak_bytes)} allocated"
         if reserved:
@@ -250,10 +259,10 @@ def call_inputs(call: Call) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def weight_tensors(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def weight_tensors(model: torch.nn.Module, buffers: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(parameters and buffers, bitsandbytes statistics) of a model, each storage once."""
     seen: dict[int, torch.Tensor] = {}
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in [*model.parameters(), *(model.buffers() if buffers else ())]:
         seen.setdefault(t.untyped_storage()._cdata, t)
     stats = {t.untyped_storage()._cdata: t for t in quant_state_tensors(model)}
     return list(seen.values()), [t for k, t in stats.items() if k not in seen]
@@ -261,10 +270,17 @@ def weight_tensors(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[tor
 
 def simulate_load(allocator: CachingAllocator, model: torch.nn.Module, dtype: torch.dtype,
                   acc: PlanAccounting) -> None:
-    """The weights arriving on the card, module by module, as the loader puts them there; a quantized linear's
-    weight arrives in `dtype` and is freed once quantized."""
+    """The weights arriving on the card as `from_pretrained(device_map=...)` puts them there.
+
+    First transformers' `caching_allocator_warmup`: one empty tensor of the parameters' total size (quantized ones at
+    their quantized size) is allocated and freed, so the caching allocator holds one segment that the weights are
+    then carved from. Then module by module each parameter, buffer and bitsandbytes statistic; a quantized linear's
+    weight arrives in `dtype` first and is freed once quantized.
+    """
     acc.mark("load")
-    quantized = {id(m): m for m in model.modules() if quant_state_tensors(m)}
+    warmup = sum(t.untyped_storage().nbytes() for t in weight_tensors(model, buffers=False)[0])
+    allocator.free(allocator.malloc(warmup // 2 * 2))  # torch.empty(byte_count // 2, dtype=float16)
+    quantized = {id(m) for m in model.modules() if quant_state_tensors(m)}
     placed: set[int] = set()
     for module in model.modules():
         own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
@@ -277,7 +293,7 @@ def simulate_load(allocator: CachingAllocator, model: torch.nn.Module, dtype: to
             if key not in placed:
                 placed.add(key)
                 allocator.malloc(t.untyped_storage().nbytes())
-                acc._record()
+                acc.record()
         if staging is not None:
             allocator.free(staging)
 
@@ -331,8 +347,10 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
             allocator.malloc(t.untyped_storage().nbytes())
         inputs_bytes = sum(round_size(t.untyped_storage().nbytes()) for t in inputs.values())
         allocator.reset_peaks()
+        workspace = cublas_workspace(call.card)
+        allocator.malloc(workspace)  # made at the prefill's first product and kept: present at every peak
     else:
-        load = PhasePeak(params_bytes, None, "load")
+        load, workspace = PhasePeak(params_bytes, None, "load"), 0
     cache: list[int] = []
     token = int(inputs["input_ids"][0, 0])
     kernels = CudaSoftmax() if cuda else contextlib.nullcontext()
@@ -346,10 +364,17 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
     return Plan(
         model=source.name, device=call.device, settings=call.settings(),
         weights_bytes=(allocator_weights(fake, statistics) if cuda else params_bytes), quant_state_bytes=stats_bytes,
-        inputs_bytes=inputs_bytes, kv_cache_bytes=cache[0] if cache else 0,
+        inputs_bytes=inputs_bytes, workspace_bytes=workspace, kv_cache_bytes=cache[0] if cache else 0,
         prompt_tokens=call.prompt_tokens, image_tokens=image_tokens(source, inputs), new_tokens=call.new_tokens,
         phases=peaks, peak_bytes=top.allocated, reserved_peak_bytes=top.reserved, peak_where=top.where,
         card=call.card, seconds=time.perf_counter() - start)
+
+
+def cublas_workspace(card: Card | None) -> int:
+    """cuBLAS's workspace on the card (no card: the H200 the planner is validated on)."""
+    if card is None or any(name in card.name for name in SM90_CARDS):
+        return CUBLAS_WORKSPACE_SM90
+    return CUBLAS_WORKSPACE_OTHER
 
 
 def allocator_weights(model: torch.nn.Module, statistics: list[torch.Tensor]) -> int:
