@@ -26,6 +26,7 @@ import argparse
 import datetime
 import gc
 import json
+import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -335,21 +336,38 @@ def accelerate_anchors(presets: Sequence[str], out: Path) -> list[dict[str, Any]
     return records
 
 
+def accelerate_dtype(dtype: str, quantization: str) -> str:
+    """The `accelerate estimate-memory` dtype that stands for a call's weights: FP16/BF16 as float16, NF4 as int4."""
+    return {"int8": "int8", "nf4": "int4"}.get(quantization, "float32" if dtype == "fp32" else "float16")
+
+
 def compare(out_dir: Path, presets: Sequence[str] | None = None, batches: Sequence[int] | None = None,
             text_tokens: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Predict the measured calls of `out_dir/records.jsonl` (all, or those of the given presets, batch sizes and
-    text tokens) with `xcomp_lab.plan.estimate` on this CPU, and write `compare.jsonl` (measured, predicted,
-    relative error of the allocated and reserved peaks, per phase too) and `compare.png`; returns the rows."""
+    text tokens) with `xcomp_lab.plan.estimate` on this CPU, and write `compare.jsonl` and `compare.png`.
+
+    A row holds the measured and predicted allocated and reserved peaks and their relative error (per phase too)
+    and, where `out_dir/accelerate.jsonl` holds it, accelerate's weights-only figure for the call's dtype and its
+    relative error against the measured allocated peak; a call the planner cannot predict keeps its error.
+    """
     from xcomp_lab.plan.estimate import estimate
 
     measured = [r for r in read_jsonl(out_dir / RECORDS) if "skipped" not in r and not r["oom"]
                 and (presets is None or r["preset"] in presets) and (batches is None or r["batch"] in batches)
                 and (text_tokens is None or r["text_tokens"] in text_tokens)]
+    anchors = {(r["preset"], r["accelerate_dtype"]): r["total_bytes"]
+               for r in (read_jsonl(out_dir / ANCHORS) if (out_dir / ANCHORS).exists() else [])}
     rows = []
     for record in tqdm(measured, desc="predict the matrix", unit="call"):
         row = {key: record[key] for key in ("preset", "architecture", "dtype", "quantization", "attn", "batch",
                                             "prompt_tokens", "image_tokens", "new_tokens", "run")
                if key in record}
+        row.update(measured_allocated=record["allocated_peak"], measured_reserved=record["reserved_peak"],
+                   measured_weights=record["weights_bytes"])
+        anchor = anchors.get((record["preset"], accelerate_dtype(record["dtype"], record["quantization"])))
+        if anchor is not None:
+            row.update(accelerate_bytes=anchor, accelerate_error_allocated=anchor / record["allocated_peak"] - 1)
+        rows.append(row)
         try:
             plan = estimate(record["preset"] + (":tiny" if record["tiny"] else ""), dtype=record["dtype"],
                             quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
@@ -357,12 +375,11 @@ def compare(out_dir: Path, presets: Sequence[str] | None = None, batches: Sequen
                             image_size=record["image_size"],
                             device="cuda" if record["kind"] == CUDA_KIND else "cpu")
         except Exception as exc:  # noqa: BLE001 (a call the planner cannot predict is reported, not fatal)
-            rows.append({**row, "prediction_error": f"{type(exc).__name__}: {exc}"})
+            row["prediction_error"] = f"{type(exc).__name__}: {exc}"
             continue
-        row.update(measured_allocated=record["allocated_peak"], predicted_allocated=plan.peak_bytes,
-                   measured_reserved=record["reserved_peak"], predicted_reserved=plan.reserved_peak_bytes,
-                   measured_weights=record["weights_bytes"], predicted_weights=plan.weights_bytes,
-                   predicted_image_tokens=plan.image_tokens, predict_s=round(plan.seconds, 2),
+        row.update(predicted_allocated=plan.peak_bytes, predicted_reserved=plan.reserved_peak_bytes,
+                   predicted_weights=plan.weights_bytes, predicted_image_tokens=plan.image_tokens,
+                   predict_s=round(plan.seconds, 2),
                    phases={name: {"measured_allocated": peak["allocated"], "measured_reserved": peak["reserved"],
                                   "predicted_allocated": plan.phases[name].allocated if name in plan.phases else None,
                                   "predicted_reserved": plan.phases[name].reserved if name in plan.phases else None}
@@ -370,25 +387,30 @@ def compare(out_dir: Path, presets: Sequence[str] | None = None, batches: Sequen
         for key in ("allocated", "reserved"):
             m, p = row[f"measured_{key}"], row[f"predicted_{key}"]
             row[f"error_{key}"] = None if m is None or p is None else p / m - 1
-        rows.append(row)
     write_jsonl(out_dir / COMPARE, rows)
     compare_chart(rows, out_dir / CHART)
     return rows
 
 
+def _median_worst(errors: list[float]) -> dict[str, float]:
+    """The median and the worst (largest in size, sign kept) of relative errors."""
+    return {"median": statistics.median(errors), "worst": max(errors, key=abs)} if errors else {}
+
+
 def error_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per architecture: calls, median and worst (largest in size, sign kept) relative error of each peak."""
+    """Per architecture: calls predicted and not, the median and worst relative error of the planner on each peak
+    and of accelerate's figure on the allocated peak, the median prediction time."""
     out = []
     for arch in sorted({r["architecture"] for r in rows}):
-        mine = [r for r in rows if r["architecture"] == arch and "prediction_error" not in r]
-        line: dict[str, Any] = {"architecture": arch, "calls": len(mine),
-                                "not_predicted": sum(r["architecture"] == arch for r in rows) - len(mine)}
-        for key in ("allocated", "reserved"):
-            errors = sorted(r[f"error_{key}"] for r in mine if r[f"error_{key}"] is not None)
-            if errors:
-                middle = len(errors) // 2
-                line[f"median_{key}"] = errors[middle] if len(errors) % 2 else (errors[middle - 1] + errors[middle]) / 2
-                line[f"worst_{key}"] = max(errors, key=abs)
+        every = [r for r in rows if r["architecture"] == arch]
+        mine = [r for r in every if "prediction_error" not in r]
+        line: dict[str, Any] = {"architecture": arch, "calls": len(mine), "not_predicted": len(every) - len(mine)}
+        for key, name, among in (("error_allocated", "allocated", mine), ("error_reserved", "reserved", mine),
+                                 ("accelerate_error_allocated", "accelerate", every)):
+            errors = [r[key] for r in among if r.get(key) is not None]
+            line.update({f"{stat}_{name}": value for stat, value in _median_worst(errors).items()})
+        if mine:
+            line["median_predict_s"] = statistics.median(r["predict_s"] for r in mine)
         out.append(line)
     return out
 
@@ -402,6 +424,7 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     from xcomp_lab.core.units import GIB
 
+    anchors = [(r["measured_allocated"] / GIB, r["accelerate_bytes"] / GIB) for r in rows if "accelerate_bytes" in r]
     rows = [r for r in rows if "prediction_error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     for ax, key in zip(axes, ("allocated", "reserved")):
@@ -410,9 +433,12 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
                       if r["architecture"] == arch and r[f"predicted_{key}"] is not None]
             if points:
                 ax.scatter(*zip(*points), label=arch, s=18)
+        if key == "allocated" and anchors:
+            ax.scatter(*zip(*anchors), marker="x", color="grey", s=14, label="accelerate estimate-memory")
         if not ax.collections:
             ax.text(0.5, 0.5, "no prediction", ha="center", transform=ax.transAxes)
-        top = max([r[f"measured_{key}"] / GIB for r in rows if r[f"measured_{key}"]] + [0.001])
+        top = max([x for x, _ in anchors] + [r[f"measured_{key}"] / GIB for r in rows if r[f"measured_{key}"]]
+                  + [0.001])
         ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", linewidth=0.8)
         ax.set(xlabel=f"measured max_memory_{key} (GiB)", ylabel="predicted (GiB)",
                title=f"{key} peak of a generate call")
