@@ -8,7 +8,7 @@ mode and autocast setting and returns the measured run and its results record.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import torch
@@ -16,55 +16,14 @@ import torch
 from xcomp_lab.core.dtypes import check_dtype
 from xcomp_lab.course.params import CourseParams
 from xcomp_lab.course.results import build_record
+from xcomp_lab.course.step_table import STEPS, Step, get_step
 from xcomp_lab.memory import Budget
 from xcomp_lab.memory.budget import card_budget
 from xcomp_lab.model.inventory import parameter_count
 from xcomp_lab.model.loading import load_model, quantization_config
 from xcomp_lab.run.call import CaptionRun, run_caption
 
-
-@dataclass(frozen=True)
-class Step:
-    """How one step loads and calls the model."""
-
-    name: str
-    title: str
-    dtype: str = "float32"  # dtype at load (`from_pretrained(dtype=...)`)
-    cast: str | None = None  # dtype set after loading, as `.half()` does
-    quantization: str = "none"  # "none" | "int8" | "nf4"
-    grad: str = "no_grad"  # the quick start's torch.set_grad_enabled(False)
-    use_autocast: bool = True  # the quick start's torch.cuda.amp.autocast()
-    attn_implementation: str | None = None  # None: the step follows the notebook parameter
-
-    def describe(self) -> str:
-        load = f"dtype={self.dtype} at load" + (f", then .to({self.cast})" if self.cast else "")
-        quant = f", {self.quantization} (bitsandbytes)" if self.quantization != "none" else ""
-        grad = {"no_grad": "no_grad", "inference_mode": "inference_mode", "enabled": "gradients enabled"}[self.grad]
-        amp = " + autocast" if self.use_autocast else ""
-        return f"{self.title}: {load}{quant}; {grad}{amp}"
-
-
-STEPS: dict[str, Step] = {
-    s.name: s
-    for s in (
-        Step("fp32-quickstart", "FP32, the official quick start"),
-        Step("fp32-no-autocast", "FP32 without autocast", use_autocast=False),
-        Step("fp32-inference-mode", "FP32, autocast inside inference_mode", grad="inference_mode"),
-        Step("fp32-grad-enabled", "FP32, no_grad forgotten", grad="enabled", use_autocast=False),
-        Step("fp16-half", "FP32 load, then .half()", cast="float16"),
-        Step("fp16", "FP16 at load", dtype="float16"),
-        Step("bf16", "BF16 at load", dtype="bfloat16", use_autocast=False, grad="inference_mode"),
-        Step("fp16-sdpa", "FP16, sdpa attention", dtype="float16", attn_implementation="sdpa"),
-        Step("int8", "INT8 (LLM.int8())", dtype="float16", quantization="int8", use_autocast=False),
-        Step("nf4", "NF4, double quantization", dtype="float16", quantization="nf4", use_autocast=False),
-    )
-}
-
-
-def get_step(name: str) -> Step:
-    if name not in STEPS:
-        raise ValueError(f"Unknown step {name!r}; the course's steps are {list(STEPS)}.")
-    return STEPS[name]
+__all__ = ["STEPS", "Step", "course_budget", "get_step", "load_for_step", "run_step"]
 
 
 def course_budget(params: CourseParams, model_config: Any) -> Budget:

@@ -381,15 +381,20 @@ def _write_shards(directory: Path, shapes: dict[str, tuple[int, ...]], torch_dty
     return weight_map
 
 
-def _write_checkpoint(built: OriginalCheckpoint, code: Path, torch_dtype: torch.dtype, seed: int,
-                      shard_bytes: int) -> None:
-    directory = built.path
-    directory.mkdir(parents=True)
-    config = {**original_config(built.scale), "torch_dtype": dtype_name(torch_dtype)}
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+def write_model_files(directory: str | os.PathLike, code_dir: str | os.PathLike, scale: str,
+                      dtype: str | torch.dtype = "float16") -> Path:
+    """Write everything of a checkpoint but its weights into `directory`: config.json, the code files copied from
+    `code_dir`, tokenizer.model and the tokenizer's configs. What a model built directly on a device (random
+    weights, no shards to read) needs to run the original's own code and tokenizer; returns the directory."""
+    code = check_code_dir(code_dir)
+    torch_dtype = check_dtype(dtype)
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**original_config(scale), "torch_dtype": dtype_name(torch_dtype)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in CODE_FILES:
-        shutil.copyfile(code / name, directory / name)
-    (directory / "tokenizer.model").write_bytes(train_tokenizer_model(code, config["vocab_size"]))
+        shutil.copyfile(code / name, folder / name)
+    (folder / "tokenizer.model").write_bytes(train_tokenizer_model(code, config["vocab_size"]))
     tokenizer_config = {
         "auto_map": TOKENIZER_AUTO_MAP,
         **SPECIAL_TOKENS,
@@ -397,8 +402,16 @@ def _write_checkpoint(built: OriginalCheckpoint, code: Path, torch_dtype: torch.
         "model_max_length": config["max_length"],
         "tokenizer_class": "InternLMXComposer2Tokenizer",
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (directory / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
+    return folder
+
+
+def _write_checkpoint(built: OriginalCheckpoint, code: Path, torch_dtype: torch.dtype, seed: int,
+                      shard_bytes: int) -> None:
+    directory = built.path
+    directory.mkdir(parents=True)
+    write_model_files(directory, code, built.scale, torch_dtype)
     shapes = original_parameter_shapes(built.scale)
     weight_map = _write_shards(directory, shapes, torch_dtype, seed, shard_bytes, "model")
     value_bytes = torch.empty((), dtype=torch_dtype).element_size()

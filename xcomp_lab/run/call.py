@@ -19,26 +19,19 @@ from xcomp_lab.memory import Budget, GuardedResult, MemoryResult, run_guarded
 from xcomp_lab.model.tokenizer import CAPTION_QUERY
 from xcomp_lab.run.captioning import prompt_batch
 from xcomp_lab.run.generate import generated_tokens, greedy_generate, turn_texts
+from xcomp_lab.run.modes import GRAD_MODES, autocast, grad_mode
 
-GRAD_MODES = ("enabled", "no_grad", "inference_mode")
-
-
-def grad_mode(mode: str) -> contextlib.AbstractContextManager:
-    """The context for "enabled" (autograd records), "no_grad" or "inference_mode"."""
-    if mode not in GRAD_MODES:
-        raise ValueError(f"grad mode {mode!r} is not one of {list(GRAD_MODES)}.")
-    if mode == "no_grad":
-        return torch.no_grad()
-    if mode == "inference_mode":
-        return torch.inference_mode()
-    return contextlib.nullcontext()
-
-
-def autocast(device: str, enabled: bool) -> contextlib.AbstractContextManager:
-    """`torch.cuda.amp.autocast()` as the quick start uses it: FP16 compute, on CUDA or (same dtype) on CPU."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.float16)
+__all__ = [
+    "GRAD_MODES",
+    "CaptionRun",
+    "autocast",
+    "autocast_copy_bytes",
+    "cache_bytes",
+    "cache_bytes_by_device",
+    "grad_mode",
+    "phase_marks",
+    "run_caption",
+]
 
 
 def cache_bytes_by_device(cache: Any) -> dict[torch.device, int]:
