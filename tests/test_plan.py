@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from xcomp_lab.memory.measure import measure
-from xcomp_lab.plan.allocator import LARGE_BUFFER, SMALL_BUFFER, CachingAllocator, OutOfMemory, round_size
+from xcomp_lab.plan.allocator import (
+    LARGE_BUFFER,
+    SMALL_BUFFER,
+    CachingAllocator,
+    OutOfMemory,
+    round_size,
+)
 from xcomp_lab.plan.estimate import call_inputs, check_call, estimate
 from xcomp_lab.plan.inverse import bisect_largest
 from xcomp_lab.plan.replay import greedy_generate
@@ -58,7 +64,7 @@ def test_cpu_prediction_is_the_cpu_run(name: str, attn: str) -> None:
 
 def test_fast_forward_is_the_exact_decode() -> None:
     """Skipping the passing activations of the middle decode steps changes no peak (CPU, sliding-window cache)."""
-    kwargs = dict(dtype="fp32", attn="eager", batch=1, prompt_tokens=30, new_tokens=5, device="cpu")
+    kwargs = {"dtype": "fp32", "attn": "eager", "batch": 1, "prompt_tokens": 30, "new_tokens": 5, "device": "cpu"}
     fast, exact = (estimate("phi-3-mini-4k:tiny", exact_decode=e, **kwargs) for e in (False, True))
     assert {k: v.allocated for k, v in fast.phases.items()} == {k: v.allocated for k, v in exact.phases.items()}
     assert fast.kv_cache_bytes == exact.kv_cache_bytes
@@ -79,6 +85,9 @@ def test_cuda_plan_counts_blocks_and_segments() -> None:
     assert plan.reserved_peak_bytes >= plan.peak_bytes >= plan.weights_bytes + plan.inputs_bytes
     assert plan.reserved_peak_bytes % SMALL_BUFFER == 0  # whole segments
     assert plan.fits is True and "fits L4" in plan.table()
+    nf4 = estimate("llama-3-8b:tiny", quantization="nf4", batch=2, prompt_tokens=40, new_tokens=NEW_TOKENS)
+    assert nf4.weights_bytes < plan.weights_bytes and nf4.quant_state_bytes > 0
+    assert nf4.phases["load"].allocated >= nf4.weights_bytes
 
 
 # ----- the caching allocator, by hand -----

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.memory.cards import CARDS
-from xcomp_lab.plan.estimate import ATTENTIONS, DEVICES, DTYPES, QUANTIZATIONS, estimate, resolve_model
+from xcomp_lab.plan.estimate import (
+    ATTENTIONS,
+    DEVICES,
+    DTYPES,
+    QUANTIZATIONS,
+    estimate,
+    resolve_model,
+)
 from xcomp_lab.plan.inverse import KNOBS, cheapest_recipe, largest
 from xcomp_lab.plan.presets import preset_names
 
@@ -42,8 +49,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    settings = dict(dtype=args.dtype, quantization=args.quantization, attn=args.attn, batch=args.batch,
-                    prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, image_size=args.image_size)
+    settings = {"dtype": args.dtype, "quantization": args.quantization, "attn": args.attn, "batch": args.batch,
+                    "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "image_size": args.image_size}
     try:
         source = resolve_model(args.model)
         plan = estimate(source, **settings, device=args.device, card=args.card, exact_decode=args.exact_decode)

@@ -25,6 +25,7 @@ from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.estimate.accounting import CudaSoftmax
 from xcomp_lab.estimate.fake import quant_state_tensors
 from xcomp_lab.memory.cards import Card, card_named
+from xcomp_lab.memory.footprint import statistics
 from xcomp_lab.plan.accounting import PhasePeak, PlanAccounting, peak_of
 from xcomp_lab.plan.allocator import CachingAllocator, round_size
 from xcomp_lab.plan.families import Family, family_of
@@ -280,14 +281,14 @@ def simulate_load(allocator: CachingAllocator, model: torch.nn.Module, dtype: to
     acc.mark("load")
     warmup = sum(t.untyped_storage().nbytes() for t in weight_tensors(model, buffers=False)[0])
     allocator.free(allocator.malloc(warmup // 2 * 2))  # torch.empty(byte_count // 2, dtype=float16)
-    quantized = {id(m) for m in model.modules() if quant_state_tensors(m)}
+    quantized = {id(m) for m in model.modules() if statistics(m)}
     placed: set[int] = set()
     for module in model.modules():
         own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         staging = None
         if id(module) in quantized:
             staging = allocator.malloc(module.in_features * module.out_features * dtype_size(dtype))
-            own += quant_state_tensors(module)
+            own += statistics(module)
         for t in own:
             key = t.untyped_storage()._cdata
             if key not in placed:

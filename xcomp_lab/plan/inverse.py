@@ -12,14 +12,21 @@ dtype before quantization, INT8 before NF4, sdpa before eager (eager only where 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from xcomp_lab.core.checks import BATCH_SIZE, IMAGE_SIZE, NEW_TOKENS, check_choice
 from xcomp_lab.memory.cards import Card, card_named
-from xcomp_lab.plan.estimate import Plan, check_call, estimate, resolve_model, supports_sdpa
+from xcomp_lab.plan.estimate import (
+    Plan,
+    check_call,
+    estimate,
+    resolve_model,
+    supports_sdpa,
+)
 
 # The most each knob is searched up to: the course's limits (core.checks), and the model's context for prompts.
 LIMITS = {"batch": BATCH_SIZE.maximum, "new_tokens": NEW_TOKENS.maximum, "image_size": IMAGE_SIZE.maximum}
@@ -76,7 +83,8 @@ def bisect_largest(fits_at: Callable[[int], Plan | None], start: int, low: int, 
 
 def largest(model: Any, knob: str, *, card: str | Card, show_progress: bool = True, **settings: Any) -> Largest:
     """The largest `knob` ("batch", "prompt_tokens", "image_size", "new_tokens") for which `estimate(model,
-    **settings)` fits `card`, the other settings held. For a VLM, `prompt_tokens` includes the image's tokens."""
+    **settings)` fits `card`, the other settings held. For a VLM, `prompt_tokens` includes the image's tokens;
+    when the image grows, its text stays and its prompt grows by the tokens the processor adds."""
     check_choice("knob", knob, list(KNOBS), "the setting to make as large as the card allows")
     source = resolve_model(model)
     card = card if isinstance(card, Card) else card_named(card)
@@ -92,12 +100,14 @@ def largest(model: Any, knob: str, *, card: str | Card, show_progress: bool = Tr
         low = call.prompt_tokens  # the image's tokens and one more
     bar = tqdm(desc=f"largest {knob}", unit="estimate", disable=not show_progress)
 
+    text = call.prompt_tokens - image_segment(source, call.image_size) if knob == "image_size" else 0
+
     def fits_at(value: int) -> Plan | None:
         bar.update()
-        try:
-            plan = estimate(source, **{**call.settings(), knob: value}, device="cuda", card=card)
-        except ValueError:
-            return None  # e.g. a prompt too short for the image at this size
+        changed = {knob: value}
+        if knob == "image_size":  # the text stays, the image's tokens follow its size
+            changed["prompt_tokens"] = text + image_segment(source, value)
+        plan = estimate(source, **{**call.settings(), **changed}, device="cuda", card=card)
         return plan if plan.fits else None
 
     try:
@@ -123,6 +133,13 @@ def _defaults() -> dict[str, Any]:
     """`estimate`'s defaults for the settings a call has."""
     return {name: p.default for name, p in inspect.signature(estimate).parameters.items()
             if p.kind is p.KEYWORD_ONLY and name not in ("device", "card", "exact_decode")}
+
+
+def image_segment(source: Any, image_size: int) -> int:
+    """The prompt tokens the model's processor makes of one image of that side (image tokens and markers)."""
+    from xcomp_lab.plan.build import image_inputs
+
+    return image_inputs(source.preset, image_size, tiny=source.tiny)["input_ids"].shape[1]
 
 
 def _step(source: Any) -> int:

@@ -49,8 +49,8 @@ def summary(rows: Iterable[dict[str, Any]]) -> str:
     by_arch: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_arch.setdefault(row["architecture"], []).append(row)
-    lines = [f"{'architecture':<12}{'calls':>6}{'alloc median':>14}{'alloc worst':>13}{'resv median':>13}"
-             f"{'resv worst':>12}{'most under':>12}"]
+    lines = [(f"{'architecture':<12}{'calls':>6}{'alloc median':>14}{'alloc worst':>13}{'resv median':>13}"
+             f"{'resv worst':>12}{'most under':>12}")]
     for arch, group in by_arch.items():
         alloc = [abs(r["allocated_error"]) for r in group]
         resv = [abs(r["reserved_error"]) for r in group]
