@@ -37,6 +37,7 @@ from typing import Any, Self
 from unittest import mock
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from xcomp_lab.core.jsonl import append_jsonl, read_jsonl, write_jsonl
@@ -53,6 +54,7 @@ from xcomp_lab.plan.build import (
     meta_model,
     random_checkpoint,
 )
+from xcomp_lab.plan.estimate import supports_sdpa
 from xcomp_lab.plan.presets import Preset, get_preset, preset_names
 
 RECORDS = "records.jsonl"
@@ -90,9 +92,10 @@ def build_order(presets: Sequence[str], quantizations: Sequence[str]) -> list[tu
 
 def attentions_of(preset: Preset, attns: Sequence[str], tiny: bool) -> tuple[list[str], dict[str, str]]:
     """The attentions the model supports among `attns`, and a reason for each it does not."""
-    cls = type(meta_model(preset.config(tiny)))
-    skipped = {"sdpa": f"{cls.__name__} has no sdpa attention in this transformers"} \
-        if "sdpa" in attns and not cls._supports_sdpa else {}
+    config = preset.config(tiny)
+    skipped = {"sdpa": f"{type(meta_model(config)).__name__} has no sdpa attention in "
+                       f"transformers {transformers.__version__}"} \
+        if "sdpa" in attns and not supports_sdpa(config) else {}
     return [a for a in attns if a not in skipped], skipped
 
 
