@@ -1,13 +1,14 @@
 """Build a preset's model with random weights, and its inputs, without a checkpoint on disk.
 
 `build_model` calls `from_pretrained` itself, with no path and a lazy random state dict (`RandomCheckpoint`)
-standing for the checkpoint: every weight of two or more dimensions is a slice that makes its tensor (normal, the
-config's `initializer_range`, in the checkpoint's dtype, on the CPU) only when the loader reads it, as a
+standing for the checkpoint: every weight of two or more dimensions is a slice that gives its tensor (normal, the
+config's `initializer_range`, in the checkpoint's dtype, in host memory) only when the loader reads it, as a
 safetensors slice does. So the loader does what it does for a real checkpoint: the same modules quantized or
 skipped, the same dtypes, the same quantization statistics, the same transfers to the device; the other
 parameters (norms, biases) are initialised by the model's own `_init_weights`, as missing keys are. One random
-tensor is drawn per shape and dtype, and shared by every weight of that shape (the layers of a model hold the
-same values): a checkpoint of 8 billion weights costs a few random tensors, not minutes of drawing.
+tensor is drawn per shape (on the GPU for a load onto it, kept in pinned host memory), and read by every weight
+of that shape (the layers of a model hold the same values): a checkpoint of 8 billion weights costs a few random
+tensors, not minutes of drawing.
 
 VLM inputs come from the model's own processor, built offline from its published settings (presets.py) with a
 word-level tokenizer that holds the special tokens at the config's ids: the image placeholder is expanded to as

@@ -5,8 +5,8 @@ model; the file is cited beside each), turned into the transformers config objec
 `from_dict`, so that legacy keys (`rope_scaling`, `torch_dtype`) are read exactly as `from_pretrained` reads
 them. A VLM also holds its processor's published settings (`preprocessor_config.json`, `processor_config.json`).
 
-Every preset has a tiny variant of the same architecture (two layers, widths of tens, a vocabulary of 512, token
-ids inside it, small images) for tests on a CPU:
+Every preset has a tiny variant of the same architecture (two layers, three in LLaVA's vision tower, which reads
+the one before last; widths of tens, a vocabulary of 512, token ids inside it, 56 px images) for tests on a CPU:
 
     preset = get_preset("qwen2-vl-7b")
     config = preset.config()            # Qwen2VLConfig, full size
