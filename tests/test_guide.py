@@ -146,9 +146,9 @@ def test_record_run_copies_timings_and_results(tmp_path: Path):
 
 
 def test_a_notebook_without_goals_is_refused(tmp_path: Path):
-    seconds = {**json.loads(PATHS.timings.read_text())["seconds"], "09-new-notebook.ipynb": 1.0}
+    seconds = {**json.loads(PATHS.timings.read_text())["seconds"], "99-new-notebook.ipynb": 1.0}
     written = guide.record_run(_course_output(tmp_path, seconds), docs=tmp_path / "docs")
-    with pytest.raises(ValueError, match="No learning goals for \\['09-new-notebook.ipynb'\\]"):
+    with pytest.raises(ValueError, match="No learning goals for \\['99-new-notebook.ipynb'\\]"):
         guide.render_guide(dataclasses.replace(PATHS, timings=written))
 
 

@@ -153,6 +153,16 @@ GOALS: dict[str, Goals] = {
         "Use the planner (estimator on fake tensors) to decide whether a configuration fits a given card.",
         "Pick the cheapest change that fits a given card and defend the choice with the course's numbers.",
     )),
+    "09": Goals("And my model? Plan any transformers LLM or VLM from its config, and check the plan.", (
+        "Plan a published model by its preset name and your own by its `config.json` folder: read the phase table "
+        "(load, vision, prefill, decode; allocated and reserved), the breakdown and the verdict for a named card.",
+        "Check a plan yourself: the tiny model's real call under the CPU tensor accounting, or one real call on a "
+        "GPU with `reset_peak_memory_stats()` and `max_memory_allocated()`/`max_memory_reserved()`.",
+        "Ask the inverse questions (the largest batch, prompt and new tokens that fit; the cheapest recipe) and "
+        "explain why the reserved peak, not the allocated one, decides what fits.",
+        "Read the planner's measured error per architecture against a weights-only estimate "
+        "(`accelerate estimate-memory`) and say what the weights-only figure leaves out.",
+    )),
 }
 
 
@@ -539,6 +549,38 @@ ANSWERS: dict[str, tuple[Answer, ...]] = {
                "outlier columns). On the {{ full.gpu }} it stayed within {{ estimator.worst_error | fmt('.1%') }} of "
                "every step that fitted.",
                "Step 1's measured/predicted lines and What we learned."),
+    ),
+    "09": (
+        Answer("Step 1's table splits the peak into weights, KV cache and activations: which part would you shrink "
+               "first for a longer prompt, and which for a larger batch?",
+               "Both grow the KV cache (layers x KV heads x head size x tokens x batch, keys and values) and the "
+               "activations and logits of the prefill, never the weights. For a longer prompt: the prefill's "
+               "activations first (sdpa instead of eager removes the batch x heads x T x T scores; a model that "
+               "computes logits for the last position only saves the prompt-long logits), then the KV cache (a "
+               "model with a sliding window caps it). For a larger batch: the KV cache grows with every prompt, so "
+               "the room comes from quantizing the weights (INT8, NF4: Step 6's widget shows how much they free) and "
+               "from shorter prompts. At full size the weights are most of the peak, so quantization frees the most.",
+               "Step 1's breakdown lines and the widget (Step 6) with batch or prompt tokens raised."),
+        Answer("Why does the search cut the batch where the reserved peak crosses the card's line rather than the "
+               "allocated one?",
+               "An allocation fails when the caching allocator has no free block large enough in the segments it "
+               "already holds and the card cannot give it a new segment: what the card has given away is the "
+               "reserved memory, not the allocated. Reserved is above allocated by the allocator's rounding (every "
+               "block rounded up, whole segments taken from the card: small ones for small requests, larger ones "
+               "for large requests) and by freed blocks it keeps cached and fragmented. A plan that fits on allocated alone can "
+               "still run out of memory.",
+               "Step 4's lines (allocated and reserved per batch) and its chart, where reserved climbs in steps."),
+        Answer("accelerate's `estimate-memory` counts the weights only: on which calls of the matrix is it furthest "
+               "from the measured peak, and what does the planner count that it does not?",
+               "Where the weights are the smallest share of the peak: quantized (NF4, INT8) builds with the larger "
+               "batch, the longer prompts and eager attention (its scores grow with the square of the prompt), and "
+               "the VLMs whose images bring thousands of tokens (Idefics3 splits an image into tiles); the worst "
+               "accelerate column of Step 5's table says how far, per architecture. The planner counts what the call adds: the KV cache, the activations and logits of "
+               "the prefill and of each decode step, the vision encoder's, the inputs, bitsandbytes' statistics, "
+               "cuBLAS's workspace, the allocator's rounding and segments (reserved), and a quantized load's "
+               "staging copy.",
+               "Step 5's table (accelerate's median and worst columns) and its reading line, and the grey crosses "
+               "of its chart."),
     ),
 }
 
