@@ -11,6 +11,7 @@ from xcomp_lab.memory.measure import measure
 from xcomp_lab.plan.allocator import (
     LARGE_BUFFER,
     SMALL_BUFFER,
+    BothOrders,
     CachingAllocator,
     OutOfMemory,
     round_size,
@@ -129,6 +130,26 @@ def test_free_merges_and_best_fit_reuses() -> None:
     alloc.free(d)
     alloc.empty_cache()
     assert alloc.reserved == 0 and alloc.peak_reserved == LARGE_BUFFER and alloc.peak_allocated == 12 * MIB
+
+
+def run_ties(allocator: CachingAllocator | BothOrders) -> int:
+    """Two free 20 MiB blocks, one a segment of its own, one the tail of a 40 MiB segment: which one a 20 MiB
+    request takes decides whether a later 40 MiB request finds its segment whole again."""
+    a = allocator.malloc(40 * MIB)
+    b = allocator.malloc(20 * MIB)
+    allocator.free(a)
+    c = allocator.malloc(20 * MIB)  # the 40 MiB segment's head
+    allocator.free(b)
+    allocator.malloc(20 * MIB)  # a tie: the lower address wins
+    allocator.free(c)
+    allocator.malloc(40 * MIB)
+    return allocator.peak_reserved
+
+
+def test_ties_go_to_the_lower_address_and_both_orders_take_the_larger() -> None:
+    assert run_ties(CachingAllocator(downward=True)) == 60 * MIB  # the own segment lies lower: it is taken
+    assert run_ties(CachingAllocator(downward=False)) == 100 * MIB  # the tail lies lower: a new segment
+    assert run_ties(BothOrders()) == 100 * MIB
 
 
 def test_limit_releases_the_cache_first() -> None:

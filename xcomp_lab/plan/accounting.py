@@ -17,7 +17,7 @@ import torch
 
 from xcomp_lab.estimate.accounting import bnb_cuda_scratch
 from xcomp_lab.memory.measure import CpuAccounting
-from xcomp_lab.plan.allocator import CachingAllocator
+from xcomp_lab.plan.allocator import BothOrders, CachingAllocator
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class PlanAccounting(CpuAccounting):
 
     counts_fake = True
 
-    def __init__(self, start_bytes: int, allocator: CachingAllocator | None = None) -> None:
+    def __init__(self, start_bytes: int, allocator: CachingAllocator | BothOrders | None = None) -> None:
         # No budget and no timeline: a plan keeps peaks.
         super().__init__(start_bytes, None, sample_every=1 << 30, max_samples=64)
         self.allocator = allocator

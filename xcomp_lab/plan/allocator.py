@@ -10,16 +10,20 @@ The rules are those of c10/cuda/CUDACachingAllocator.cpp (PyTorch 2.x, default s
   request, 20 MiB (kLargeBuffer) for a request under 10 MiB (kMinLargeAlloc), else the request rounded up to
   2 MiB (kRoundLarge);
 - a pool serves a request from its smallest free block that is large enough, the lowest address among equals
-  (`get_free_block`, blocks ordered by size then address); new segments get addresses below the earlier ones, as
-  cudaMalloc hands out virtual addresses on the H200 the planner is checked on (with addresses going up instead,
-  the eager calls of Llama 3 8B at 2048 tokens reserve 3 to 8% less than measured; going down, all eight Llama
-  calls of the validation matrix reserve what the card reports, to the byte);
+  (`get_free_block`, blocks ordered by size then address);
 - a block larger than the request is split (`should_split`) when the rest is at least 512 B in the small pool, or
   more than 1 MiB in the large pool; otherwise the whole block is handed out, and counted as allocated;
 - a freed block merges with free neighbours of its segment (`free_block`, `try_merge_blocks`);
 - `empty_cache()` releases every segment with nothing allocated in it;
 - when a new segment would exceed the card (`limit`), the free segments are released and the segment retried
   (`release_cached_blocks`); if it still does not fit, the request fails: an out-of-memory.
+
+Which of two free blocks of one size best fit takes depends on their addresses, and the addresses cudaMalloc hands
+out depend on the process's history (segments released earlier leave holes the driver reuses). On the H200 matrix,
+the first model of a process reserved what new segments placed below the earlier ones give, to the byte (all eight
+Llama 3 8B calls), and a model built later in the same process what segments placed above give (Mistral's eager
+calls at 2048 tokens: 0.5 and 2 GiB apart between the two orders). `BothOrders` runs the simulation with both
+and reports the larger figures, so that the order never makes the reserved peak an under-prediction.
 """
 
 from __future__ import annotations
@@ -76,12 +80,13 @@ class Block:
 class CachingAllocator:
     """The simulation: `malloc(nbytes)` returns a block, `free(block)` gives it back; statistics as CUDA's."""
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, downward: bool = True) -> None:
         self.limit = limit
+        self.downward = downward
         self.pools: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # free blocks, sorted by (size, address)
         self.free_blocks: dict[tuple[int, int], Block] = {}
         self.segments: dict[int, int] = {}  # segment address -> size
-        self.next_address = TOP_ADDRESS
+        self.next_address = TOP_ADDRESS if downward else 0
         self.allocated = 0  # memory_allocated(): the sizes of the blocks handed out
         self.reserved = 0  # memory_reserved(): the sizes of the segments
         self.peak_allocated = 0
@@ -114,8 +119,12 @@ class CachingAllocator:
             self.empty_cache()
             if self.reserved + total > self.limit:
                 raise OutOfMemory(size, self.reserved, self.allocated, self.limit)
-        self.next_address -= total
-        address = self.next_address
+        if self.downward:
+            self.next_address -= total
+            address = self.next_address
+        else:
+            address = self.next_address
+            self.next_address += total
         self.segments[address] = total
         self.segments_made += 1
         self.reserved += total
@@ -175,3 +184,41 @@ class CachingAllocator:
     def reset_peaks(self) -> None:
         """`torch.cuda.reset_peak_memory_stats()`: the peaks restart from the current figures."""
         self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
+
+
+class BothOrders:
+    """Two simulations of one stream, new segments placed downwards and upwards; figures are the larger of the two."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.orders = (CachingAllocator(limit, downward=True), CachingAllocator(limit, downward=False))
+
+    def malloc(self, nbytes: int) -> tuple[Block, Block]:
+        return tuple(a.malloc(nbytes) for a in self.orders)
+
+    def free(self, blocks: tuple[Block, Block]) -> None:
+        for allocator, block in zip(self.orders, blocks):
+            allocator.free(block)
+
+    def empty_cache(self) -> None:
+        for allocator in self.orders:
+            allocator.empty_cache()
+
+    def reset_peaks(self) -> None:
+        for allocator in self.orders:
+            allocator.reset_peaks()
+
+    @property
+    def allocated(self) -> int:
+        return max(a.allocated for a in self.orders)
+
+    @property
+    def reserved(self) -> int:
+        return max(a.reserved for a in self.orders)
+
+    @property
+    def peak_allocated(self) -> int:
+        return max(a.peak_allocated for a in self.orders)
+
+    @property
+    def peak_reserved(self) -> int:
+        return max(a.peak_reserved for a in self.orders)

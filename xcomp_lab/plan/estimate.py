@@ -27,7 +27,7 @@ from xcomp_lab.estimate.fake import quant_state_tensors
 from xcomp_lab.memory.cards import Card, card_named
 from xcomp_lab.memory.footprint import statistics
 from xcomp_lab.plan.accounting import PhasePeak, PlanAccounting, peak_of
-from xcomp_lab.plan.allocator import CachingAllocator, round_size
+from xcomp_lab.plan.allocator import BothOrders, CachingAllocator, round_size
 from xcomp_lab.plan.families import Family, family_of
 from xcomp_lab.plan.realvalues import RealValues
 from xcomp_lab.plan.replay import (
@@ -269,7 +269,7 @@ def weight_tensors(model: torch.nn.Module, buffers: bool = True) -> tuple[list[t
     return list(seen.values()), [t for k, t in stats.items() if k not in seen]
 
 
-def simulate_load(allocator: CachingAllocator, model: torch.nn.Module, dtype: torch.dtype,
+def simulate_load(allocator: CachingAllocator | BothOrders, model: torch.nn.Module, dtype: torch.dtype,
                   acc: PlanAccounting) -> None:
     """The weights arriving on the card as `from_pretrained(device_map=...)` puts them there.
 
@@ -337,7 +337,7 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
     weights, statistics = weight_tensors(fake)
     params_bytes = sum(t.untyped_storage().nbytes() for t in weights)
     stats_bytes = sum(t.untyped_storage().nbytes() for t in statistics)
-    allocator = CachingAllocator() if cuda else None
+    allocator = BothOrders() if cuda else None
     acc = PlanAccounting(params_bytes, allocator)
     inputs_bytes = 0
     if cuda:
