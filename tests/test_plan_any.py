@@ -106,6 +106,8 @@ def test_matrix_summary_per_architecture() -> None:
     assert a["median_accelerate"] == -0.3 and a["worst_accelerate"] == -0.5 and a["median_predict_s"] == 3.0
     table = plan_any.matrix_table([a, b])
     assert "2+1" in table and "-2.00%" in table
+    assert "| a | 2 (1) | -0.10% / -0.30% | -1.00% / -2.00% | 1 | -30.00% / -50.00% | 3.0 s |" in \
+        plan_any.matrix_markdown([a, b])
     reading = plan_any.matrix_reading([a, b], rows)
     assert reading.startswith("3 of 4 compared calls have a prediction.")
     assert "not met: worst reserved <= 3%" not in reading and "no under-prediction over 1%" in reading

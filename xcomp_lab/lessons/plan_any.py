@@ -8,9 +8,10 @@
   a stated room above the call's reserved peak instead.
 - `batch_search`: the largest batch that fits, by the planner's own bisection (`plan.inverse.bisect_largest`)
   with every plan it made kept for the chart (`search_chart`).
-- `read_matrix`, `matrix_summary`, `matrix_table`, `matrix_reading`, `matrix_chart`: the measured validation
-  matrix (`results/plan-matrix-h200`, `tools.plan_matrix`) read back, the planner's and accelerate's errors per
-  architecture.
+- `read_matrix`, `matrix_summary`, `matrix_table` (`matrix_markdown` for the README), `matrix_reading`,
+  `matrix_chart`: the measured validation matrix (`results/plan-matrix-h200`, `tools.plan_matrix`) read back, the
+  planner's and accelerate's errors per architecture (`tools.plan_matrix.error_summary` prints the same medians for
+  the command line; a lesson cannot import from tools/).
 - `plan_chart` and `plan_widget`: one plan's phases as bars against the card, and the planner in ipywidgets.
 """
 
@@ -225,6 +226,19 @@ def matrix_table(summary: Sequence[dict[str, Any]]) -> str:
                      f"{_pct(s['worst_allocated']):>12}{_pct(s['median_reserved']):>12}{_pct(s['worst_reserved']):>11}"
                      f"{s['under_1pct']:>10}{_pct(s['median_accelerate']):>18}{_pct(s['worst_accelerate']):>9}"
                      f"{seconds:>10}")
+    return "\n".join(lines)
+
+
+def matrix_markdown(summary: Sequence[dict[str, Any]]) -> str:
+    """The summary as a Markdown table (the README's), errors as predicted / measured - 1."""
+    lines = [("| architecture | calls predicted (not) | allocated: median / worst | reserved: median / worst | "
+             "under-predicted > 1% | accelerate vs allocated: median / worst | median prediction time |"),
+             "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        seconds = "-" if s["median_predict_s"] is None else f"{s['median_predict_s']:.1f} s"
+        lines.append(f"| {s['architecture']} | {s['calls']} ({s['not_predicted']}) | {_pct(s['median_allocated'])} / "
+                     f"{_pct(s['worst_allocated'])} | {_pct(s['median_reserved'])} / {_pct(s['worst_reserved'])} | "
+                     f"{s['under_1pct']} | {_pct(s['median_accelerate'])} / {_pct(s['worst_accelerate'])} | {seconds} |")
     return "\n".join(lines)
 
 
