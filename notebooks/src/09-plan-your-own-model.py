@@ -5,8 +5,8 @@
 # the model my team fine-tuned fit the card I have, at the batch and prompt length I need? This notebook answers it
 # with `xcomp_lab.plan`: from a model's `config.json` alone, with no weights and no GPU, it predicts one `generate`
 # call phase by phase, says whether it fits a card, and answers the inverse questions (the largest batch, prompt
-# and generation that fit; the cheapest recipe that fits). Then it sets the planner against 180 calls measured on
-# an NVIDIA H200, next to what the usual tool says.
+# and generation that fit; the cheapest recipe that fits). Then it sets the planner against calls measured on a
+# GPU, next to what the usual tool says for the same calls.
 
 # %% tags=["parameters"]
 scale = "tiny"
@@ -266,9 +266,10 @@ matrix_figure = matrix_chart(rows)
 matrix_figure
 
 # %% [markdown]
-# On the diagonal the prediction is the measurement. The grey crosses are accelerate's weights-only figure: they
-# lie below the diagonal by whatever the call adds to the weights (KV cache, activations, logits, the allocator's
-# rounding and the cuBLAS workspace).
+# On the diagonal the prediction is the measurement. The grey crosses are accelerate's weights-only figure: a cross
+# sits below the diagonal by what the call adds to the weights and that figure leaves out (KV cache, activations,
+# logits, the allocator's rounding, the cuBLAS workspace, the parts quantization leaves in 16 bits); the reading
+# above counts on how many calls and by how much.
 #
 # ## Step 6: the planner, for your model
 #
@@ -291,7 +292,8 @@ print(f"- {PRESET} at full size, {settings['batch']} x {settings['prompt_tokens'
 print(f"- A config.json folder and the preset name gave {'the same plan' if same else 'different plans'}; "
       f"the CPU check was off by {measured_cpu.peak_bytes - predicted_cpu.peak_bytes:+,d} bytes.")
 print(f"- {search}.")
-print("- On the H200 matrix: " + matrix_reading(summary, rows).splitlines()[1])
+reading = matrix_reading(summary, rows).splitlines()
+print(f"- On the {gpu} matrix: " + " ".join(reading[1:3] or reading))
 
 # %% [markdown]
 # **Questions.** (1) Step 1's table splits the peak into weights, KV cache and activations: which part would you
