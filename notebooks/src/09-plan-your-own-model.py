@@ -50,7 +50,7 @@ from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.lessons.plan_any import model_name
 from xcomp_lab.memory.cards import card_of_size
 
-PRESET = "llama-3-8b"
+PRESET = "qwen2.5-7b"
 card = card_of_size(params.budget_gb)
 settings = dict(attn=params.attn_implementation, batch=params.batch_size, prompt_tokens=512,
                 new_tokens=params.max_new_tokens)
@@ -114,7 +114,23 @@ same = (by_folder.peak_bytes, by_folder.reserved_peak_bytes) == (by_name.peak_by
 print("The folder and the preset give " + ("the same plan, to the byte." if same else "different plans."))
 
 # %% [markdown]
-# The folder holds nothing but `config.json`: no weights were read or written.
+# The folder holds nothing but `config.json`: no weights were read or written. The planner replays the
+# architectures it has been checked on; a config of another one is refused with a message that says which it knows
+# (here a Falcon config, written the same way):
+
+# %%
+from transformers import FalconConfig
+
+other = tempfile.mkdtemp(prefix="other-model-")
+FalconConfig().save_pretrained(other)
+try:
+    estimate(other, **settings, device="cuda", card=card)
+except ValueError as error:
+    print(f"ValueError: {error}")
+
+# %% [markdown]
+# A fine-tuned model of a listed architecture plans from its folder as it is (its `model_type` is in its
+# `config.json`); another architecture needs the line and the test the message names.
 #
 # ## Step 3: check the planner yourself
 #
