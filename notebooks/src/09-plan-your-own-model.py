@@ -36,9 +36,9 @@ print(params)
 # | tool | what it counts | what it leaves out |
 # |---|---|---|
 # | `accelerate estimate-memory` | the weights, from the config on the meta device; INT8/INT4 as the FP32 size / 4 and / 8 | KV cache, activations, logits, the allocator; its docs say to add up to 20% for inference (accelerate issues #3297, #608) |
-# | gpu_poor | a formula over saved configs of popular LLMs | VLMs; batch size does not change its inference figure (its issues #9, #12) |
-# | hf-mem | weights from the safetensors headers, a formula for the KV cache and a warm-up peak | never checked against a GPU (its issue #60: hybrid caches) |
-# | vLLM's `profile_run`, llama.cpp's `--fit` | measure on the real GPU, for their own engines | a plan before you own the card; VLM encoders were missed (vLLM #11210, llama.cpp #21489) |
+# | gpu_poor | a formula over saved configs of popular LLMs ("within 500 MB") | VLMs; batch size does not change its inference figure (its issue #9); activation memory (#12) |
+# | hf-mem | weights from the safetensors headers, an experimental KV-cache formula, a formula for a warm-up peak | never checked against a GPU; hybrid attention caches (its issue #60) |
+# | vLLM's `profile_run`, llama.cpp's `--fit` | measure or allocate on the real GPU, for their own engines | a plan before you own the card; VLM encoders not profiled (vLLM PRs #11210, #48469), the multimodal projector not counted (llama.cpp PR #21489) |
 #
 # The planner takes another road: it runs the model's own transformers code and its own `generate` loop on fake
 # tensors (shapes and dtypes, no data), with the real inputs its processor would make, counts every allocation,
