@@ -334,9 +334,9 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True, static_shapes=True)
     bnb = quantization_config(call.quantization, call.dtype)
     fake = build_fake_model(source.config, dtype=call.dtype, attn=call.attn, bnb_config=bnb, fake_mode=fake_mode)
-    weights, statistics = weight_tensors(fake)
+    weights, stats = weight_tensors(fake)
     params_bytes = sum(t.untyped_storage().nbytes() for t in weights)
-    stats_bytes = sum(t.untyped_storage().nbytes() for t in statistics)
+    stats_bytes = sum(t.untyped_storage().nbytes() for t in stats)
     allocator = BothOrders() if cuda else None
     acc = PlanAccounting(params_bytes, allocator)
     inputs_bytes = 0
@@ -364,7 +364,7 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
     top = peak_of(acc.peaks)
     return Plan(
         model=source.name, device=call.device, settings=call.settings(),
-        weights_bytes=(allocator_weights(fake, statistics) if cuda else params_bytes), quant_state_bytes=stats_bytes,
+        weights_bytes=(allocator_weights(fake, stats) if cuda else params_bytes), quant_state_bytes=stats_bytes,
         inputs_bytes=inputs_bytes, workspace_bytes=workspace, kv_cache_bytes=cache[0] if cache else 0,
         prompt_tokens=call.prompt_tokens, image_tokens=image_tokens(source, inputs), new_tokens=call.new_tokens,
         phases=peaks, peak_bytes=top.allocated, reserved_peak_bytes=top.reserved, peak_where=top.where,
@@ -378,9 +378,10 @@ def cublas_workspace(card: Card | None) -> int:
     return CUBLAS_WORKSPACE_OTHER
 
 
-def allocator_weights(model: torch.nn.Module, statistics: list[torch.Tensor]) -> int:
+def allocator_weights(model: torch.nn.Module, stats: list[torch.Tensor]) -> int:
+    """The weights as the allocator counts them: each storage in its 512-byte blocks."""
     weights, _ = weight_tensors(model)
-    return sum(round_size(t.untyped_storage().nbytes()) for t in [*weights, *statistics])
+    return sum(round_size(t.untyped_storage().nbytes()) for t in [*weights, *stats])
 
 
 def image_tokens(source: ModelSource, inputs: dict[str, torch.Tensor]) -> int:
