@@ -69,12 +69,14 @@ print(f"model: {PRESET} (published dimensions) | scale {params.scale}: checked o
 # prefill; decode), allocated and reserved, where it happens, the breakdown, and whether it fits the card. It runs
 # on this CPU and allocates nothing on a GPU; the full-size model takes seconds.
 
-# %% tags=["nbval-ignore-output"]
+# %%
 from xcomp_lab.plan import estimate
 
 published = estimate(PRESET, **settings, device="cuda", card=card)
 print(published.table())
-print(f"predicted in {published.seconds:.1f} s")
+
+# %% tags=["nbval-ignore-output"]
+print(f"predicted in {published.seconds:.1f} s on this machine's CPU")
 
 # %% [markdown]
 # Reading the table, computed from it:
@@ -196,14 +198,13 @@ else:
 # so the largest batch that fits is found by bisection over predictions (double while it fits, then halve the
 # interval); a call fits when its reserved peak is within the card's usable memory, since reserved memory is what
 # runs out. At tiny scale a tiny model fits any real card many times over, so the question is asked of a card
-# shrunk to it: 3 times the reserved peak of the batch-1 call. At full scale it is the real card. Predict before
-# you run it: if batch 1 takes a third of the card, is the largest batch 3, more, or less?
+# shrunk to it: 3 times the reserved peak of Step 2's call (`batch_size` prompts). At full scale it is the real
+# card. Predict before you run it: if one prompt takes a third of the card, is the largest batch 3, more, or less?
 
 # %%
 from xcomp_lab.lessons.plan_any import batch_search, scaled_card, search_chart, search_reading
 
-base = by_name if params.scale == "tiny" else published
-search_card = scaled_card(card, base) if params.scale == "tiny" else card
+search_card = scaled_card(card, by_name) if params.scale == "tiny" else card
 search = batch_search(model_name(PRESET, params.scale), card=search_card, **{k: v for k, v in settings.items()
                                                                               if k != "batch"})
 print(search)

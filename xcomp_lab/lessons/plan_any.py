@@ -79,7 +79,7 @@ def scaled_card(card: Card, plan: Plan, room: float = 3.0) -> Card:
     check_number("room", room, above=1, maximum=100, hint="how many times the call's peak the card holds")
     peak = plan.reserved_peak_bytes or plan.peak_bytes
     usable = round(peak * room)
-    return Card(f"{card.name} shrunk to the tiny model ({room:g} x its reserved peak)", 0, usable + CONTEXT_BYTES,
+    return Card(f"{card.name} shrunk to the tiny model ({room:g} x a call's reserved peak)", 0, usable + CONTEXT_BYTES,
                 f"made for tiny scale: {room:g} x the reserved peak {fmt_bytes(peak)} of the planned call")
 
 
