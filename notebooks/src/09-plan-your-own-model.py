@@ -310,7 +310,9 @@ print(f"- A config.json folder and the preset name gave {'the same plan' if same
       f"the CPU check was off by {measured_cpu.peak_bytes - predicted_cpu.peak_bytes:+,d} bytes.")
 print(f"- {search}.")
 reading = matrix_reading(summary, rows).splitlines()
-print(f"- On the {gpu} matrix: " + " ".join(reading[1:3] or reading))
+print(f"- On the {gpu} matrix:")
+for line in reading[1:3] or reading:
+    print(f"  {line}")
 
 # %% [markdown]
 # **Questions.** (1) Step 1's table splits the peak into weights, KV cache and activations: which part would you
