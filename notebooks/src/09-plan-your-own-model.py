@@ -52,15 +52,15 @@ from xcomp_lab.memory.cards import card_of_size
 
 PRESET = "qwen2.5-7b"
 card = card_of_size(params.budget_gb)
-settings = dict(attn=params.attn_implementation, batch=params.batch_size, prompt_tokens=512,
-                new_tokens=params.max_new_tokens)
+settings = dict(attn=params.attn_implementation, batch=params.batch_size, prompt_tokens=512, new_tokens=8)
 print(card.describe())
 print(f"model: {PRESET} (published dimensions) | scale {params.scale}: checked on {model_name(PRESET, params.scale)} "
       f"| call: {settings}")
 
 # %% [markdown]
-# `model_name_or_path` and `image_size` are the replica's parameters and play no part here; the batch, new tokens and
-# attention come from the parameters cell, the prompt is 512 tokens.
+# `model_name_or_path`, `image_size` and `max_new_tokens` are the replica's parameters and play no part here; the
+# batch and the attention come from the parameters cell; the prompt is 512 tokens and 8 new tokens are generated,
+# as in the matrix of Step 5 (each new token is a step of the replayed loop, and this CPU replays them all).
 #
 # ## Step 1: plan a published model by its preset name
 #
