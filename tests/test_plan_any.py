@@ -108,6 +108,11 @@ def test_matrix_summary_per_architecture() -> None:
     assert "2+1" in table and "-2.00%" in table
     assert "| a | 2 (1) | -0.10% / -0.30% | -1.00% / -2.00% | 1 | -30.00% / -50.00% | 3.0 s |" in \
         plan_any.matrix_markdown([a, b])
+    (none,) = plan_any.matrix_summary(rows, by="quantization")
+    assert (none["group"], none["calls"], none["under_1pct"]) == ("none", 3, 1)
+    assert plan_any.matrix_table([none], by="quantization").startswith("quantization ")
+    with pytest.raises(ValueError, match="by='dtype'"):
+        plan_any.matrix_summary(rows, by="dtype")
     reading = plan_any.matrix_reading([a, b], rows)
     assert reading.startswith("3 of 4 compared calls have a prediction.")
     assert "not met: worst reserved <= 3%" not in reading and "no under-prediction over 1%" in reading

@@ -249,7 +249,7 @@ else:
 # Qwen2-VL 7B, LLaVA 1.5 7B, Idefics3 8B) at full size with random weights, in their published dtype, INT8 and
 # NF4, eager and sdpa, batch 1 and 4, two prompt lengths, on an NVIDIA H200; `--compare` predicted every call on a
 # CPU and wrote the planner's figures, and accelerate's `estimate-memory` figure for the same call, beside the
-# measured ones. The committed files are read back here:
+# measured ones. The committed files are read back here, per architecture and per quantization:
 
 # %%
 from xcomp_lab.core.resources import repository_root
@@ -264,6 +264,7 @@ print(f"{gpu}: {len(calls)} calls measured, {len({(r['preset'], r['quantization'
       f"torch {versions['torch']}, transformers {versions['transformers']}, bitsandbytes {versions['bitsandbytes']}")
 summary = matrix_summary(rows)
 print(matrix_table(summary))
+print(matrix_table(matrix_summary(rows, by="quantization"), by="quantization"))
 
 # %% [markdown]
 # Errors are predicted / measured - 1: negative is an under-prediction, the dangerous side (the plan says it fits,

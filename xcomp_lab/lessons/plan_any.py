@@ -188,15 +188,19 @@ def _worst(errors: Sequence[float]) -> float:
     return max(errors, key=abs)
 
 
-def matrix_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per architecture: calls predicted and not; the planner's median and worst (largest in size, sign kept)
+def matrix_summary(rows: Sequence[dict[str, Any]], by: str = "architecture") -> list[dict[str, Any]]:
+    """Per architecture (or per value of another field of the rows, `by`, e.g. "quantization"): calls predicted and
+    not; the planner's median and worst (largest in size, sign kept)
     relative error on the allocated and reserved peaks; its under-predictions over 1%; accelerate's median and
     worst error against the allocated peak; the median prediction time in seconds."""
     out = []
-    for arch in sorted({r["architecture"] for r in rows}):
-        every = [r for r in rows if r["architecture"] == arch]
+    if any(by not in r for r in rows):
+        raise ValueError(f"by={by!r} is not a field of every row; use a field of compare.jsonl such as "
+                         "'architecture', 'quantization', 'attn' or 'preset'.")
+    for arch in sorted({str(r[by]) for r in rows}):
+        every = [r for r in rows if str(r[by]) == arch]
         mine = [r for r in every if r.get("error_allocated") is not None and r.get("error_reserved") is not None]
-        line: dict[str, Any] = {"architecture": arch, "calls": len(mine), "not_predicted": len(every) - len(mine)}
+        line: dict[str, Any] = {"group": arch, "calls": len(mine), "not_predicted": len(every) - len(mine)}
         for key in ("allocated", "reserved"):
             errors = [r[f"error_{key}"] for r in mine]
             line[f"median_{key}"] = statistics.median(errors) if errors else None
@@ -214,29 +218,29 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:+.2%}"
 
 
-def matrix_table(summary: Sequence[dict[str, Any]]) -> str:
+def matrix_table(summary: Sequence[dict[str, Any]], by: str = "architecture") -> str:
     """The summary as a text table: errors as predicted / measured - 1 (negative: under-predicted)."""
-    head = (f"{'architecture':<13}{'calls':>6}{'alloc median':>13}{'alloc worst':>12}{'resv median':>12}"
+    head = (f"{by:<13}{'calls':>6}{'alloc median':>13}{'alloc worst':>12}{'resv median':>12}"
             f"{'resv worst':>11}{'under >1%':>10}{'accelerate median':>18}{'worst':>9}{'predict s':>10}")
     lines = [head]
     for s in summary:
         calls = f"{s['calls']}" + (f"+{s['not_predicted']}" if s["not_predicted"] else "")
         seconds = "-" if s["median_predict_s"] is None else f"{s['median_predict_s']:.1f}"
-        lines.append(f"{s['architecture']:<13}{calls:>6}{_pct(s['median_allocated']):>13}"
+        lines.append(f"{s['group']:<13}{calls:>6}{_pct(s['median_allocated']):>13}"
                      f"{_pct(s['worst_allocated']):>12}{_pct(s['median_reserved']):>12}{_pct(s['worst_reserved']):>11}"
                      f"{s['under_1pct']:>10}{_pct(s['median_accelerate']):>18}{_pct(s['worst_accelerate']):>9}"
                      f"{seconds:>10}")
     return "\n".join(lines)
 
 
-def matrix_markdown(summary: Sequence[dict[str, Any]]) -> str:
+def matrix_markdown(summary: Sequence[dict[str, Any]], by: str = "architecture") -> str:
     """The summary as a Markdown table (the README's), errors as predicted / measured - 1."""
-    lines = [("| architecture | calls predicted (not) | allocated: median / worst | reserved: median / worst | "
+    lines = [(f"| {by} | calls predicted (not) | allocated: median / worst | reserved: median / worst | "
              "under-predicted > 1% | accelerate vs allocated: median / worst | median prediction time |"),
              "|---|---|---|---|---|---|---|"]
     for s in summary:
         seconds = "-" if s["median_predict_s"] is None else f"{s['median_predict_s']:.1f} s"
-        lines.append(f"| {s['architecture']} | {s['calls']} ({s['not_predicted']}) | {_pct(s['median_allocated'])} / "
+        lines.append(f"| {s['group']} | {s['calls']} ({s['not_predicted']}) | {_pct(s['median_allocated'])} / "
                      f"{_pct(s['worst_allocated'])} | {_pct(s['median_reserved'])} / {_pct(s['worst_reserved'])} | "
                      f"{s['under_1pct']} | {_pct(s['median_accelerate'])} / {_pct(s['worst_accelerate'])} | {seconds} |")
     return "\n".join(lines)
@@ -268,7 +272,7 @@ def matrix_reading(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
     text = [f"{len(predicted)} of {len(rows)} compared calls have a prediction.",
             (f"The planner's largest error on the allocated peak is {alloc['error_allocated']:+.2%} ({call(alloc)}), "
             f"on the reserved peak {resv['error_reserved']:+.2%} ({call(resv)}); the largest median allocated error "
-            f"of an architecture is {worst_median['median_allocated']:+.2%} ({worst_median['architecture']}); "
+            f"of an architecture is {worst_median['median_allocated']:+.2%} ({worst_median['group']}); "
             f"{under} call(s) under-predicted by more than 1%."),
             "The issue's bars: " + ("all hold." if not missed else f"not met: {', '.join(missed)}; met: "
                                     f"{', '.join(n for n in holds if n not in missed) or 'none'}.")]
