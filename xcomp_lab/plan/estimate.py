@@ -368,7 +368,23 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
         inputs_bytes=inputs_bytes, workspace_bytes=workspace, kv_cache_bytes=cache[0] if cache else 0,
         prompt_tokens=call.prompt_tokens, image_tokens=image_tokens(source, inputs), new_tokens=call.new_tokens,
         phases=peaks, peak_bytes=top.allocated, reserved_peak_bytes=top.reserved, peak_where=top.where,
-        card=call.card, seconds=time.perf_counter() - start)
+        card=call.card, seconds=time.perf_counter() - start, notes=plan_notes(call, exact_decode))
+
+
+def plan_notes(call: Call, exact_decode: bool) -> tuple[str, ...]:
+    """What a plan assumes, where it matters."""
+    notes = ["Every new token is generated (min_new_tokens = max_new_tokens, greedy)."]
+    if not exact_decode and call.new_tokens > 3:
+        notes.append(f"Decode steps 2 to {call.new_tokens - 2} fast-forwarded: the cache grown token by token, the "
+                     "layers' passing activations skipped (exact_decode=True runs them).")
+    if call.quantization == "int8":
+        notes.append("LLM.int8() outlier columns (activations above 6.0) depend on the values: assumed none, so a "
+                     "prefill with many outliers takes more (results/plan-matrix-h200 measures it on random weights).")
+    if call.device == "cuda":
+        notes.append("Reserved: the larger of the caching allocator simulated with new segments placed below and "
+                     "above the earlier ones (which one cudaMalloc follows depends on the process's history); the "
+                     "load as from_pretrained's caching_allocator_warmup leaves it in a fresh process.")
+    return tuple(notes)
 
 
 def cublas_workspace(card: Card | None) -> int:
