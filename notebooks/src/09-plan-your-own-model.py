@@ -66,14 +66,16 @@ print(f"model: {PRESET} (published dimensions) | scale {params.scale}: checked o
 #
 # `estimate(name, ...)` builds the model's configuration from the published `config.json` dimensions the preset
 # holds, replays one greedy `generate` call and returns a `Plan`: the peak of each phase (load; vision for a VLM;
-# prefill; decode), allocated and reserved, where it happens, the breakdown, and whether it fits the card. It runs
-# on this CPU and allocates nothing on a GPU; the full-size model takes seconds.
+# prefill; decode), allocated and reserved, where it happens, the breakdown, whether it fits the card, and what the
+# plan assumes (`Plan.notes`). It runs on this CPU and allocates nothing on a GPU; the full-size model takes seconds.
 
 # %%
 from xcomp_lab.plan import estimate
 
 published = estimate(PRESET, **settings, device="cuda", card=card)
 print(published.table())
+for note in published.notes:
+    print(f"assumed: {note}")
 
 # %% tags=["nbval-ignore-output"]
 print(f"predicted in {published.seconds:.1f} s on this machine's CPU")
