@@ -266,13 +266,18 @@ print(f"{gpu}: {len(calls)} calls measured, {len({(r['preset'], r['quantization'
       f"torch {versions['torch']}, transformers {versions['transformers']}, bitsandbytes {versions['bitsandbytes']}")
 summary = matrix_summary(rows)
 print(matrix_table(summary))
-print(matrix_table(matrix_summary(rows, by="quantization"), by="quantization"))
+by_quantization = matrix_summary(rows, by="quantization")
+print(matrix_table(by_quantization, by="quantization"))
+most = max(by_quantization, key=lambda s: s["under_1pct"])
+print(f"Most under-predictions over 1%: quantization {most['group']}, {most['under_1pct']} of its {most['calls']} "
+      f"predicted calls.")
 
 # %% [markdown]
 # Errors are predicted / measured - 1: negative is an under-prediction, the dangerous side (the plan says it fits,
 # the card says out of memory). "worst" is the largest error in size, its sign kept; `calls` counts the calls with
-# a prediction (+ those the planner could not predict); accelerate's figure is set against the allocated peak.
-# What the table says, computed:
+# a prediction (+ those the planner could not predict); accelerate's figure is set against the allocated peak. An
+# INT8 plan says in its notes what it assumes of LLM.int8()'s outlier columns, which depend on the values. What the
+# tables say, computed:
 
 # %%
 from xcomp_lab.lessons.plan_any import matrix_reading
