@@ -241,7 +241,7 @@ if params.scale == "full":
 else:
     print(f"tiny scale: for the full-size answers run `python -m xcomp_lab.plan --model {PRESET} --card "
           f"\"{card.name}\" --prompt-tokens {settings['prompt_tokens']} --new-tokens {settings['new_tokens']}` "
-          f"(a minute or two on this CPU)")
+          f"(each answer is a dozen or so predictions like Step 1's, {published.seconds:.0f} s each here)")
 
 # %% [markdown]
 # ## Step 5: the measured validation
@@ -300,7 +300,7 @@ matrix_figure
 #
 # Pick a model (a preset at full size or its tiny variant; for your own folder call `estimate("path/to/folder",
 # ...)` as in Step 2), a card, dtype, quantization, attention, batch, prompt and new tokens, and press *Predict*.
-# It shows Step 1's plan until then; each prediction takes a few seconds at full size on a laptop CPU.
+# It shows Step 1's plan until then; a full-size prediction takes about as long as Step 1's (printed there).
 
 # %% tags=["nbval-ignore-output"]
 from xcomp_lab.lessons.plan_any import plan_widget
