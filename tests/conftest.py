@@ -1,4 +1,5 @@
-"""Shared fixtures: a random tiny checkpoint in FP32, built once per test session; the bitsandbytes CPU path.
+"""Shared fixtures: a random tiny checkpoint in FP32, built once per test session; the bitsandbytes CPU path; the
+original model's remote code and its environment (`original_code`), skipped with a clear message where absent.
 
 `XCOMP_LAB_BNB_CPU_PATH` (see `xcomp_lab.model.bnb_cpu`) set for `make test` applies to the course runs the
 tests make (`course_cpu_path`), which then take that 4-bit kernel from start to end. The saved outputs nbval
@@ -18,6 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REQUESTED_CPU_PATH = os.environ.get("XCOMP_LAB_BNB_CPU_PATH") or "portable"
 os.environ["XCOMP_LAB_BNB_CPU_PATH"] = "portable"
+REPO = Path(__file__).resolve().parents[1]
+ORIGINAL_CODE_DIR = REPO.parent / "shared" / "reference" / "internlm-xcomposer2-vl-7b"
+ORIGINAL_VENV = REPO / ".venv-original"
 
 
 def pytest_report_header() -> str:
@@ -28,6 +32,19 @@ def pytest_report_header() -> str:
 def course_cpu_path() -> str:
     """The bitsandbytes CPU path `make test` was asked for: the course runs take it."""
     return REQUESTED_CPU_PATH
+
+
+@pytest.fixture(scope="session")
+def original_code() -> tuple[Path, Path]:
+    """(the original's remote-code folder, the Python of its environment), or the test skips saying how to get them."""
+    python = ORIGINAL_VENV / "bin" / "python"
+    if not ORIGINAL_CODE_DIR.is_dir():
+        pytest.skip(f"The original remote code is not at {ORIGINAL_CODE_DIR} (a test fixture beside the checkout, "
+                    "absent from a user's clone): nothing of the original's code path to run.")
+    if not python.is_file() or not any(ORIGINAL_VENV.glob(".xcomp-lab-*")):
+        pytest.skip(f"The original's environment {ORIGINAL_VENV} is missing or unfinished: create it once with "
+                    "`make venv-original` (transformers 4.33.2; `make test` creates it where the reference code lies).")
+    return ORIGINAL_CODE_DIR, python
 
 
 @pytest.fixture(scope="session")

@@ -29,9 +29,6 @@ from xcomp_lab.model.original import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_DIR = REPO.parent / "shared" / "reference" / "internlm-xcomposer2-vl-7b"
-ORIGINAL_VENV = REPO / ".venv-original"
-ORIGINAL_PYTHON = ORIGINAL_VENV / "bin" / "python"
 SCRIPT = REPO / "tests" / "original_code_run.py"
 SAMPLE = REPO / "xcomp_lab" / "data" / "samples" / "scene-0.png"
 FULL_PARAMETERS = 8_666_840_064
@@ -39,16 +36,11 @@ SMALL_PARAMETERS = 89_121_024
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if not CODE_DIR.is_dir():
-        pytest.skip(f"The original remote code is not at {CODE_DIR} (a test fixture beside the checkout, absent "
-                    "from a user's clone): nothing of the original's code path to run.")
-    if not ORIGINAL_PYTHON.is_file() or not any(ORIGINAL_VENV.glob(".xcomp-lab-*")):
-        pytest.skip(f"The original's environment {ORIGINAL_VENV} is missing or unfinished: create it once with "
-                    "`make venv-original` (transformers 4.33.2; `make test` creates it where the reference code lies).")
+def report(tmp_path_factory: pytest.TempPathFactory, original_code: tuple[Path, Path]) -> dict[str, Any]:
+    code_dir, python = original_code
     path = tmp_path_factory.mktemp("original-code") / "report.json"
     env = {**os.environ, "PYTHONPATH": os.fspath(REPO)}
-    result = subprocess.run([ORIGINAL_PYTHON, SCRIPT, CODE_DIR, SAMPLE, path], env=env, capture_output=True,
+    result = subprocess.run([python, SCRIPT, code_dir, SAMPLE, path], env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, f"{SCRIPT.name} failed in .venv-original:\n{result.stderr[-4000:]}"
     return json.loads(path.read_text())
@@ -64,13 +56,13 @@ def test_chat_captions_the_sample_scene(report: dict[str, Any]) -> None:
     assert caption["history"] == [["<ImageHere>Describe the image in one sentence.", caption["response"]]]
 
 
-def test_checkpoint_is_laid_out_like_the_released_one(report: dict[str, Any]) -> None:
+def test_checkpoint_is_laid_out_like_the_released_one(report: dict[str, Any], original_code: tuple[Path, Path]) -> None:
     files = set(report["files"])
     model_files = {"config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "model.safetensors.index.json", *CODE_FILES}
     assert {f"{CHECKPOINT_NAME}/{name}" for name in model_files} <= files
     checkpoint = Path(report["checkpoint"]["path"])
-    assert all((checkpoint / name).read_bytes() == (CODE_DIR / name).read_bytes() for name in CODE_FILES)
+    assert all((checkpoint / name).read_bytes() == (original_code[0] / name).read_bytes() for name in CODE_FILES)
     clip = "hf-home/hub/models--openai--clip-vit-large-patch14-336"
     snapshots = {name for name in files if name.startswith(f"{clip}/snapshots/")}
     revision = snapshots.pop().split("/")[-2] if snapshots else None

@@ -29,25 +29,17 @@ from xcomp_lab.memory.budget import card_budget
 from xcomp_lab.model.original import original_parameter_count, original_parameter_shapes
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_DIR = REPO.parent / "shared" / "reference" / "internlm-xcomposer2-vl-7b"
-ORIGINAL_VENV = REPO / ".venv-original"
-ORIGINAL_PYTHON = ORIGINAL_VENV / "bin" / "python"
 STEPS = ("fp32-quickstart", "fp32-no-autocast", "fp32-inference-mode", "fp32-grad-enabled", "fp16-half",
          "fp16-half-no-autocast", "fp16-sdpa", "int8-plora")
 FP16 = 2
 
 
 @pytest.fixture(scope="module")
-def steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    if not CODE_DIR.is_dir():
-        pytest.skip(f"The original remote code is not at {CODE_DIR} (a test fixture beside the checkout, absent "
-                    "from a user's clone): nothing of the original's code path to run.")
-    if not ORIGINAL_PYTHON.is_file() or not any(ORIGINAL_VENV.glob(".xcomp-lab-*")):
-        pytest.skip(f"The original's environment {ORIGINAL_VENV} is missing or unfinished: create it once with "
-                    "`make venv-original` (transformers 4.33.2; `make test` creates it where the reference code lies).")
+def steps(tmp_path_factory: pytest.TempPathFactory, original_code: tuple[Path, Path]) -> dict[str, dict[str, Any]]:
+    code_dir, python = original_code
     out = tmp_path_factory.mktemp("original-steps")
     env = {**os.environ, "PYTHONPATH": os.fspath(REPO)}
-    command = [os.fspath(ORIGINAL_PYTHON), "-m", "xcomp_lab.tools.original_steps", "--code-dir", os.fspath(CODE_DIR),
+    command = [os.fspath(python), "-m", "xcomp_lab.tools.original_steps", "--code-dir", os.fspath(code_dir),
                "--steps", ",".join(STEPS), "--results", os.fspath(out / "results.jsonl"),
                "--report", os.fspath(out / "report.json")]
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
