@@ -48,6 +48,7 @@ FIGURES = {
     "7.1": (1_204_224, dict(batch=1, tokens=196, vocab=1024)),
     "8.1": (6, dict(peaks={1: int(12.03 * MIB), 2: int(14.31 * MIB), 6: int(23.43 * MIB), 7: int(25.71 * MIB)},
                     budget_bytes=int(25.40 * MIB))),
+    "9.1": (3, dict(peaks={1: 22 * MIB, 2: 42 * MIB, 3: 62 * MIB, 4: 82 * MIB}, budget_bytes=66 * MIB, card="L40S")),
 }
 
 
@@ -138,6 +139,7 @@ def test_no_prediction_prints_one_fixed_line(capsys, key):
     ("0.1", "-3 GiB", ValueError, ["negative"]),
     ("8.1", 5.5, ValueError, ["whole number of images", "5"]),
     ("8.1", "5", TypeError, ["whole number of images"]),
+    ("9.1", 2.5, ValueError, ["whole number of prompts", "2"]),
 ])
 def test_bad_predictions_say_what_was_given_and_what_to_do(capsys, key, prediction, error, words):
     measured, figures = FIGURES[key]
@@ -207,6 +209,7 @@ def test_every_solution_is_worked_from_the_run_figures(capsys, key):
     ("6.1", "= 5.77 MiB = x0.60 FP16's weights"),
     ("7.1", "Together 6 bytes per logit: 1.15 MiB; measured 1.15 MiB (x1.00)"),
     ("8.1", "= 5.9 more images: about 6 in all"),  # (25.40 - 12.03) / (14.31 - 12.03)
+    ("9.1", "= 2.2 more prompts: about 3 in all"),  # (66 - 22) / (42 - 22)
 ])
 def test_solutions_compute_the_right_figures(capsys, key, figure):
     measured, figures = FIGURES[key]

@@ -201,7 +201,15 @@ else:
 # interval); a call fits when its reserved peak is within the card's usable memory, since reserved memory is what
 # runs out. At tiny scale a tiny model fits any real card many times over, so the question is asked of a card
 # shrunk to it: 3 times the reserved peak of Step 2's call (`batch_size` prompts). At full scale it is the real
-# card. Predict before you run it: if one prompt takes a third of the card, is the largest batch 3, more, or less?
+# card.
+#
+# **Exercise 9.1: predict, then ask the planner.** If one prompt's call takes a third of the card, is the largest
+# batch 3, more, or less? Predict it, a whole number of prompts, from Step 1's breakdown (what is paid once, what
+# each prompt adds). Write it into `my_largest_prompt_batch`; the cell after the search compares it with the
+# planner's answer, and `answer_9_1.solution()` (in a new cell) shows the worked reasoning.
+
+# %%
+my_largest_prompt_batch = None  # your prediction, in prompts
 
 # %%
 from xcomp_lab.lessons.plan_any import batch_search, scaled_card, search_chart, search_reading
@@ -214,6 +222,14 @@ for batch, plan in search.plans.items():
     print(f"batch {batch:>3}: allocated {fmt_bytes(plan.peak_bytes):>10} | reserved "
           f"{fmt_bytes(plan.reserved_peak_bytes):>10} | {'fits' if plan.fits else 'does not fit'}")
 print(search_reading(search))
+
+# %%
+from xcomp_lab.course.exercises import check
+
+answer_9_1 = check("9.1", my_largest_prompt_batch, measured=search.largest or 0,
+                   lower_bound=search.largest == search.limit, source="planner",
+                   peaks={batch: plan.reserved_peak_bytes for batch, plan in search.plans.items()},
+                   budget_bytes=search.card.usable_bytes, card=search.card.name)
 
 # %% tags=["nbval-ignore-output"]
 search_figure = search_chart(search, title=f"{model_name(PRESET, params.scale)}: peak against batch "

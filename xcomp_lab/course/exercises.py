@@ -21,6 +21,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from numbers import Real
 from typing import Any
 
@@ -32,7 +33,9 @@ SIZE_UNITS = {"B": 1, "KiB": KIB, "MiB": MIB, "GiB": GIB}
 DECIMAL_UNITS = {"kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 RATIO = "x"  # a plain number: a multiple or a fraction of another figure
 COUNT = "images"  # a whole number of images
-UNITS = (*SIZE_UNITS, RATIO, COUNT)
+PROMPTS = "prompts"  # a whole number of prompts (a batch of text, or of images with their text)
+COUNTS = {COUNT: "image", PROMPTS: "prompt"}  # the units that count things, by the thing counted
+UNITS = (*SIZE_UNITS, RATIO, *COUNTS)
 WELL_DONE = 0.10  # relative distance from the measured value
 CLOSE = 0.25
 _ROUNDING = 1e-9  # so that 0.55 against 0.5 counts as within 10%
@@ -114,12 +117,13 @@ def parse_prediction(value: Any, unit: str, name: str = "prediction") -> float |
     if isinstance(value, str):
         if unit not in SIZE_UNITS:
             raise TypeError(f"{name}={value!r} is text; this exercise wants a plain number "
-                            f"({'e.g. 0.5 for half' if unit == RATIO else 'a whole number of images, e.g. 4'}).")
+                            f"({'e.g. 0.5 for half' if unit == RATIO else f'a whole number of {unit}, e.g. 4'}).")
         return _size_in_bytes(value, name) / SIZE_UNITS[unit]
-    hint = {RATIO: "give a plain number such as 0.5 or 1.5", COUNT: "give a whole number of images such as 4"}
+    hint = {RATIO: "give a plain number such as 0.5 or 1.5"} | {
+        counted: f"give a whole number of {counted} such as 4" for counted in COUNTS}
     number = _number(name, value, hint.get(unit, f"give a number of {unit} such as 1.5, or text such as '1.5 {unit}'"))
-    if unit == COUNT and not number.is_integer():
-        raise ValueError(f"{name}={value!r}; a batch is a whole number of images, e.g. {math.floor(number)}.")
+    if unit in COUNTS and not number.is_integer():
+        raise ValueError(f"{name}={value!r}; a batch is a whole number of {unit}, e.g. {math.floor(number)}.")
     return number
 
 
@@ -150,8 +154,8 @@ class Answer:
         unit = self.exercise.unit
         if unit in SIZE_UNITS:  # in the unit the exercise asked for, whatever unit the learner wrote
             return f"{value:,.2f} {unit}" if value >= 0.1 else f"{value:.3g} {unit}"
-        if unit == COUNT:
-            return f"{value:.0f} image{'' if value == 1 else 's'}"
+        if unit in COUNTS:
+            return f"{value:.0f} {COUNTS[unit]}{'' if value == 1 else 's'}"
         return f"{value:.3g}"
 
     def verdict(self) -> str:
@@ -362,20 +366,21 @@ def _logits(measured: float, batch: int, tokens: int, vocab: int) -> str:
             f"{fmt_bytes(6 * batch * vocab)}.")
 
 
-def _largest_batch(measured: float, peaks: Mapping[int, int], budget_bytes: int, card: str = "") -> str:
+def _largest_batch(measured: float, peaks: Mapping[int, int], budget_bytes: int, card: str = "",
+                   counted: str = "image") -> str:
     budget = f"the {card}'s {fmt_bytes(budget_bytes)} budget" if card else f"the {fmt_bytes(budget_bytes)} budget"
     largest = int(measured)
     if largest == 0:
-        return (f"- Even one image crosses {budget} (the replay stopped at {fmt_bytes(peaks[1])}): no batch fits. "
-                f"Lower the precision or quantize first.")
-    lines = [f"- One image: predicted peak {fmt_bytes(peaks[1])} of {budget}, which leaves "
+        return (f"- Even one {counted} crosses {budget} (the replay stopped at {fmt_bytes(peaks[1])}): no batch "
+                f"fits. Lower the precision or quantize first.")
+    lines = [f"- One {counted}: predicted peak {fmt_bytes(peaks[1])} of {budget}, which leaves "
              f"{fmt_bytes(budget_bytes - peaks[1])}."]
     if largest >= 2:
-        per_image = peaks[2] - peaks[1]
-        room = (budget_bytes - peaks[1]) / per_image if per_image else math.inf
-        lines.append(f"- A second image adds {fmt_bytes(per_image)}, its own activations and KV cache; the weights "
-                     f"stay. {fmt_bytes(budget_bytes - peaks[1])} / {fmt_bytes(per_image)} = {room:.1f} more images: "
-                     f"about {1 + math.floor(room)} in all, if every image costs the same.")
+        per_item = peaks[2] - peaks[1]
+        room = (budget_bytes - peaks[1]) / per_item if per_item else math.inf
+        lines.append(f"- A second {counted} adds {fmt_bytes(per_item)}, its own activations and KV cache; the "
+                     f"weights stay. {fmt_bytes(budget_bytes - peaks[1])} / {fmt_bytes(per_item)} = {room:.1f} more "
+                     f"{counted}s: about {1 + math.floor(room)} in all, if every {counted} costs the same.")
     after = largest + 1
     if after in peaks:
         lines.append(f"- The planner, batch by batch: {largest} fits ({fmt_bytes(peaks[largest])}); {after} does not "
@@ -433,4 +438,9 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in (
              "after the weights, each image costs only its activations and KV cache: divide the room left by that.",
              "the weights come once, but each image adds its activations and KV cache to them.",
              _largest_batch),
+    Exercise("9.1", "my_largest_prompt_batch", "largest batch of prompts that fits the card, by the planner", PROMPTS,
+             "after the weights, each prompt costs only its activations and KV cache: divide the room left by that.",
+             "the weights come once, but each prompt adds its activations and KV cache, and reserved memory "
+             "grows in whole segments.",
+             partial(_largest_batch, counted="prompt")),
 )}
