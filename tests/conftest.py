@@ -24,6 +24,18 @@ ORIGINAL_CODE_DIR = REPO.parent / "shared" / "reference" / "internlm-xcomposer2-
 ORIGINAL_VENV = REPO / ".venv-original"
 
 
+# The longest test files, longest first. `make test` runs `-n 2 --dist loadfile`, which hands files to the workers
+# in collection order: starting these first lets the short files fill the other worker around them, instead of one
+# course run finishing alone at the end.
+SLOW_FILES = ("test_course.py", "test_course_80gb.py", "test_cpu_kernel_paths.py", "test_original_steps.py",
+              "test_browser.py", "test_estimate.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))
+
+
 def pytest_report_header() -> str:
     return f"bitsandbytes CPU path for the course runs: {REQUESTED_CPU_PATH} (nbval kernels: portable)"
 
