@@ -3,7 +3,7 @@
 A card sold as "48 GB" carries 48 GiB of memory chips (GPU memory comes in binary sizes), and PyTorch sees
 less: `torch.cuda.get_device_properties(0).total_memory` reports what the driver leaves after its own
 reservations and, on cards with ECC on GDDR memory, the ECC bits (the course's own "80GB" H100 reports
-79.18 GiB; an L40S, 44.42 GiB of its 48). Of that, the CUDA context
+79.18 GiB, its H200 139.80 GiB of 141; an L40S, 44.42 GiB of its 48). Of that, the CUDA context
 and the libraries' kernels take some hundreds of MiB before the first tensor, outside PyTorch's allocator
 (notebook 07 measures it: `mem_get_info()` in use minus `memory_reserved()`). What a model may allocate is
 therefore `total_memory - CONTEXT_BYTES`.
@@ -64,6 +64,7 @@ CARDS: dict[str, Card] = {card.name: card for card in (
     Card("L40S", 48, _gib(44.42), "OOM message, stepfun-ai/Step-Video-T2V issue #8"),
     Card("A800 80GB", 80, _gib(79.32), "OOM message, InternLM/InternLM-XComposer issue #436"),
     Card("H100 80GB HBM3", 80, 85_017_493_504, "measured by this project (results/full-h100/env.json)"),
+    Card("H200", 141, 150_109_880_320, "measured by this project (results/full-h200/env.json)"),
 )}
 
 # The card the course emulates for a marketed size: the 48 GB class is represented by the L40S, the card family
