@@ -16,23 +16,34 @@ Modules: `result` (Estimate), `call` (checked settings), `weights`, `fake` (the 
 `replay` (generate's loop written out), `caption` (the API above), `split` (per card), `placement` (maps).
 """
 
-from xcomp_lab.estimate.caption import estimate_caption, estimate_step
-from xcomp_lab.estimate.placement import (
-    DevicePlan,
-    meta_model,
-    offload_layers_map,
-    plan_device_map,
-    plan_from_pretrained,
-    quiet_accelerate,
-    summarize_map,
-)
-from xcomp_lab.estimate.result import Estimate, fits
-from xcomp_lab.estimate.split import SplitEstimate, course_split_estimates, estimate_split_caption
-from xcomp_lab.estimate.weights import weights_only
+from __future__ import annotations
 
-__all__ = [
-    "Estimate", "fits", "estimate_caption", "estimate_step", "weights_only",
-    "SplitEstimate", "estimate_split_caption", "course_split_estimates",
-    "DevicePlan", "plan_device_map", "plan_from_pretrained", "summarize_map", "offload_layers_map", "meta_model",
-    "quiet_accelerate",
-]
+import importlib
+
+# Imported on first use (PEP 562), so that a submodule that needs only torch (the accounting, the allocator)
+# also imports where transformers is another major version (the original code's environment, transformers 4.33.2).
+_EXPORTS = {
+    "Estimate": "xcomp_lab.estimate.result",
+    "fits": "xcomp_lab.estimate.result",
+    "estimate_caption": "xcomp_lab.estimate.caption",
+    "estimate_step": "xcomp_lab.estimate.caption",
+    "weights_only": "xcomp_lab.estimate.weights",
+    "SplitEstimate": "xcomp_lab.estimate.split",
+    "estimate_split_caption": "xcomp_lab.estimate.split",
+    "course_split_estimates": "xcomp_lab.estimate.split",
+    "DevicePlan": "xcomp_lab.estimate.placement",
+    "plan_device_map": "xcomp_lab.estimate.placement",
+    "plan_from_pretrained": "xcomp_lab.estimate.placement",
+    "summarize_map": "xcomp_lab.estimate.placement",
+    "offload_layers_map": "xcomp_lab.estimate.placement",
+    "meta_model": "xcomp_lab.estimate.placement",
+    "quiet_accelerate": "xcomp_lab.estimate.placement",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

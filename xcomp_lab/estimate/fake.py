@@ -3,18 +3,18 @@ bitsandbytes modules, as `load_for_step` leaves it, with shapes and storages but
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from xcomp_lab.memory.footprint import statistics
-from xcomp_lab.model.configuration_internlm_xcomposer2 import InternLMXcomposer2Config
-from xcomp_lab.model.loading import quantization_config
-from xcomp_lab.model.modeling_internlm_xcomposer2 import (
-    InternLMXComposer2ForCausalLM,
-)
+
+if TYPE_CHECKING:  # the replica's modules need transformers 5; quantize_with and the rest need only torch
+    from xcomp_lab.model.configuration_internlm_xcomposer2 import (
+        InternLMXcomposer2Config,
+    )
 
 
 def fake_param(data: torch.Tensor, **attributes: Any) -> nn.Parameter:
@@ -28,6 +28,8 @@ def fake_param(data: torch.Tensor, **attributes: Any) -> nn.Parameter:
 
 def quantize(model: nn.Module, quantization: str, compute: torch.dtype, fake_mode: FakeTensorMode) -> None:
     """Convert the linears as `from_pretrained(quantization_config=...)` does, quantizing the fake weights."""
+    from xcomp_lab.model.loading import quantization_config
+
     quantize_with(model, quantization_config(quantization, compute), fake_mode)
 
 
@@ -71,6 +73,10 @@ def quantize_with(model: nn.Module, config: Any, fake_mode: FakeTensorMode) -> N
 def build_fake_model(config: InternLMXcomposer2Config, dtype: torch.dtype, quantization: str,
            fake_mode: FakeTensorMode) -> nn.Module:
     """The replica with fake tensors, as `load_for_step` leaves it (eval mode, dtype set at construction)."""
+    from xcomp_lab.model.modeling_internlm_xcomposer2 import (
+        InternLMXComposer2ForCausalLM,
+    )
+
     previous = torch.get_default_dtype()
     try:
         with fake_mode:
