@@ -20,7 +20,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# MODEL=/path/to/checkpoint runs the course on it; a checkpoint of the original model's own code (transformers
+# 4.33.2) runs its notebooks in a kernel of $(ORIGINAL_VENV), created here first (xcomp_lab.original.kernel).
 course: setup
+	@if [ -n "$(MODEL)" ] && $(BIN)/python -c "import sys; from xcomp_lab.original.detect import uses_original_code; \
+		sys.exit(0 if uses_original_code(sys.argv[1]) else 1)" "$(MODEL)"; then $(MAKE) venv-original; fi
 	$(BIN)/python -m xcomp_lab.tools.course
 
 # Two workers, one thread each: notebooks and the two course runs are spread over the cores.
@@ -51,7 +55,8 @@ guide: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m xcomp_lab.tools.guide --timings course-output/guide/timings.json --note "$(NOTE)"
 
 # The original model's own remote code pins transformers 4.33.2: a second environment for it, created once from
-# requirements-original.txt (whose header says why torch comes from ORIGINAL_TORCH). tests/test_original_code.py
+# requirements-original.txt (whose header says why torch comes from ORIGINAL_TORCH), with this checkout installed
+# editable and a Jupyter kernel's packages (`make course MODEL=...` runs the notebooks there). tests/test_original_code.py
 # runs the remote code in it; `make test` creates it where the reference copy of that code lies beside the checkout.
 ORIGINAL_VENV ?= .venv-original
 ORIGINAL_TORCH ?= torch==2.14.1 torchvision==0.29.1
@@ -66,6 +71,7 @@ $(ORIGINAL_STAMP): requirements-original.txt
 	$(ORIGINAL_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(ORIGINAL_VENV)/bin/python -m pip install --quiet $(ORIGINAL_TORCH)
 	$(ORIGINAL_VENV)/bin/python -m pip install --quiet -r requirements-original.txt
+	$(ORIGINAL_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 venv-original: $(ORIGINAL_STAMP)

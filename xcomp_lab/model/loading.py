@@ -4,6 +4,12 @@
 transformers, then loads exactly as the model card says. With `model_name_or_path=None` it loads the
 course's own checkpoint for `scale` (building it on first use). A local checkpoint's shards are checked before
 loading (`xcomp_lab.model.manifest.verify_checkpoint`), so a damaged one fails with a message naming the shard.
+
+A checkpoint of the original model's own remote code (`xcomp_lab.original.detect.uses_original_code`) loads as
+that code needs, in its environment (transformers 4.33.2): `torch_dtype=` (not transformers 5's `dtype=`) and no
+`attn_implementation`, which its constructor refuses (it has eager attention only: asking for another is refused
+here with that said). This module imports the replica's code only where the replica is loaded, so it imports
+under transformers 4.33.2 too.
 """
 
 from __future__ import annotations
@@ -13,20 +19,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from xcomp_lab.core.dtypes import check_dtype
 from xcomp_lab.model.bnb_cpu import apply_cpu_path
-from xcomp_lab.model.checkpoint import default_checkpoint
 from xcomp_lab.model.manifest import verify_checkpoint
-from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
-from xcomp_lab.model.scales import check_scale
+from xcomp_lab.original.detect import ORIGINAL_ATTENTION, uses_original_code
 
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 
 
-def check_attn_implementation(attn_implementation: str | None) -> str | None:
-    """None (the checkpoint's default, eager) or one of the supported kinds."""
+def check_attn_implementation(attn_implementation: str | None, original_code: bool = False) -> str | None:
+    """None (the checkpoint's default, eager) or one of the kinds the checkpoint's code supports."""
+    if original_code:
+        if attn_implementation is not None and attn_implementation not in ORIGINAL_ATTENTION:
+            raise ValueError(
+                f"Unsupported attn_implementation {attn_implementation!r}: the original InternLM-XComposer2-VL-7B code "
+                f"has eager attention only ({list(ORIGINAL_ATTENTION)}), and under transformers 4.33.2 its constructor "
+                "refuses the argument; pass None or 'eager' (the replica has sdpa)."
+            )
+        return attn_implementation
+    from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
+
     if attn_implementation is not None and attn_implementation not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"Unsupported attn_implementation {attn_implementation!r}; the replica supports "
@@ -60,6 +80,9 @@ def resolve_checkpoint(model_name_or_path: str | os.PathLike | None, scale: str 
     not bytes changed inside the tensor data. A hub id is left to transformers to download and is not verified.
     """
     if model_name_or_path is None:
+        from xcomp_lab.model.checkpoint import default_checkpoint
+        from xcomp_lab.model.scales import check_scale
+
         directory = default_checkpoint(check_scale(scale))
         verify_checkpoint(directory)
         return str(directory)
@@ -97,22 +120,26 @@ def load_model(
     FP32 model older transformers gave by default. Both model and tokenizer run code from the checkpoint
     (`trust_remote_code=True`): for a hub id, pass `revision="<commit hash>"` to pin the code you read; it
     reaches the tokenizer too. A 4-bit model takes the bitsandbytes CPU path `XCOMP_LAB_BNB_CPU_PATH` names
-    (default "portable", the same on every processor: see `xcomp_lab.model.bnb_cpu`).
+    (default "portable", the same on every processor: see `xcomp_lab.model.bnb_cpu`). An original-code checkpoint
+    is given `torch_dtype` and never `attn_implementation` (see the module docstring); its quantized recipes that
+    work are `xcomp_lab.original.quantize`'s.
     """
     torch_dtype = check_dtype(dtype)
-    check_attn_implementation(attn_implementation)
+    original = uses_original_code(model_name_or_path)
+    check_attn_implementation(attn_implementation, original)
     if quantization_config is not None and not isinstance(quantization_config, BitsAndBytesConfig):
         raise TypeError(
             f"quantization_config must be a transformers.BitsAndBytesConfig, got {type(quantization_config).__name__}; "
             "xcomp_lab.model.loading.quantization_config('int8' | 'nf4') builds one."
         )
     path = resolve_checkpoint(model_name_or_path, scale)
-    options: dict[str, Any] = dict(trust_remote_code=True, dtype=torch_dtype or "auto", **kwargs)
+    dtype_key = "torch_dtype" if original else "dtype"
+    options: dict[str, Any] = {"trust_remote_code": True, dtype_key: torch_dtype or "auto", **kwargs}
     if device_map is not None:
         options["device_map"] = device_map
     if quantization_config is not None:
         options["quantization_config"] = quantization_config
-    if attn_implementation is not None:
+    if attn_implementation is not None and not original:
         options["attn_implementation"] = attn_implementation
     model = AutoModel.from_pretrained(path, **options)
     if quantization_config is not None and quantization_config.load_in_4bit:

@@ -34,9 +34,10 @@ import torch
 
 from xcomp_lab.core.checks import check_choice, check_int
 from xcomp_lab.core.dtypes import check_dtype
+from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.results import append_result, build_record
 from xcomp_lab.course.step_table import STEPS, Step
-from xcomp_lab.memory.budget import Budget, card_budget
+from xcomp_lab.memory.budget import Budget, card_budget, card_bytes
 from xcomp_lab.memory.measure import Measurement
 from xcomp_lab.memory.oom import GuardedResult, model_frame, run_guarded
 from xcomp_lab.model.original import CODE_FILES, original_parameter_count
@@ -295,6 +296,35 @@ def step_budget(step: OriginalStep, device: str, budget_gb: float, scale: str) -
         return Budget(device=device, limit_bytes=48 * 10**9, card_gb=48.0,
                       card="48 x 10^9 bytes, the rule DESIGN.md section 6's figures were measured under")
     return card_budget(budget_gb, device, original_parameter_count(scale) * 4)
+
+
+def original_budget(budget_gb: float, device: str, scale: str) -> Budget:
+    """The course's card for an original-code checkpoint at `scale`: the card itself on CUDA; on a CPU the card
+    less the FP32 weights the scale lacks against the full model.
+
+    Why not the replica's rule (the card scaled by the FP32 weights, `card_budget`): the original hard-codes its
+    widths, so its small build keeps the full model's activations (4096-wide decoder, 1024-wide CLIP, 1225 image
+    tokens) while its weights are about 1% of the full model's; scaled by the weights, even the fixes' activations
+    exceed the card. Here the activations get the room the real card leaves them, and what the build does not hold
+    (31 of 32 decoder layers, most of the vocabulary) is taken off the card as the FP32 bytes those weights would
+    take. What the small build then cannot show: the quick start's FP16 autocast copies grow with the layers run
+    before the peak, so with one layer they are far too few to run out of memory; the notebooks print that extra.
+    """
+    if device.startswith("cuda"):
+        return card_budget(budget_gb, device, original_parameter_count(scale) * 4)
+    usable, card = card_bytes(budget_gb)
+    lacking = (original_parameter_count("full") - original_parameter_count(scale)) * 4
+    if lacking >= usable:
+        raise ValueError(f"budget_gb={budget_gb:g} leaves {fmt_bytes(usable)}, less than the {fmt_bytes(lacking)} of "
+                         f"FP32 weights the {scale!r} build lacks; choose a card of at least 40 GB.")
+    return Budget(device="cpu", limit_bytes=usable - lacking, card_gb=float(budget_gb),
+                  card=f"{card}, less the {fmt_bytes(lacking)} of FP32 weights the {scale} build does not hold")
+
+
+def original_step_for(step: Step) -> OriginalStep:
+    """The original-code step for a course step: the one of that name in ORIGINAL_STEPS, or the step loaded as is."""
+    known = ORIGINAL_STEPS.get(step.name)
+    return known if known is not None and known.step == step else OriginalStep(step.name, step)
 
 
 def chat_once(model: Any, tokenizer: Any, image: str, step: OriginalStep, device: str, budget: Budget | None,

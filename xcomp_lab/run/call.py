@@ -9,16 +9,14 @@ escape: it comes back as a failed run with a report, and memory is back at its b
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from xcomp_lab.memory import Budget, GuardedResult, MemoryResult, run_guarded
-from xcomp_lab.model.tokenizer import CAPTION_QUERY
-from xcomp_lab.run.captioning import prompt_batch
-from xcomp_lab.run.generate import generated_tokens, greedy_generate, turn_texts
 from xcomp_lab.run.modes import GRAD_MODES, autocast, grad_mode
 
 __all__ = [
@@ -51,8 +49,14 @@ def cache_bytes(cache: Any) -> int:
 
 
 @contextlib.contextmanager
-def phase_marks(model: Any, m: Any) -> Iterator[None]:
-    """Mark "vision" when the vision tower runs, then "prefill" and "decode" at the decoder's first two calls."""
+def phase_marks(model: Any, m: Any, vision: Any = None, decoder: Any = None) -> Iterator[None]:
+    """Mark "vision" when the vision tower runs, then "prefill" and "decode" at the decoder's first two calls.
+
+    `m` has a `mark(phase)` method; `vision` and `decoder` are the model's modules (default: the replica's `vit`
+    and `model`; `vision` None for a language model when `decoder` is given).
+    """
+    if decoder is None:
+        vision, decoder = model.vit, model.model
     calls = {"decoder": 0}
 
     def on_vision(*_: Any) -> None:
@@ -63,7 +67,9 @@ def phase_marks(model: Any, m: Any) -> Iterator[None]:
         if calls["decoder"] <= 2:
             m.mark("prefill" if calls["decoder"] == 1 else "decode")
 
-    handles = [model.vit.register_forward_pre_hook(on_vision), model.model.register_forward_pre_hook(on_decoder)]
+    handles = [decoder.register_forward_pre_hook(on_decoder)]
+    if vision is not None:
+        handles.append(vision.register_forward_pre_hook(on_vision))
     try:
         yield
     finally:
@@ -103,15 +109,22 @@ def run_caption(
     use_autocast: bool = False,
     budget: Budget | None = None,
     image_size: int | None = None,
-    query: str = CAPTION_QUERY,
+    query: str | None = None,
     label: str = "",
     sample_every: int = 256,
 ) -> CaptionRun:
     """Caption `images` (one prompt each, greedy) as one measured call; OOM is caught and reported.
 
     `sample_every`: on CPU, one timeline sample every that many allocations (1 catches every spike; on CUDA
-    the timeline holds the phase markers only, the peak comes from the allocator).
+    the timeline holds the phase markers only, the peak comes from the allocator). `query`: None is the course's
+    caption query. The replica's prompt and generation code is imported here, not with the module, so that this
+    module's other names import under the original's transformers 4.33.2 too.
     """
+    from xcomp_lab.model.tokenizer import CAPTION_QUERY
+    from xcomp_lab.run.captioning import prompt_batch
+    from xcomp_lab.run.generate import generated_tokens, greedy_generate, turn_texts
+
+    query = CAPTION_QUERY if query is None else query
     if not images:
         raise ValueError("images is empty; pass at least one image to caption.")
     shapes: dict[str, int] = {}

@@ -5,6 +5,14 @@
     python -m xcomp_lab.tools.course --scale full --device cuda --edition results/full-h200
                                                           # ... and publish it as the repository's full-scale copies
     python -m xcomp_lab.tools.course --only 03 08 --output DIR   # rerun two notebooks of the course run in DIR
+    python -m xcomp_lab.tools.course --model-name-or-path /path/to/internlm-xcomposer2-vl-7b --device cuda
+                                                          # real weights (make course MODEL=... DEVICE=cuda)
+
+A checkpoint whose remote code is the original model's own (`xcomp_lab.original.detect.uses_original_code`:
+the downloaded InternLM-XComposer2-VL-7B, or a `build_original_checkpoint` build) runs its notebooks in a kernel
+of the original's environment (`.venv-original`, `make venv-original`; `xcomp_lab.original.kernel`), at the
+checkpoint's own scale unless one is given ("small" for a CPU build, "full" otherwise), into
+`course-output/original-<scale>-<device>`; without that environment the command says how to create it.
 
 Executed notebooks, the results file, the charts, per-notebook timings and `summary.html` all land in one
 output folder (default `course-output/<scale>-<device>`). Every executed copy records the digest of its
@@ -27,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -47,7 +56,13 @@ from xcomp_lab.core.resources import repository_root
 from xcomp_lab.course.editions import stamp
 from xcomp_lab.course.params import CourseParams, check_params, resolve_course_device
 from xcomp_lab.course.results import read_results, write_results
-from xcomp_lab.model.scales import check_scale
+from xcomp_lab.original.detect import original_scale, uses_original_code
+from xcomp_lab.original.kernel import (
+    COURSE_KERNEL,
+    Kernel,
+    OriginalEnvironmentMissing,
+    kernel_for,
+)
 
 # A cell running longer than this fails the run instead of hanging it; at full scale on an H100 no notebook
 # took over 2 minutes in all.
@@ -142,15 +157,20 @@ def mark_stopped(copy: Path, ename: str, evalue: str) -> None:
     raise_for_execution_errors(nb, str(copy))
 
 
-def execute(notebook: Path, copy: Path, parameters: dict[str, Any]) -> tuple[NotebookFailure | None, bool]:
+def execute(notebook: Path, copy: Path, parameters: dict[str, Any],
+            kernel: Kernel | None = None) -> tuple[NotebookFailure | None, bool]:
     """Run one notebook into `copy` with papermill: (how it failed, or None; whether the course was interrupted).
 
-    An interruption before papermill wrote the copy leaves no copy and no failure: the notebook did not run.
+    `kernel` (default: the course's own) names the kernel and the variables under which papermill finds it. An
+    interruption before papermill wrote the copy leaves no copy and no failure: the notebook did not run.
     """
+    kernel = kernel or Kernel(COURSE_KERNEL)
+    saved = {name: os.environ.get(name) for name in kernel.environment}
+    os.environ.update(kernel.environment)
     try:
         try:
             papermill.execute_notebook(str(notebook), str(copy), parameters=parameters, cwd=str(notebook.parent),
-                                       kernel_name="python3", progress_bar=False, execution_timeout=CELL_TIMEOUT_S)
+                                       kernel_name=kernel.name, progress_bar=False, execution_timeout=CELL_TIMEOUT_S)
         except KeyboardInterrupt:
             if not copy.is_file():
                 return None, True
@@ -164,6 +184,12 @@ def execute(notebook: Path, copy: Path, parameters: dict[str, Any]) -> tuple[Not
         interrupted = error.ename == "KeyboardInterrupt"
         evalue = error.evalue or (INTERRUPTED if interrupted else "")
         return NotebookFailure(notebook.name, error.exec_count, f"{error.ename}: {evalue}", copy), interrupted
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return None, False
 
 
@@ -211,13 +237,26 @@ def _claim_new_records(results: Path, notebook: str, first: int, order: Sequence
     write_results(results, [records[i] for i in sorted(range(len(records)), key=keys.__getitem__)])
 
 
+def course_scale(scale: str | None, model_name_or_path: str | os.PathLike | None) -> str:
+    """The scale to run at: the one given, else an original-code checkpoint's own ("small" or "full"), else tiny."""
+    if scale is not None:
+        return scale
+    return original_scale(model_name_or_path) if uses_original_code(model_name_or_path) else "tiny"
+
+
+def default_output(scale: str, device: str, model_name_or_path: str | os.PathLike | None) -> Path:
+    """`course-output/<scale>-<device>`, `course-output/original-<scale>-<device>` for the original's code."""
+    prefix = "original-" if uses_original_code(model_name_or_path) else ""
+    return Path("course-output") / f"{prefix}{scale}-{resolve_course_device(device)}"
+
+
 def run_course(
     output_dir: str | os.PathLike | None = None,
     *,
     only: list[str] | None = None,
     progress: bool = True,
     notebook_dir: str | os.PathLike | None = None,
-    scale: str = "tiny",
+    scale: str | None = None,
     device: str = "auto",
     **parameters: Any,
 ) -> Path:
@@ -227,13 +266,20 @@ def run_course(
     A notebook that fails does not stop the others: its executed copy (with the error in the failing cell)
     is kept, the summary shows every notebook that ran, and `CourseFailed` is raised at the end; an
     interruption raises `CourseInterrupted` (a KeyboardInterrupt) once the timings and summary are written.
+    `scale=None` is the checkpoint's own for the original's code, else "tiny"; an original-code checkpoint runs in
+    the original's environment's kernel (`original.kernel.kernel_for`), whose absence raises
+    `OriginalEnvironmentMissing` saying how to create it.
     """
     if "results_path" in parameters:
         raise ValueError("results_path is chosen by run_course: the notebooks append to <output_dir>/results.jsonl; "
                          "pass output_dir instead.")
-    out = Path(output_dir or Path("course-output") / f"{check_scale(scale)}-{resolve_course_device(device)}").resolve()
-    results = out / RESULTS_NAME
-    params = check_params(scale=scale, device=device, **parameters, results_path=results)
+    model = parameters.get("model_name_or_path")
+    scale = course_scale(scale, model)
+    params = check_params(scale=scale, device=device, **parameters,
+                          results_path=Path(output_dir or default_output(scale, device, model)).resolve() / RESULTS_NAME)
+    out = params.results_path.parent
+    results = params.results_path
+    kernel = kernel_for(model)
     course = notebooks(notebook_dir)
     selected = select(course, only)
     order = [nb.name for nb in course]
@@ -257,7 +303,7 @@ def run_course(
         start = time.perf_counter()
         try:
             failure, interrupted = execute(notebook, copy, {**parameters, "scale": scale, "device": device,
-                                                            "results_path": str(results)})
+                                                            "results_path": str(results)}, kernel)
         finally:
             _claim_new_records(results, name, len(kept), order)
         if failure:
@@ -290,11 +336,21 @@ def _stamp_copy(copy: Path, notebook: Path, params: CourseParams) -> None:
         nbformat.write(stamp(nbformat.read(copy, as_version=4), source, params.as_dict()), copy)
 
 
-def publish_edition(out: Path, edition: str | os.PathLike) -> Path:
+def kernel_versions(kernel: Kernel) -> dict[str, Any] | None:
+    """The versions a kernel of another environment runs on (`original.environment.versions`), None for ours."""
+    if kernel.python is None:
+        return None
+    probe = "import json; from xcomp_lab.original.environment import versions; print(json.dumps(versions()))"
+    done = subprocess.run([os.fspath(kernel.python), "-c", probe], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def publish_edition(out: Path, edition: str | os.PathLike, kernel: Kernel | None = None) -> Path:
     """Copy a course run's executed notebooks, results and timings, with this machine's GPUs, into `edition`.
 
-    `edition` is a folder of the repository such as `results/full-h200`: its `notebooks/` are what the static
-    site shows and what `tests/test_editions.py` checks against the sources.
+    `edition` is a folder of the repository such as `results/full-h200` or `results/original-small-cpu`: its
+    `notebooks/` are what the static site shows and what `tests/test_editions.py` checks against the sources. A
+    run in another environment's kernel records that environment's versions too (`env.json`'s "kernel").
     """
     target = Path(edition)
     (target / "notebooks").mkdir(parents=True, exist_ok=True)
@@ -304,7 +360,8 @@ def publish_edition(out: Path, edition: str | os.PathLike) -> Path:
         shutil.copyfile(executed, target / "notebooks" / executed.name)
     for name in (RESULTS_NAME, TIMINGS_NAME):
         shutil.copyfile(out / name, target / name)
-    _write_json(target / "env.json", gpu_environment())
+    versions = kernel_versions(kernel or Kernel(COURSE_KERNEL))
+    _write_json(target / "env.json", {**gpu_environment(), **({"kernel": versions} if versions else {})})
     return target
 
 
@@ -326,10 +383,12 @@ def render_summary(out: Path, executed: list[Path]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     env = os.environ
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", default=env.get("SCALE", "tiny"))
+    parser.add_argument("--scale", default=env.get("SCALE") or None,
+                        help="tiny or full (the replica); small or full (an original-code checkpoint, default its own)")
     parser.add_argument("--device", default=env.get("DEVICE", "auto"))
     parser.add_argument("--budget-gb", type=float, default=float(env.get("BUDGET_GB", 48)))
-    parser.add_argument("--model", default=env.get("MODEL") or None, help="real weights: a directory or hub id")
+    parser.add_argument("--model", "--model-name-or-path", dest="model", default=env.get("MODEL") or None,
+                        help="real weights: a directory or hub id (the original's own code runs in .venv-original)")
     parser.add_argument("--output", default=env.get("OUTPUT") or None)
     parser.add_argument("--notebooks", default=None, help="the folder of numbered notebooks (default: notebooks/)")
     parser.add_argument("--edition", default=None,
@@ -347,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             budget_gb=args.budget_gb,
             model_name_or_path=args.model,
         )
-    except ValueError as error:
+    except (ValueError, OriginalEnvironmentMissing) as error:
         print(f"course: {error}", file=sys.stderr)
         return 2
     except CourseFailed as failed:
@@ -358,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"course written to {out} (summary: {out / 'summary.html'})")
     if args.edition:
-        print(f"edition published to {publish_edition(out, args.edition)}")
+        print(f"edition published to {publish_edition(out, args.edition, kernel_for(args.model))}")
     return 0
 
 
