@@ -49,17 +49,26 @@ my_fp32_footprint_gib = None  # your prediction, in GiB
 
 # %% [markdown]
 # First in plain PyTorch (every parameter's `numel()`, every buffer's bytes), then by part with the course's
-# `weight_breakdown`, which reads the same tensors.
+# `weight_breakdown`, which reads the same tensors. With `model_name_or_path` pointing at a checkpoint of the
+# original's own code, the full-size model is that code's, built from the checkpoint's files
+# (`xcomp_lab.original.meta`); otherwise the course's replica.
 
 # %%
 import torch
 from xcomp_lab.core.units import GIB, fmt_bytes
 from xcomp_lab.course.charts import format_breakdown, weight_breakdown, weight_breakdown_chart
-from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
-from xcomp_lab.model.scales import config_for_scale
 
-with torch.device("meta"):
-    full = InternLMXComposer2ForCausalLM(config_for_scale("full"))
+if params.original_code:
+    from xcomp_lab.original.meta import original_on_meta
+
+    full = original_on_meta(params.model_name_or_path, "full")
+else:
+    from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
+    from xcomp_lab.model.scales import config_for_scale
+
+    with torch.device("meta"):
+        full = InternLMXComposer2ForCausalLM(config_for_scale("full"))
+print(f"full-size model: {type(full).__module__.split('.')[-1]}.{type(full).__name__}")
 n_params = sum(p.numel() for p in full.parameters())
 buffer_bytes = sum(b.numel() * b.element_size() for b in full.buffers())
 print(f"parameters: {n_params:,} | buffers: {fmt_bytes(buffer_bytes)}\n")
@@ -159,7 +168,9 @@ else:
 # CPU in seconds and trained to caption the course's synthetic scenes, whose true captions are known: a change
 # of caption after FP16, INT8 or NF4 is a change you can check against the truth.
 # At `scale="full"` the weights are random (the real ones cannot be shipped), and its captions are noise; with
-# `model_name_or_path` it loads real weights the same way. Its own breakdown, loaded in FP32:
+# `model_name_or_path` it loads real weights the same way. A checkpoint of the original's own code (the download,
+# or the course's random-weight build of it, `xcomp_lab.model.original`, "small" on a CPU: the real widths and 1225
+# image tokens, one decoder layer) loads through that code, in its environment. Its own breakdown, loaded in FP32:
 
 # %% [markdown]
 # **Safety: what loading a model runs.** `trust_remote_code=True` executes the Python files shipped inside the
@@ -176,26 +187,28 @@ model, tokenizer = load_model(params.model_name_or_path, scale=params.scale, dty
                               device_map={"": params.device} if params.device == "cuda" else None)
 rows = weight_breakdown(model)
 print(format_breakdown(rows))
-weight_breakdown_chart(rows, title=f"{params.scale} replica, FP32: where the bytes are")
+code_name = "original code" if params.original_code else "replica"
+weight_breakdown_chart(rows, title=f"{params.scale} {code_name}, FP32: where the bytes are")
 
 # %% [markdown]
 # ## A first caption
 #
-# `model.chat` has the original's call shape: tokenizer, query with `<ImageHere>`, image, history. It takes the
-# `image_size` parameter (None: the vision tower's own size); each 14 x 14 patch of the resized image becomes one
-# image token.
+# `model.chat` has the original's call shape: tokenizer, query with `<ImageHere>`, image, history. The replica's
+# takes the image and the `image_size` parameter (None: the vision tower's own size); the original's takes a file
+# or a preprocessed tensor and always resizes to 490 px. `chat_inputs` gives either its arguments. Each 14 x 14
+# patch of the resized image becomes one image token.
 
 # %%
+from xcomp_lab.course.notebook import chat_inputs, image_grid
+
 image, truth = sample_images(1)[0]
-side = params.image_size or model.config.image_size
-patch = model.config.vision_config.patch_size
+side, patch = image_grid(model, params)
 with torch.inference_mode():
-    response, history = model.chat(tokenizer, "<ImageHere>Describe the image in one sentence.", image=image,
-                                   image_size=params.image_size, max_new_tokens=params.max_new_tokens,
-                                   do_sample=False, repetition_penalty=1.0)
-random_weights = params.scale == "full" and params.model_name_or_path is None
+    response, history = model.chat(tokenizer, "<ImageHere>Describe the image in one sentence.",
+                                   **chat_inputs(model, image, params))
+random_weights = params.random_weights
 print(f"image seen at {side} x {side} px: {(side // patch) ** 2} image tokens")
-print(f"model: {response!r}\ntruth: {truth!r}" + ("  (random weights at full scale: the caption is noise)"
+print(f"model: {response!r}\ntruth: {truth!r}" + ("  (random weights: the caption is noise)"
                                                    if random_weights else ""))
 image.resize((side, side))
 
@@ -208,7 +221,7 @@ rotary_share = dict((name, b) for name, _, b in full_rows)["rotary tables"] / fp
 print(f"- The full model has {n_params / 1e9:.2f} B parameters: {fmt_bytes(n_params * 4)} in FP32, "
       f"{fmt_bytes(n_params * 2)} in FP16; with its buffers it keeps {fmt_bytes(fp32_resident)} in FP32.")
 print(f"- Rotary tables the parameter count misses are {rotary_share:.1%} of the FP32 model's resident bytes.")
-print(f"- The {params.scale} replica loaded here has {loaded_params:,} parameters: "
+print(f"- The {params.scale} {code_name} loaded here has {loaded_params:,} parameters: "
       + ("the full model's count." if loaded_params == n_params else
          f"every part kept, {n_params / loaded_params:,.0f} times fewer than the full model."))
 seen = sorted(card.total_bytes for card in class_48)
