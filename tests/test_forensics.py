@@ -3,6 +3,8 @@ by phase and by decode step, the marked caption, the host's memory."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from xcomp_lab.core.units import fmt_bytes
@@ -162,3 +164,28 @@ def test_caption_timeline_marks_every_decode_step_and_records(tiny_model, scene_
     assert labels.count("decode") == run.new_tokens - 1
     assert timeline.highest_bytes == run.memory.peak_bytes  # one sample per allocation: no spike is missed
     assert (tmp_path / "r.jsonl").read_text().count("\n") == 1
+
+
+def test_first_decode_reads_the_three_causes_from_its_figures():
+    timeline = forensics.Timeline(((0.0, 100, "start"), (1.0, 150, "prefill"), (2.0, 400, ""), (3.0, 180, "decode-1"),
+                                   (4.0, 200, ""), (5.0, 170, "decode"), (6.0, 100, "end")), "test")
+    first = forensics.FirstDecode(layers=2, prompt_tokens=10, at_start_bytes=80, cache_view_bytes=40,
+                                  cache_storage_bytes=100, prefill_logits_bytes=0, new_kv_bytes=8)
+    assert first.packed_bytes == 60
+    lines = first.lines(timeline).splitlines()
+    assert len(lines) == 4
+    assert f"{fmt_bytes(60)} more, the packed wqkv outputs" in lines[1]
+    assert "were freed before decode step 1" in lines[2]
+    assert lines[3].startswith(f"3. decode step 1 rises {fmt_bytes(20)} above its start")
+    with pytest.raises(ValueError, match="no phase 'decode-1'"):
+        first.lines(forensics.Timeline(((0.0, 1, "start"), (1.0, 2, "prefill")), "test"))
+
+
+def test_recorded_peak_phases_of_the_original_at_full_size():
+    folder = Path(__file__).resolve().parents[1] / "results" / "original-h200"
+    phases = forensics.recorded_peak_phases(folder / "results-1.jsonl", folder / "results-2.jsonl")
+    assert phases["fp32-no-autocast"] == "decode-1"  # DESIGN.md section 6: the first decode step
+    assert phases["fp32-quickstart"] == "OOM in prefill"
+    assert phases["fp16-half-no-autocast"] == "failed"  # the RuntimeError in img2emb
+    with pytest.raises(ValueError, match="at least one results file"):
+        forensics.recorded_peak_phases()

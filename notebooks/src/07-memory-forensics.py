@@ -248,17 +248,22 @@ print(f"the highest sample is in the {highest.label} phase, {fmt_bytes(highest.h
 my_logits_mib = None  # your prediction, in MiB
 
 # %%
-from xcomp_lab.lessons.forensics import measure_prefill_parts
+from xcomp_lab.lessons.forensics import measure_original_prefill_parts, measure_prefill_parts
 
 cfg = model.config
 B, T, new = len(images), run.prompt_tokens, run.new_tokens
+head_dim = cfg.hidden_size // cfg.num_attention_heads
 prefill = timeline.phase("prefill")
 spike = prefill.highest_bytes - prefill.at_start_bytes
-parts = measure_prefill_parts(model, tokenizer, images, device=params.device, grad=step.grad,
-                              use_autocast=step.use_autocast, image_size=params.image_size)
+if params.original_code:  # its chat() builds the prompt itself: the parts run on a hidden state of its shape
+    parts = measure_original_prefill_parts(model, caption.im_mask, device=params.device, dtype=torch.float16,
+                                           grad=step.grad, use_autocast=step.use_autocast)
+else:
+    parts = measure_prefill_parts(model, tokenizer, images, device=params.device, grad=step.grad,
+                                  use_autocast=step.use_autocast, image_size=params.image_size)
 scores = B * cfg.num_attention_heads * T * T * 2  # one layer's FP16 scores, (B, heads, T, T)
 logits_both = B * T * cfg.vocab_size * (2 + 4)  # FP16 logits and their FP32 copy, alive together
-kv_prompt = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * T * cfg.head_dim * 2  # keys and values, FP16
+kv_prompt = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * T * head_dim * 2  # keys and values, FP16
 largest = max(parts.attention_bytes, parts.logits_bytes)
 print(f"prefill: {fmt_bytes(spike)} above its marker at the highest")
 print(f"  one layer's attention, run alone: adds {fmt_bytes(parts.attention_bytes)} | its scores, {B} x "
@@ -288,10 +293,10 @@ answer_7_1 = check("7.1", my_logits_mib, measured=parts.logits_bytes, batch=B, t
 # come and go above it. The last step is left out: its slice runs to the end of the call, where memory is freed.
 
 # %%
-per_token = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * cfg.head_dim * 2
+per_token = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * head_dim * 2
 decode = timeline.phase("decode")
 print(f"KV cache per token: 2 x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} KV heads x "
-      f"{cfg.head_dim} x 2 bytes x batch {B} = {fmt_bytes(per_token)}")
+      f"{head_dim} x 2 bytes x batch {B} = {fmt_bytes(per_token)}")
 print(f"KV cache at the end of the call: measured {fmt_bytes(run.memory.kv_cache_bytes)} | formula for {T} + {new - 1} "
       f"tokens (the last one is never fed back) {fmt_bytes(per_token * (T + new - 1))}")
 print(f"decode phase, {decode.markers} steps: {fmt_bytes(decode.at_start_bytes)} at its first marker, highest "
@@ -311,8 +316,32 @@ print(f"a 1024-token answer (chat()'s default max_new_tokens) would add {fmt_byt
 # and values: what climbs beyond the cache is whatever else grows with the sequence (in transformers' `generate`,
 # the token ids and the attention mask also gain one position per step). Per token the climb is small next to the prefill's rise; long answers and batches are what make it count.
 #
-# Before the last step, the model goes, in plain PyTorch: drop the references, collect, and on a GPU hand the
-# cached blocks back.
+# **The original's own code at decode step 1.** DESIGN.md section 6 traces the original's fitting peaks at full
+# size (FP32 without autocast) to its first decode step, where three things of its code and of transformers 4.33.2
+# hold memory a plain cache would not: (1) each layer's V is a view into the packed `wqkv` output, and the legacy
+# tuple cache stores that view, so it keeps the whole projection alive, queries included; (2) 4.33.2's greedy loop
+# still references the prefill's logits; (3) `torch.cat` builds each layer's new K and V while the old cache is
+# still referenced. With the original's checkpoint, the hooks of Step 2 read the live tensors when decode step 1
+# starts (the cache's views and the storages behind them, and whether the prefill's logits are still
+# referenced); the lines below are this run's. The full-size run of the same code on an H200
+# (`results/original-h200/`, `python -m xcomp_lab.tools.original_gpu_run`) recorded where each step peaked.
+#
+# Then the model goes, in plain PyTorch: drop the references, collect, and on a GPU hand the cached blocks back.
+
+# %%
+from xcomp_lab.lessons.forensics import recorded_peak_phases
+
+if caption.first_decode is not None:
+    first = caption.first_decode
+    print(first.lines(timeline))
+    print(f"this run peaked in the {highest.label} phase; decode step 1 held {fmt_bytes(first.at_start_bytes)} above "
+          f"the call's start when it began, against the prefill's highest {fmt_bytes(spike + prefill.at_start_bytes - timeline.start_bytes)}")
+    full = recorded_peak_phases(*(f"../results/original-h200/results-{n}.jsonl" for n in (1, 2)))
+    print("where the original's steps peaked at full size on the H200 (32 layers): "
+          + ", ".join(f"{name}: {phase}" for name, phase in full.items()))
+else:
+    print("the first decode step is read apart for the original's own code only (pass its checkpoint as "
+          "model_name_or_path); the replica's cache stores its own K and V tensors")
 
 # %%
 del model, tokenizer
@@ -377,6 +406,11 @@ print(f"- The highest sample of the timeline is in the {highest.label} phase. Th
       f"sets the spike.")
 print(f"- The KV cache climbs {fmt_bytes(per_token)} per token: {fmt_bytes(run.memory.kv_cache_bytes)} for this "
       f"{T + new - 1}-token call, {fmt_bytes(1024 * per_token)} more for a 1024-token answer.")
+if caption.first_decode is not None:
+    print(f"- The original's code at decode step 1: its cache keeps {fmt_bytes(first.packed_bytes)} beyond its K and V "
+          f"(the packed wqkv outputs), the prefill's logits "
+          f"{'are still held (' + fmt_bytes(first.prefill_logits_bytes) + ')' if first.prefill_logits_bytes else 'are freed'}; "
+          f"at full size on the H200 its FP32 caption without autocast peaked in {full.get('fp32-no-autocast')}.")
 print(f"- The timeline holds {len(timeline.samples):,} samples: "
       + ("every allocation and free of the call, rebuilt from the allocator's recorded history on this GPU." if cuda
          else "one at every allocation of the call, from the tensor accounting on this CPU."))

@@ -23,8 +23,10 @@ the workaround until it fills the CUDA timeline from the memory history itself.
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import os
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,6 +283,8 @@ class CaptionTimeline:
     marks: tuple[Mark, ...]  # CUDA only: the allocator's counters at each marker
     budget: Budget
     record: dict[str, Any]
+    first_decode: FirstDecode | None = None  # the original's code only: its first decode step read apart
+    im_mask: torch.Tensor | None = None  # the original's code only: the prompt's image positions, (1, T) bool
 
     @property
     def device(self) -> str:
@@ -312,6 +316,8 @@ def caption_timeline(model: Any, tokenizer: Any, images: Sequence[Any], params: 
     device = params.device
     cuda = device != "cpu"
     budget = course_budget(params, model.config)
+    if params.original_code:
+        return _original_caption_timeline(model, tokenizer, images, params, step, budget, label)
     marks: list[Mark] = []
     meters: list[Any] = []
     shapes: dict[str, int] = {}
@@ -477,3 +483,260 @@ def host_memory() -> HostMemory:
     except RuntimeError:
         rss = None
     return HostMemory(info.get("MemAvailable"), info.get("MemTotal"), rss)
+
+
+# ----------------------------------------------------------------------------- the original code's first decode step
+
+@dataclass(frozen=True)
+class FirstDecode:
+    """What the original code holds when its first decode step starts, read from the live tensors of the run.
+
+    Three things of the original's code and of transformers 4.33.2 that a plain cache would not hold there:
+    the storages behind the cache (each layer's V is a view into the packed `wqkv` output, so the cache keeps all
+    of it), the prefill's logits (4.33.2's greedy loop still references them), and the new K and V that
+    `torch.cat` builds in each layer while the old cache is still referenced.
+    """
+
+    layers: int
+    prompt_tokens: int
+    at_start_bytes: int  # memory above the call's start when decode step 1 begins
+    cache_view_bytes: int  # the cached K and V as their shapes say
+    cache_storage_bytes: int  # the storages behind them: what the cache keeps alive
+    prefill_logits_bytes: int  # the prefill's logits tensors still alive at decode step 1 (0: freed)
+    new_kv_bytes: int  # one layer's K and V after the first decode step's concatenation
+
+    @property
+    def packed_bytes(self) -> int:
+        """What the cache keeps beyond its K and V: the rest of each layer's packed `wqkv` output."""
+        return self.cache_storage_bytes - self.cache_view_bytes
+
+    def lines(self, timeline: Timeline) -> str:
+        """One line per cause, from the run's figures; `timeline` (the call's) gives decode step 1's rise."""
+        one = timeline.phase("decode-1")
+        rise = one.highest_bytes - one.at_start_bytes
+        per_layer = self.cache_storage_bytes // max(self.layers, 1)
+        packed = (f"{fmt_bytes(self.packed_bytes)} more, the packed wqkv outputs the V views keep alive"
+                  if self.packed_bytes > 0 else "nothing more (no view into a larger tensor)")
+        logits = (f"are still alive: {fmt_bytes(self.prefill_logits_bytes)}" if self.prefill_logits_bytes
+                  else "were freed before decode step 1")
+        start = (f"at decode step 1's start: {fmt_bytes(self.at_start_bytes)} above the call's start ({self.layers} "
+                 f"decoder layer(s), {self.prompt_tokens} prompt tokens)")
+        cache = (f"1. the cache's K and V are {fmt_bytes(self.cache_view_bytes)}; the storages behind them "
+                 f"{fmt_bytes(self.cache_storage_bytes)} ({fmt_bytes(per_layer)} per layer): {packed}")
+        cat = (f"3. decode step 1 rises {fmt_bytes(rise)} above its start; torch.cat builds each layer's "
+               f"new K and V ({fmt_bytes(self.new_kv_bytes)} per layer) while the old cache is still referenced")
+        return "\n".join([start, cache, f"2. the prefill's logits {logits}", cat])
+
+
+@dataclass(frozen=True)
+class OriginalTimeline:
+    """One measured `model.chat` of the original code, its phase markers, and its first decode step read apart."""
+
+    caption: str | None
+    memory: Any  # xcomp_lab.memory.MemoryResult
+    marks: tuple[Mark, ...]  # CUDA only: the allocator's counters at each marker
+    first_decode: FirstDecode | None  # None when the call ended before a decode step
+    error: str | None  # the failure, if the call ran out of memory
+    prompt_tokens: int
+    new_tokens: int  # calls of the decoder: the prefill and each decode step, one new token each
+    im_mask: torch.Tensor | None  # the prompt's image positions as chat() passed them, (1, T) bool
+    seconds: float
+    after_release_bytes: int
+
+    def timeline(self, snapshot: Mapping[str, Any] | None = None) -> Timeline:
+        """The call's timeline: on a CPU the accounting's samples; on CUDA rebuilt from `snapshot`'s history."""
+        if self.memory.device == "cpu":
+            return Timeline(tuple(self.memory.timeline), "CPU tensor accounting (a sample at every allocation)")
+        if snapshot is None:
+            raise ValueError("on CUDA the timeline comes from the memory history: pass "
+                             "torch.cuda.memory._snapshot(), taken right after the call")
+        index = torch.device(self.memory.device).index
+        samples = trace_timeline(snapshot, self.marks, torch.cuda.current_device() if index is None else index)
+        return Timeline(tuple(samples), "CUDA memory history (every allocation and free, requested sizes)")
+
+
+def _storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def original_chat_timeline(model: Any, tokenizer: Any, image: Any, *, device: str, query: str,
+                           max_new_tokens: int, grad: str = "no_grad", use_autocast: bool = False,
+                           budget: Budget | None = None) -> OriginalTimeline:
+    """`model.chat` of the original remote code, measured with a marker at the vision tower ("vision"), the
+    decoder's first call ("prefill"), its second ("decode-1") and every later one ("decode").
+
+    At decode step 1 the hooks read the live objects: the cache the original passes in (`past_key_values`, its
+    views and their storages) and whether the prefill's logits are still referenced. On CUDA each marker also
+    reads the allocator's counters, for `OriginalTimeline.timeline(snapshot)`.
+    """
+    check_int("max_new_tokens", max_new_tokens, minimum=2, hint="decode step 1 needs at least two new tokens")
+    cuda = device != "cpu"
+    meters: list[Any] = []
+    marks: list[Mark] = []
+    state: dict[str, Any] = {"calls": 0, "logits": []}
+
+    def now() -> int:
+        return meters[0].current_bytes()
+
+    def mark(name: str) -> None:
+        meters[0].mark(name)
+        if cuda:
+            marks.append(cuda_mark(name, device))
+
+    def on_decoder(_module: Any, _args: tuple, kwargs: dict) -> None:
+        state["calls"] += 1
+        calls = state["calls"]
+        if calls == 1:
+            state["prompt"] = int(kwargs["inputs_embeds"].shape[1])
+            mask = kwargs.get("im_mask")
+            state["im_mask"] = None if mask is None else mask.detach().to("cpu", torch.bool).clone()
+        mark("prefill" if calls == 1 else "decode-1" if calls == 2 else "decode")
+        if calls == 2:
+            cache = [t for layer in kwargs.get("past_key_values") or () for t in layer]
+            alive = [t for t in (ref() for ref in state["logits"]) if t is not None]
+            state["first"] = {"at": now(), "views": sum(t.numel() * t.element_size() for t in cache),
+                              "storages": _storage_bytes(cache), "logits": _storage_bytes(alive),
+                              "new_kv": sum((t.numel() // t.shape[-2]) * (t.shape[-2] + 1) * t.element_size()
+                                            for t in cache[:2]),
+                              "layers": len(cache) // 2}
+
+    def after_decoder(_module: Any, _args: Any, output: Any) -> None:
+        cache = getattr(output, "past_key_values", None) or ()
+        state["kv"] = sum(t.numel() * t.element_size() for layer in cache for t in layer)
+
+    def on_head(_module: Any, _args: Any, output: torch.Tensor) -> None:
+        if state["calls"] == 1:
+            state["logits"].append(weakref.ref(output))
+
+    def on_model(_module: Any, _args: Any, output: Any) -> None:
+        logits = getattr(output, "logits", None)
+        if state["calls"] == 1 and logits is not None:
+            state["logits"].append(weakref.ref(logits))
+
+    def on_start(meter: Any) -> None:
+        meters.append(meter)
+        if cuda:
+            marks.append(cuda_mark("start", device))
+
+    def call() -> str:
+        handles = [model.vit.register_forward_pre_hook(lambda *_: mark("vision")),
+                   model.model.register_forward_pre_hook(on_decoder, with_kwargs=True),
+                   model.model.register_forward_hook(after_decoder),
+                   model.output.register_forward_hook(on_head), model.register_forward_hook(on_model)]
+        try:
+            with grad_mode(grad), autocast(device, use_autocast):
+                response, _ = model.chat(tokenizer, query, image=image, history=[], do_sample=False,
+                                         max_new_tokens=max_new_tokens)
+            meters[0].set_kv_cache_bytes(state.get("kv", 0))
+            return response
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    from xcomp_lab.original.matmul import FloatMatmul
+
+    started = perf_counter()
+    with FloatMatmul() if not cuda else contextlib.nullcontext():  # CPU: FP16 products in FP32, same tensors
+        result = run_guarded(call, device, model=model, budget=budget, label="original-chat-timeline",
+                             on_start=on_start, sample_every=1)
+    seconds = perf_counter() - started
+    if cuda:
+        marks.append(cuda_mark("end", device))
+    first = None
+    if "first" in state:
+        f = state["first"]
+        first = FirstDecode(layers=f["layers"], prompt_tokens=state["prompt"],
+                            at_start_bytes=f["at"] - result.memory.start_bytes, cache_view_bytes=f["views"],
+                            cache_storage_bytes=f["storages"], prefill_logits_bytes=f["logits"],
+                            new_kv_bytes=f["new_kv"])
+    return OriginalTimeline(result.value if result.ok else None, result.memory, tuple(marks), first,
+                            None if result.ok else result.memory.error, state.get("prompt", 0), state["calls"],
+                            state.get("im_mask"), seconds, result.after_release_bytes)
+
+
+def _original_caption_timeline(model: Any, tokenizer: Any, images: Sequence[Any], params: CourseParams, step: Any,
+                               budget: Budget, label: str) -> CaptionTimeline:
+    """caption_timeline for the original's code: its `model.chat` on the first image, saved as the file it reads."""
+    import tempfile
+
+    from xcomp_lab.original.steps import CODE_NAME, QUERY
+
+    with tempfile.TemporaryDirectory(prefix="xcomp-lab-07-") as folder:
+        image = Path(folder) / "image.png"
+        images[0].save(image)
+        chat = original_chat_timeline(model, tokenizer, str(image), device=params.device, query=QUERY,
+                                      max_new_tokens=params.max_new_tokens, grad=step.grad,
+                                      use_autocast=step.use_autocast, budget=budget)
+    run = CaptionRun(captions=None if chat.caption is None else [chat.caption], prompt_tokens=chat.prompt_tokens,
+                     new_tokens=chat.new_tokens, seconds=chat.seconds, memory=chat.memory,
+                     oom_report=None if chat.error is None else chat.error,
+                     after_release_bytes=chat.after_release_bytes)
+    record_ = build_record(label, {**params.as_dict(), "step": step.name}, run.memory, tokens_per_s=None,
+                           caption=chat.caption,
+                           extra={"prompt_tokens": run.prompt_tokens, "new_tokens": run.new_tokens, "code": CODE_NAME,
+                                  "timeline_source": "memory history" if params.device != "cpu" else "cpu accounting",
+                                  "peak_phase": max(Timeline(tuple(run.memory.timeline), "").phases(),
+                                                    key=lambda p: p.highest_bytes).label
+                                  if params.device == "cpu" else None})
+    record(params, record_)
+    return CaptionTimeline(run, chat.marks, budget, record_, chat.first_decode, chat.im_mask)
+
+
+def measure_original_prefill_parts(model: Any, im_mask: torch.Tensor, *, device: str, dtype: torch.dtype,
+                                   grad: str = "no_grad", use_autocast: bool = False) -> PrefillParts:
+    """The prefill's two suspects for the original's code, each run alone and measured: layer 0's attention and
+    the output head with the FP32 upcast its forward makes, on a hidden state of the prompt's shape.
+
+    `im_mask` is the prompt's image positions as `chat()` passed them (`CaptionTimeline.im_mask`): the PLoRA branch
+    runs at those rows. The hidden state is random (memory depends on shapes, not values); the causal mask is the
+    one the original's decoder builds (`_prepare_decoder_attention_mask`).
+    """
+    if im_mask is None or im_mask.dim() != 2:
+        raise ValueError(f"im_mask must be the prompt's (1, T) bool mask (CaptionTimeline.im_mask), got {im_mask!r}")
+    from xcomp_lab.original.matmul import FloatMatmul
+
+    tokens = int(im_mask.shape[1])
+    decoder = model.model
+    width = model.config.hidden_size
+    speed = FloatMatmul() if device == "cpu" else contextlib.nullcontext()  # CPU: FP16 products in FP32, same tensors
+    with speed, grad_mode(grad), autocast(device, use_autocast):
+        hidden = torch.randn(1, tokens, width, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        mask = decoder._prepare_decoder_attention_mask(torch.ones(1, tokens, dtype=torch.bool, device=device),
+                                                       (1, tokens), hidden, 0)  # (1, 1, T, T)
+        positions = torch.arange(tokens, device=device).unsqueeze(0)  # (1, T)
+        image = im_mask.to(device)
+        with measure(device) as m:
+            out = decoder.layers[0].attention(hidden_states=hidden, attention_mask=mask, position_ids=positions,
+                                              past_key_value=None, use_cache=False, im_mask=image)
+        attention = m.result.peak_bytes - m.result.start_bytes
+        del out
+        with measure(device) as m:
+            logits = model.output(hidden).float()  # (1, T, vocab), as the original's forward makes them
+        head = m.result.peak_bytes - m.result.start_bytes
+        del logits
+    return PrefillParts(tokens, attention, head)
+
+
+def recorded_peak_phases(*paths: str | os.PathLike) -> dict[str, str]:
+    """{step: where its peak fell} from results files of `original.steps.run_steps` (a later file's record of a step
+    replaces an earlier one's, as a rerun does); a step that ran out of memory reads "OOM in <phase>", one that
+    failed otherwise "failed"."""
+    from xcomp_lab.core.jsonl import read_jsonl
+
+    if not paths:
+        raise ValueError("pass at least one results file, e.g. '../results/original-h200/results-1.jsonl'")
+    found: dict[str, str] = {}
+    for path in paths:
+        for r in read_jsonl(Path(path), what="original-code step records",
+                            hint="run `python -m xcomp_lab.tools.original_gpu_run` (or original_steps) first"):
+            extra = r.get("extra") or {}
+            if r.get("error") and not r.get("oom"):
+                found[r["step"]] = "failed"
+            else:
+                found[r["step"]] = f"OOM in {extra.get('peak_phase')}" if r.get("oom") else str(extra.get("peak_phase"))
+    return found
