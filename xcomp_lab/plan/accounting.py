@@ -4,18 +4,28 @@ passed to the simulated caching allocator (`allocator.CachingAllocator`), whose 
 `torch.cuda.max_memory_allocated` and `max_memory_reserved` report.
 
 For CUDA it also adds what CUDA kernels allocate inside one op, which CPU kernels do not: bitsandbytes' CUDA
-temporaries (`estimate.accounting.bnb_cuda_scratch`) and the auxiliary outputs of CUDA's attention kernels
-(`cuda_kernels`).
+temporaries (`estimate.accounting.bnb_cuda_scratch`, and `int8_mm_dequant`'s FP16 result before its cast) and the
+auxiliary outputs of CUDA's attention kernels (`cuda_kernels`).
+
+LLM.int8() (bitsandbytes 0.50.2, `MatMul8bitLt.forward` with transformers' threshold 6.0) keeps in higher precision
+the input columns where any row reaches the threshold: which columns depends on the activations' values, which a
+plan does not have. `Int8Outliers` runs that path with every column an outlier, the most it can take: the
+columns of the input copied (rows x columns), the weight's columns gathered (int8), dequantized (two FP32
+temporaries) and cast, a second output from `addmm`, and the column indices kept on the module (`state.idx`).
+Every size in it grows with the number of outlier columns, so the plan is an upper bound of an INT8 call; the
+rest of the call is exact.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-from xcomp_lab.estimate.accounting import bnb_cuda_scratch
+from xcomp_lab.estimate.accounting import bnb_cuda_scratch, round_cuda
 from xcomp_lab.memory.measure import CpuAccounting
 from xcomp_lab.plan.allocator import BothOrders, CachingAllocator
 
@@ -107,8 +117,55 @@ class PlanAccounting(CpuAccounting):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.allocator is not None and func.namespace == "bitsandbytes":
-            self.transient(bnb_cuda_scratch(func, args, kwargs or {}))
+            self.transient(bnb_cuda_scratch(func, args, kwargs or {}) + int8_dequant_scratch(func, args, kwargs or {}))
         return out
+
+
+def int8_dequant_scratch(func: Any, args: tuple, kwargs: dict) -> int:
+    """`bitsandbytes::int8_mm_dequant` on CUDA writes FP16 and casts to the asked dtype: the FP16 result is a
+    temporary of the output's size when the dtype is not FP16 (BF16 models)."""
+    if func._schema.name != "bitsandbytes::int8_mm_dequant":
+        return 0
+    named = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
+    a, dtype = named["A"], named.get("dtype")
+    return 0 if dtype in (None, torch.float16) else round_cuda(a.numel() * 2)
+
+
+# bitsandbytes ops whose fake kernel hides the tensors their real (composite) kernel makes: run the composite.
+INT8_COMPOSITES = ("int8_mixed_scaled_mm", "int8_scaled_mm", "int8_vectorwise_dequant")
+COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+class Int8Outliers(TorchFunctionMode):
+    """LLM.int8()'s mixed-precision path with every input column an outlier (see the module's docstring).
+
+    `int8_vectorwise_quant` with a threshold returns every column index; `int8_mixed_scaled_mm`, `int8_scaled_mm`
+    and `int8_vectorwise_dequant` run bitsandbytes' own composite kernels (those CUDA runs too) instead of their
+    fake kernels, so that each tensor they make is counted.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = getattr(func, "default", func)
+        name = op._schema.name if isinstance(op, torch._ops.OpOverload) else ""
+        if name == "bitsandbytes::int8_vectorwise_quant":
+            named = dict(zip((a.name for a in op._schema.arguments), args)) | kwargs
+            if named.get("threshold", 0.0) > 0.0:
+                return every_column_outlier(op, named["A"])
+        elif name.startswith("bitsandbytes::") and name.split("::")[1] in INT8_COMPOSITES:
+            with self:
+                return op.redispatch(COMPOSITE, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def every_column_outlier(op: Any, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`int8_vectorwise_quant(A, threshold)` as CUDA runs it when every column holds an outlier: the quantized rows
+    and their statistics, every column's index, and those columns of the quantized rows zeroed."""
+    out_row, row_stats, _ = op(a, 0.0)
+    columns = torch.arange(a.shape[-1], dtype=torch.int64)
+    if a.numel() // a.shape[-1] > 1:
+        out_row[:, columns] = 0
+    return out_row, row_stats, columns
 
 
 def peak_of(peaks: dict[str, PhasePeak]) -> PhasePeak:

@@ -12,6 +12,7 @@ inputs, with CUDA's kernels where they differ from the CPU's (`cuda_kernels`): t
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from xcomp_lab.estimate.accounting import CudaSoftmax
 from xcomp_lab.estimate.fake import quant_state_tensors
 from xcomp_lab.memory.cards import Card, card_named
 from xcomp_lab.memory.footprint import statistics
-from xcomp_lab.plan.accounting import PhasePeak, PlanAccounting, peak_of
+from xcomp_lab.plan.accounting import Int8Outliers, PhasePeak, PlanAccounting, peak_of
 from xcomp_lab.plan.allocator import BothOrders, CachingAllocator, round_size
 from xcomp_lab.plan.families import Family, family_of
 from xcomp_lab.plan.realvalues import RealValues
@@ -355,8 +356,14 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
     cache: list[int] = []
     token = int(inputs["input_ids"][0, 0])
     kernels = CudaSoftmax() if cuda else contextlib.nullcontext()
+    outliers = contextlib.nullcontext()
+    if cuda and bnb is not None and bnb.load_in_8bit:
+        outliers = quiet_int8_cast(Int8Outliers())
+        for module in fake.modules():
+            if hasattr(module, "state") and hasattr(module.state, "threshold"):
+                module.state.threshold = bnb.llm_int8_threshold  # as from_pretrained sets it (the replay set 0)
     skipping = contextlib.nullcontext() if exact_decode else fast_forward(fake, call.new_tokens)
-    with fake_mode, RealValues(token), acc, kernels, skipping, phases(fake, source.family, acc, call.new_tokens,
+    with fake_mode, RealValues(token), acc, kernels, outliers, skipping, phases(fake, source.family, acc, call.new_tokens,
                                                                       cache):
         acc.mark("generate")
         greedy_generate(fake, inputs, call.new_tokens)
@@ -371,6 +378,19 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
         card=call.card, seconds=time.perf_counter() - start, notes=plan_notes(call, exact_decode))
 
 
+@contextlib.contextmanager
+def quiet_int8_cast(mode: Int8Outliers) -> Any:
+    """`mode`, with bitsandbytes' warning that BF16 inputs are cast to FP16 (one per linear and step) silenced."""
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    level = bnb_logger.level
+    bnb_logger.setLevel(logging.ERROR)
+    try:
+        with mode:
+            yield
+    finally:
+        bnb_logger.setLevel(level)
+
+
 def plan_notes(call: Call, exact_decode: bool) -> tuple[str, ...]:
     """What a plan assumes, where it matters."""
     notes = ["Every new token is generated (min_new_tokens = max_new_tokens, greedy)."]
@@ -378,8 +398,8 @@ def plan_notes(call: Call, exact_decode: bool) -> tuple[str, ...]:
         notes.append(f"Decode steps 2 to {call.new_tokens - 2} fast-forwarded: the cache grown token by token, the "
                      "layers' passing activations skipped (exact_decode=True runs them).")
     if call.quantization == "int8":
-        notes.append("LLM.int8() outlier columns (activations above 6.0) depend on the values: assumed none, so a "
-                     "prefill with many outliers takes more (results/plan-matrix-h200 measures it on random weights).")
+        notes.append("LLM.int8() outlier columns (inputs reaching 6.0) depend on the values: every column is taken "
+                     "as one, so the allocated peak is an upper bound (exact when the inputs hold that many).")
     if call.device == "cuda":
         notes.append("Reserved: the larger of the caching allocator simulated with new segments placed below and "
                      "above the earlier ones (which one cudaMalloc follows depends on the process's history); the "

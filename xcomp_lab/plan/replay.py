@@ -55,6 +55,9 @@ def build_fake_model(config: Any, *, dtype: torch.dtype, attn: str, bnb_config: 
         model = model_class(config).from_config(config, dtype=dtype, attn_implementation=attn).eval()
     if bnb_config is not None:
         quantize_with(model, bnb_config, fake_mode)
+        # The new bitsandbytes modules are made in training mode; on a CPU a training Linear8bitLt takes another
+        # path (MatMul8bitFp) than the CUDA one, and the real call runs the model in eval mode.
+        model.eval()
     return model
 
 
