@@ -272,32 +272,68 @@ def weight_tensors(model: torch.nn.Module, buffers: bool = True) -> tuple[list[t
 
 def simulate_load(allocator: CachingAllocator | BothOrders, model: torch.nn.Module, dtype: torch.dtype,
                   acc: PlanAccounting) -> None:
-    """The weights arriving on the card as `from_pretrained(device_map=...)` puts them there.
+    """The weights arriving on the card as `from_pretrained(device_map=...)` puts them there (transformers 5.24,
+    bitsandbytes 0.50.2), in a fresh process.
 
     First transformers' `caching_allocator_warmup`: one empty tensor of the parameters' total size (quantized ones at
     their quantized size) is allocated and freed, so the caching allocator holds one segment that the weights are
-    then carved from. Then module by module each parameter, buffer and bitsandbytes statistic; a quantized linear's
-    weight arrives in `dtype` first and is freed once quantized.
+    then carved from. Then the checkpoint's tensors in the loader's order (`convert_and_load_state_dict_in_model`:
+    names in natural order, one at a time when quantizing on the fly), each copied to the card in `dtype`
+    (`load_tensor`), and the 1-D ones and the buffers last (the matrix's random checkpoint holds only the tensors of
+    two or more dimensions; the others are initialised as missing keys; all are small-pool sized).
     """
+    from transformers.core_model_loading import dot_natural_key
+
     acc.mark("load")
     warmup = sum(t.untyped_storage().nbytes() for t in weight_tensors(model, buffers=False)[0])
     allocator.free(allocator.malloc(warmup // 2 * 2))  # torch.empty(byte_count // 2, dtype=float16)
-    quantized = {id(m) for m in model.modules() if statistics(m)}
+    owners = {id(p): module for module in model.modules() for p in module.parameters(recurse=False)}
     placed: set[int] = set()
-    for module in model.modules():
-        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        staging = None
-        if id(module) in quantized:
-            staging = allocator.malloc(module.in_features * module.out_features * dtype_size(dtype))
-            own += statistics(module)
-        for t in own:
-            key = t.untyped_storage()._cdata
-            if key not in placed:
-                placed.add(key)
-                allocator.malloc(t.untyped_storage().nbytes())
-                acc.record()
-        if staging is not None:
-            allocator.free(staging)
+    named = sorted(model.named_parameters(), key=lambda kv: dot_natural_key(kv[0]))
+    for _, param in [kv for kv in named if kv[1].dim() >= 2] + [kv for kv in named if kv[1].dim() < 2]:
+        placed.add(param.untyped_storage()._cdata)
+        load_tensor(allocator, param, owners[id(param)], dtype)
+        acc.record()
+    for t in model.buffers():
+        if t.untyped_storage()._cdata not in placed:
+            placed.add(t.untyped_storage()._cdata)
+            allocator.malloc(t.untyped_storage().nbytes())
+    acc.record()
+
+
+def load_tensor(allocator: CachingAllocator | BothOrders, param: torch.Tensor, module: torch.nn.Module,
+                dtype: torch.dtype) -> None:
+    """One checkpoint tensor loaded onto the card, with what quantizing it on the fly allocates and frees.
+
+    Unquantized: the tensor itself. LLM.int8() (`Bnb8bitQuantize`, `Int8Params._quantize`): the tensor in `dtype`,
+    an FP16 copy, the row statistics (SCB) and the int8 weight; the two copies freed. NF4 with nested statistics
+    (`Bnb4bitQuantize`, `functional.quantize_4bit`): the tensor in `dtype`, the FP32 absmax and the packed weight,
+    the code and the mean (offset), the absmax less its mean, then the second level's absmax and the 8-bit absmax;
+    the temporaries freed, then the tensor in `dtype`.
+    """
+    stats = statistics(module) if param is getattr(module, "weight", None) else []
+    if not stats:
+        allocator.malloc(param.untyped_storage().nbytes())
+        return
+    n = module.in_features * module.out_features
+    staged = allocator.malloc(n * dtype_size(dtype))
+    if hasattr(param, "SCB"):
+        fp16 = allocator.malloc(n * 2)
+        allocator.malloc(param.SCB.untyped_storage().nbytes())
+        allocator.malloc(param.untyped_storage().nbytes())
+        allocator.free(fp16)
+    else:
+        state = param.quant_state
+        absmax = allocator.malloc(state.absmax.numel() * 4)
+        allocator.malloc(param.untyped_storage().nbytes())
+        allocator.malloc(state.code.untyped_storage().nbytes())
+        allocator.malloc(state.offset.untyped_storage().nbytes())
+        centred = allocator.malloc(state.absmax.numel() * 4)
+        allocator.malloc(state.state2.absmax.untyped_storage().nbytes())
+        allocator.malloc(state.absmax.untyped_storage().nbytes())
+        allocator.free(centred)
+        allocator.free(absmax)
+    allocator.free(staged)
 
 
 def dtype_size(dtype: torch.dtype) -> int:
