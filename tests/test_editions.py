@@ -7,11 +7,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from xcomp_lab.course.editions import METADATA_KEY, source_digest, stale_copies, stamp
+from xcomp_lab.course.editions import METADATA_KEY, editions, rerun_command, source_digest, stale_copies, stamp
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = REPO / "notebooks" / "src"
-FULL_EDITIONS = sorted(p for p in (REPO / "results").glob("full-*/notebooks") if any(p.glob("[0-9][0-9]-*.ipynb")))
+FULL_EDITIONS = editions(REPO / "results")
 
 
 def test_the_tiny_copies_were_built_from_the_current_sources():
@@ -23,8 +23,7 @@ def test_the_tiny_copies_were_built_from_the_current_sources():
 @pytest.mark.parametrize("edition", FULL_EDITIONS, ids=lambda p: p.parent.name)
 def test_the_full_scale_copies_were_executed_from_the_current_sources(edition: Path):
     stale = stale_copies(edition, SOURCES)
-    assert not stale, (f"re-execute on a GPU with `python -m xcomp_lab.tools.course --scale full --device cuda "
-                       f"--edition {edition.parent.relative_to(REPO)}`:\n" + "\n".join(map(str, stale)))
+    assert not stale, (f"re-execute with `{rerun_command(edition.relative_to(REPO))}`:\n" + "\n".join(map(str, stale)))
 
 
 def test_a_changed_source_makes_its_copy_stale(tmp_path: Path):
@@ -43,3 +42,19 @@ def test_a_changed_source_makes_its_copy_stale(tmp_path: Path):
     nbformat.write(nbformat.v4.new_notebook(), executed / "01-unstamped.ipynb")
     (sources / "01-unstamped.py").write_text("")
     assert "records no source digest" in str(stale_copies(executed, sources)[1])
+
+
+def test_editions_list_the_replicas_and_the_originals(tmp_path: Path):
+    for name in ("full-h200", "original-small-cpu", "original-h200", "plan-matrix-h200"):
+        (tmp_path / name / "notebooks").mkdir(parents=True)
+    for name in ("full-h200", "original-small-cpu", "plan-matrix-h200"):
+        nbformat.write(nbformat.v4.new_notebook(), tmp_path / name / "notebooks" / "00-demo.ipynb")
+    found = editions(tmp_path)
+    assert [p.parent.name for p in found] == ["full-h200", "original-small-cpu"]  # no notebooks, or not an edition
+    source = tmp_path / "00-demo.py"
+    source.write_text("# %%\n")
+    notebook = stamp(nbformat.v4.new_notebook(), source, {"scale": "small", "device": "cpu",
+                                                          "model_name_or_path": "/ckpt", "results_path": "x"})
+    nbformat.write(notebook, found[1] / "00-demo.ipynb")
+    assert rerun_command(found[1]) == (f"python -m xcomp_lab.tools.course --scale small --device cpu "
+                                       f"--model-name-or-path /ckpt --edition {found[1].parent}")

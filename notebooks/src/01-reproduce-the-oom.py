@@ -50,8 +50,9 @@ print(f"parameters in {model.dtype}: {fmt_bytes(fp32_weights)}")
 # The course emulates the card PyTorch would see (notebook 00: on the 48 GB class, less than 48 GiB, and less
 # again once the CUDA context has its share). On a GPU it limits the allocator with
 # `torch.cuda.set_per_process_memory_fraction(limit / total_memory)`, so a bigger card behaves like that one and
-# raises a real `torch.OutOfMemoryError`. On a CPU every tensor allocation is counted, with the budget scaled to
-# this model as the card is to the full FP32 model.
+# raises a real `torch.OutOfMemoryError`. On a CPU every tensor allocation is counted against a budget scaled to
+# this model; the line below says how (for the replica as the card is to the full FP32 model; for a small build of
+# the original's own code, whose activations are full-size, the card less the FP32 weights the build lacks).
 
 # %%
 budget = course_budget(params, model.config)
@@ -73,10 +74,11 @@ if params.device == "cuda":  # what the budget sets, in plain PyTorch (run_step 
 # %%
 import gc
 
+from xcomp_lab.course.notebook import chat_inputs
+
 images = batch_of_images(params)
 query = "<ImageHere>Describe the image in one sentence."
-chat = dict(image=images[0], image_size=params.image_size, max_new_tokens=params.max_new_tokens, do_sample=False,
-            repetition_penalty=1.0)
+chat = chat_inputs(model, images[0], params)  # image (and image_size for the replica), greedy
 if params.device == "cuda":
     before_chat = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -104,8 +106,9 @@ else:
           f"peak {fmt_bytes(m.result.peak_bytes)}")
 
 # %% [markdown]
-# The course's `run_step` makes the same call through `chat()`'s prompt path and a greedy `generate`, marks the
-# phases (vision, prefill, decode), appends the record to the results file and reports where it failed:
+# The course's `run_step` makes the same call (for the replica through `chat()`'s prompt path and a greedy
+# `generate`; for the original's own code `model.chat` itself, as the quick start calls it), marks the phases
+# (vision, prefill, decode), appends the record to the results file and reports where it failed:
 
 # %%
 quickstart, quickstart_record = run_step(step, model, tokenizer, images, params, budget)
@@ -129,7 +132,8 @@ from xcomp_lab.lessons.oom import parse_oom_message
 
 if quickstart.ok:
     oom = None
-    print(f"no error to read: the quick start fitted {budget.card} (a larger card than the report's?)")
+    print(f"no error to read: the quick start fitted {budget.card}, its peak {fmt_bytes(quickstart.memory.peak_bytes)}"
+          + (" (a larger card than the report's?)" if not params.original_code else ""))
 else:
     print(textwrap.fill(quickstart.memory.error, 116), end="\n\n")
     oom = parse_oom_message(quickstart.memory.error)
@@ -273,7 +277,8 @@ inference = STEPS["fp32-inference-mode"]
 print(inference.describe())
 inference_run, inference_record = run_step(inference, model, tokenizer, images, params, budget)
 record(params, inference_record)
-print(f"caption: {inference_run.captions[0]!r}" if inference_run.ok else "caption: none (out of memory)")
+print((f"caption: {inference_run.captions[0]!r}" + ("  (random weights: noise)" if params.random_weights else ""))
+      if inference_run.ok else "caption: none (out of memory)")
 
 # %% [markdown]
 # ## Step 8: the kernel is still alive
@@ -285,7 +290,7 @@ print(f"caption: {inference_run.captions[0]!r}" if inference_run.ok else "captio
 
 # %%
 left = quickstart.after_release_bytes - quickstart.memory.start_bytes
-print(f"run_step: before the failed call {fmt_bytes(quickstart.memory.start_bytes)} | after release "
+print(f"run_step: before the {'failed ' if not quickstart.ok else ''}call {fmt_bytes(quickstart.memory.start_bytes)} | after release "
       f"{fmt_bytes(quickstart.after_release_bytes)} | left over {fmt_bytes(left)}")
 cleared, above = 0, left
 if params.device == "cuda":

@@ -3,7 +3,9 @@
 Every executed notebook (the tiny copies in `notebooks/`, the full-scale GPU copies under `results/full-*/`)
 carries in its metadata the SHA-256 of the jupytext source it was built from (`notebooks/src/NN-name.py`) and
 the parameters it ran with. `stale_copies()` lists the copies whose source has changed since; the test suite
-fails on any, naming the command that regenerates them.
+fails on any, naming the command that regenerates them (`rerun_command`). `editions()` lists the repository's
+executed editions: `results/full-*` (the replica at full scale on a GPU) and `results/original-*` (the original
+model's own code: `original-small-cpu` on a CPU, `original-full-h200` on a GPU).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import nbformat
 
 METADATA_KEY = "xcomp_lab"
+EDITION_PATTERNS = ("full-*", "original-*")  # folders under results/ whose notebooks/ hold an executed edition
 
 
 def source_digest(source: Path) -> str:
@@ -56,3 +59,22 @@ def stale_copies(folder: Path, sources: Path) -> list[StaleCopy]:
         elif recorded != source_digest(source):
             stale.append(StaleCopy(notebook, source, f"{source.name} changed after it was executed"))
     return stale
+
+
+def editions(results: Path) -> list[Path]:
+    """The `notebooks/` folders of the executed editions under `results` (see EDITION_PATTERNS) that hold any."""
+    found = {folder / "notebooks" for pattern in EDITION_PATTERNS for folder in Path(results).glob(pattern)}
+    return sorted(folder for folder in found if any(folder.glob("[0-9][0-9]-*.ipynb")))
+
+
+def rerun_command(edition: Path) -> str:
+    """The course command that re-executes `edition` (its `notebooks/` folder), from the parameters it recorded."""
+    recorded: dict[str, Any] = {}
+    for notebook in sorted(Path(edition).glob("[0-9][0-9]-*.ipynb")):
+        recorded = nbformat.read(notebook, as_version=4).metadata.get(METADATA_KEY, {}).get("parameters", {})
+        if recorded:
+            break
+    scale, device = recorded.get("scale", "full"), recorded.get("device", "cuda")
+    model = recorded.get("model_name_or_path")
+    checkpoint = f" --model-name-or-path {model}" if model else ""
+    return f"python -m xcomp_lab.tools.course --scale {scale} --device {device}{checkpoint} --edition {edition.parent}"

@@ -160,10 +160,12 @@ def autocast_copy_bytes(model: torch.nn.Module, dtype: torch.dtype = torch.float
 
     Autocast keeps these copies for as long as the autocast block lasts whenever the weight requires grad,
     which parameters do even under `no_grad`: this is what the FP32 quick start pays on top of its weights.
+    Subclasses count (the original code's PLoRA is an `nn.Linear`); parameters that do not require grad (the
+    original's CLIP tower, frozen by its constructor) are not cached, so they do not count.
     """
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
     for module in model.modules():
-        if type(module) in (torch.nn.Linear, torch.nn.Conv2d):
-            total += sum(p.numel() for p in module.parameters(recurse=False)) * size
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            total += sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad) * size
     return total
