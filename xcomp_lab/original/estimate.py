@@ -66,6 +66,7 @@ from xcomp_lab.core.dtypes import check_dtype
 from xcomp_lab.estimate.accounting import CudaSoftmax
 from xcomp_lab.memory.footprint import resident_bytes
 from xcomp_lab.memory.oom import model_frame
+from xcomp_lab.model.original import IMAGE_GRID
 from xcomp_lab.original.steps import (
     QUERY,
     OriginalStep,
@@ -233,6 +234,52 @@ def chat_phases(model: nn.Module, acc: ChatAccounting, cache: dict[str, int]) ->
             handle.remove()
 
 
+class PromptLength:
+    """The chat's tokenizer, making the prompt `tokens` long: the text after the image (the second text part of a
+    one-image chat) padded with its own last token, or cut, so that text before + image + text after = `tokens`.
+
+    The memory of a chat depends on its prompt's length, not on which tokens it holds: this gives the figures of a
+    prompt as another tokenizer splits the same text (the real checkpoint's: 1387 tokens, DESIGN.md section 6).
+    """
+
+    def __init__(self, tokenizer: Any, tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.lengths: list[int] = []
+
+    def __call__(self, text: Any, *args: Any, **kwargs: Any) -> Any:
+        out = self.tokenizer(text, *args, **kwargs)
+        if kwargs.get("return_tensors") != "pt":
+            return out
+        self.lengths.append(out["input_ids"].shape[1])
+        if len(self.lengths) == 2:
+            ids, want = out["input_ids"], self.tokens - self.lengths[0] - IMAGE_GRID ** 2
+            if want < 1:
+                raise ValueError(f"prompt_tokens={self.tokens} is shorter than the text before the image and the "
+                                 f"image ({self.lengths[0]} + {IMAGE_GRID ** 2} tokens).")
+            ids = ids[:, :want] if want <= ids.shape[1] else torch.cat(
+                [ids, ids[:, -1:].expand(-1, want - ids.shape[1])], dim=1)
+            out["input_ids"], out["attention_mask"] = ids, torch.ones_like(ids)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
+def cast_model(module: nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype)` as `nn.Module._apply` does it for a real model: children first, then each floating
+    parameter and buffer cast and put in place of the old one, which is freed at once. (`_apply` swaps fake
+    tensors in place instead, which their parameters refuse; the memory is the same either way.)"""
+    for child in module.children():
+        cast_model(child, dtype)
+    for key, param in module._parameters.items():
+        if param is not None and param.is_floating_point():
+            module._parameters[key] = nn.Parameter(param.to(dtype), requires_grad=param.requires_grad)
+    for key, buffer in module._buffers.items():
+        if buffer is not None and buffer.is_floating_point():
+            module._buffers[key] = buffer.to(dtype)
+
+
 def ordinary_token(tokenizer: Any) -> int:
     """A token id the fake argmax answers: the query's first, never an end of sequence (as min tokens ensure)."""
     stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("[UNUSED_TOKEN_145]")}
@@ -241,13 +288,14 @@ def ordinary_token(tokenizer: Any) -> int:
 
 def estimate_original(step: str | OriginalStep, files: str | Path, *, scale: str, image: str | Path,
                       device: str = "cuda", budget_bytes: int | None = None, max_new_tokens: int = 16,
-                      workspace_bytes: int | None = None) -> OriginalEstimate:
+                      workspace_bytes: int | None = None, prompt_tokens: int | None = None) -> OriginalEstimate:
     """Predict `model.chat` of the original code as `xcomp_lab.original.steps` runs `step` (a name of
     `ORIGINAL_STEPS`) on `device` ("cuda": `max_memory_allocated` by the allocator's simulation; "cpu":
     `memory.measure`'s accounting). `files`: the checkpoint's files without weights (`model.original.
     write_model_files`) at `scale`; `image`: the image captioned. `budget_bytes` (CUDA): the allocator's limit, to
     predict whether and where the call runs out of memory. `workspace_bytes`: cuBLAS's (CUDA;
-    default the H100/H200's, `plan.estimate.cublas_workspace`).
+    default the H100/H200's, `plan.estimate.cublas_workspace`). `prompt_tokens`: make the prompt this long
+    (`PromptLength`; default: as the checkpoint's tokenizer splits it).
     """
     from xcomp_lab.plan.estimate import cublas_workspace
 
@@ -260,6 +308,8 @@ def estimate_original(step: str | OriginalStep, files: str | Path, *, scale: str
             raise ValueError(f"budget_bytes={budget_bytes} with device={device!r}: a budget is the CUDA allocator's "
                              "limit here; predict on 'cuda', or leave it None for the CPU accounting's peak.")
         check_int("budget_bytes", budget_bytes, hint="the allocator's limit in bytes, e.g. 48 * 10**9")
+    if prompt_tokens is not None:
+        check_int("prompt_tokens", prompt_tokens, hint="the prompt's length in tokens, its image's 1225 included")
     if not Path(image).is_file():
         raise FileNotFoundError(f"image={str(image)!r} is not a file: pass the image the chat captions.")
     cuda = device == "cuda"
@@ -272,7 +322,7 @@ def estimate_original(step: str | OriginalStep, files: str | Path, *, scale: str
     with torch.no_grad(), fake_mode, (acc if cuda else contextlib.nullcontext()):
         model, tokenizer = load(step)  # on CUDA the allocator sees the construction, in its order
         if step.step.cast is not None:
-            model = model.to(check_dtype(step.step.cast))
+            cast_model(model, check_dtype(step.step.cast))
     weights = resident_bytes(model, "cpu")
     if cuda:
         allocator.empty_cache()  # measure()'s start: cache emptied, peaks reset
@@ -288,6 +338,8 @@ def estimate_original(step: str | OriginalStep, files: str | Path, *, scale: str
     cache: dict[str, int] = {"bytes": 0, "prompt": 0, "calls": 0}
     cuda_rules = (CudaSoftmax(), CudaAutocastPolicy()) if cuda else ()
     token = ordinary_token(tokenizer)
+    if prompt_tokens is not None:
+        tokenizer = PromptLength(tokenizer, prompt_tokens)
     with contextlib.ExitStack() as stack:
         for context in (torch.no_grad(), fake_mode, RealValues(token), RealMasks(), acc, *cuda_rules,
                         grad_mode(step.step.grad), autocast("cpu", step.step.use_autocast),
