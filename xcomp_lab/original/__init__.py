@@ -15,4 +15,6 @@ nothing of the course that needs transformers 5:
   `xcomp_lab.memory.measure`, written as the course's results records;
 - `autocast_cache`: the autocast weight-cache experiment (no_grad, inference_mode, cache_enabled=False) on any
   torch version.
+- `estimate`: the estimator on the original code: `estimate_original(step, files)` replays the step's
+  `model.chat` on fake tensors and predicts its peak (CUDA's caching allocator simulated), phase and OOM.
 """
