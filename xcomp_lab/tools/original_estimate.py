@@ -85,17 +85,25 @@ def model_files(files: Path | None, code_dir: Path | None, scale: str) -> Path:
     return target
 
 
+PREDICTED: dict[tuple[Any, ...], dict[str, Any]] = {}  # one prediction per distinct call (two records share one)
+
+
 def predict(step: str, files: Path, scale: str, image: str, new_tokens: int, budget: int | None,
             prompt_tokens: int | None = None) -> dict[str, Any]:
     """The estimate as a dict, or {"error": ...} where the replayed call fails as the real one can."""
     from xcomp_lab.original.estimate import estimate_original
-    from xcomp_lab.original.steps import STEP_FAILURES
+    from xcomp_lab.original.steps import STEP_FAILURES, get_original_step
 
-    try:
-        return estimate_original(step, files, scale=scale, image=image, device="cuda", budget_bytes=budget,
-                                 max_new_tokens=new_tokens, prompt_tokens=prompt_tokens).as_dict()
-    except STEP_FAILURES as error:
-        return {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    known = get_original_step(step)
+    key = (known.step, known.recipe, known.device_map, scale, new_tokens, budget, prompt_tokens)
+    if key not in PREDICTED:
+        try:
+            PREDICTED[key] = estimate_original(known, files, scale=scale, image=image, device="cuda",
+                                               budget_bytes=budget, max_new_tokens=new_tokens,
+                                               prompt_tokens=prompt_tokens).as_dict()
+        except STEP_FAILURES as error:
+            PREDICTED[key] = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    return {**PREDICTED[key], "step": step} if "step" in PREDICTED[key] else PREDICTED[key]
 
 
 def error_of(predicted: int | None, measured: int | None) -> float | None:
