@@ -80,30 +80,41 @@ def replay(model: nn.Module, tokenizer: Any, pixels: list[torch.Tensor], *, quer
             del mask
             input_ids = torch.ones((batch, 0), dtype=torch.long, device=ids_at)
             unfinished = torch.ones(batch, dtype=torch.long, device=ids_at)
-            cache = None
-            steps = range(new_tokens) if exact_decode else sorted({0, new_tokens - 1})
+            legacy = bool(getattr(model.config, "original_memory", False))
+            cache = outputs = None
+            previous_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+            # Decode step 1 is always simulated: under `original_memory` it holds the prefill's logits and cache.
+            steps = range(new_tokens) if exact_decode else sorted({0, min(1, new_tokens - 1), new_tokens - 1})
             done = 0
             for step in steps:
                 if step > done + 1:
+                    previous_cache = []  # the skipped steps' loop held the cache of the step before only
                     fast_forward(cache, prompt + step - 1)
                     input_ids = torch.empty((batch, step), dtype=torch.long, device=ids_at)
                     positions = torch.empty((batch, prompt + step), dtype=torch.long, device=at)
                 acc.mark("prefill" if step == 0 else f"decode step {step}")
                 model_inputs = model.prepare_inputs_for_generation(
                     input_ids, cache=cache, inputs_embeds=embeds, im_mask=im_mask, use_cache=True)
-                outputs = model(**model_inputs, return_dict=True)
-                if step == 0:
-                    del model_inputs  # _prefill's own local: gone when it returns
+                if legacy:  # run.generate.legacy_greedy_search: the previous outputs and cache held meanwhile
+                    previous_cache = [] if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
+                    outputs = model(**model_inputs, return_dict=True)
+                    next_token_logits = outputs.logits[:, -1, :]  # a view: the step's whole logits stay alive
+                else:
+                    outputs = model(**model_inputs, return_dict=True)
+                    if step == 0:
+                        del model_inputs  # _prefill's own local: gone when it returns
+                    # Kept until the next step reassigns them, as in generate's loop.
+                    next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32,
+                                                                  device=input_ids.device)  # (B, vocab)
                 cache = outputs.cache
-                # Kept until the next step reassigns them, as in generate's loop.
-                next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32,
-                                                              device=input_ids.device)  # (B, vocab)
                 next_tokens = torch.argmax(next_token_logits, dim=-1)
                 next_tokens = next_tokens * unfinished + specials[2] * (1 - unfinished)
                 input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
                 positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
-                del outputs  # the prefill logits go here, as generate deletes them
+                if not legacy:
+                    del outputs  # the prefill logits go here, as generate deletes them
                 done = step
+            del previous_cache
         return Replayed(prompt_tokens=prompt, cache_bytes_by_device=cache_bytes_by_device(cache))
 
 

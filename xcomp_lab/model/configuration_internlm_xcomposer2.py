@@ -62,6 +62,7 @@ class InternLMXcomposer2Config(PretrainedConfig):
         vision_config: dict[str, Any] | CLIPVisionConfig | None = None,
         vision_select_layer: int = -1,
         projector_hidden_act: str = "gelu",
+        original_memory: bool = True,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -89,6 +90,13 @@ class InternLMXcomposer2Config(PretrainedConfig):
         self.vision_config = CLIPVisionConfig(**{**VIT_L14_490, **(vision_config or {})})
         self.vision_select_layer = vision_select_layer
         self.projector_hidden_act = projector_hidden_act
+        # Hold in memory what the original code under transformers 4.33.2 holds: the prefill's cache keeps each
+        # layer's packed wqkv output (modeling: TupleCacheLayer), and the course's greedy loop keeps the previous
+        # step's outputs and cache during each forward (xcomp_lab.run.generate). False: transformers 5's memory.
+        if not isinstance(original_memory, bool):
+            raise TypeError(f"original_memory={original_memory!r}; pass True (hold what the original code holds, "
+                             "the default) or False (free it as transformers 5 does).")
+        self.original_memory = original_memory
         if hidden_size % num_attention_heads:
             raise ValueError(
                 f"hidden_size={hidden_size} is not divisible by num_attention_heads={num_attention_heads}; "

@@ -9,6 +9,11 @@ decoder, a CLIP ViT-L/14 vision tower at 490 px and a two-layer projector. Two d
 - PLoRA is applied by masking rather than by boolean indexing, so the forward pass has no
   data-dependent shapes and runs on meta/fake tensors for memory estimation.
 
+Memory follows the original's by default (`config.original_memory`): transformers 4.33.2 kept the cache as a
+tuple of the tensors each layer made, so the prefill's values stayed views into the packed `wqkv` output and
+held all of it; `TupleCacheLayer` stores them the same way. (What 4.33.2's greedy loop held is the loop's
+business: `xcomp_lab.run.generate`.)
+
 This file travels inside every checkpoint the course builds (next to its configuration file), so
 `AutoModel.from_pretrained(path, trust_remote_code=True)` loads the replica as it loads the real model.
 """
@@ -26,7 +31,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
@@ -192,6 +197,24 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """PyTorch's fused kernel: never materialises the scores when a flash or memory-efficient kernel applies."""
     is_causal = mask is None and q.shape[2] > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+class TupleCacheLayer(DynamicLayer):
+    """A cache layer that holds what the original's tuple cache held (transformers 4.33.2's `past_key_values`).
+
+    The prefill's keys and values are stored as given, not copied into the cache's own tensors: the values are a
+    view into the layer's packed `wqkv` output, so that whole output (queries and keys included) stays alive as
+    long as the prefill's cache does. Each decode step concatenates into new tensors, as `DynamicLayer` does.
+    """
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_initialized:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return self.keys, self.values
 
 
 class InternLM2Attention(nn.Module):
@@ -402,7 +425,7 @@ class InternLMXComposer2ForCausalLM(InternLMXComposer2PreTrainedModel, Generatio
             inputs_embeds = self.model.tok_embeddings(input_ids)  # (B, T, C)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = self.make_cache()
         if not use_cache:
             cache = None
         past_len = cache.get_seq_length() if cache is not None else 0
@@ -420,6 +443,12 @@ class InternLMXComposer2ForCausalLM(InternLMXComposer2PreTrainedModel, Generatio
                 ignore_index=-100,
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def make_cache(self) -> Cache:
+        """An empty KV cache: `TupleCacheLayer`s with `config.original_memory` (the default), else `DynamicCache`'s."""
+        if self.config.original_memory:
+            return Cache(layer_class_to_replicate=TupleCacheLayer)
+        return DynamicCache(config=self.config)
 
     def prepare_inputs_for_generation(
         self,
@@ -443,6 +472,8 @@ class InternLMXComposer2ForCausalLM(InternLMXComposer2PreTrainedModel, Generatio
         prompt_len = inputs_embeds.shape[1]
         if past_len > 0:
             return {**step, "input_ids": input_ids[:, past_len - prompt_len :], "im_mask": None}
+        if input_ids.shape[1] == 0:  # the prefill: the prompt's embeddings as given, not a copy (as the original)
+            return {**step, "inputs_embeds": inputs_embeds, "im_mask": im_mask}
         new_embeds = self.model.tok_embeddings(input_ids).to(inputs_embeds.dtype)  # (B, generated, C)
         embeds = torch.cat([inputs_embeds, new_embeds], dim=1)
         if im_mask is not None:
@@ -605,6 +636,7 @@ class InternLMXComposer2ForCausalLM(InternLMXComposer2PreTrainedModel, Generatio
         outputs = self.generate(
             inputs_embeds=inputs_embeds,
             im_mask=im_mask,
+            cache=kwargs.pop("cache", None) or self.make_cache(),
             streamer=streamer,
             max_new_tokens=max_new_tokens,
             num_beams=1,
