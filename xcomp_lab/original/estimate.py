@@ -36,7 +36,7 @@ FP16 into FP32 as one kernel (`estimate.accounting.CudaSoftmax`), and `torch.cud
 autocast at float16 (the same lower-precision list for the ops the original calls: linear, matmul, bmm, conv2d;
 the same weight cache, kept for parameters that require grad, none inside `inference_mode` from torch 2.10), plus
 `CudaAutocastPolicy`: CUDA's autocast runs a softmax called without a dtype in FP32 (its `fp32_set_opt_dtype`
-list: CLIP's attention), which CPU autocast does not. A budget is the allocator's limit: a segment that would
+list: CLIP's attention) and layer_norm of FP16 in FP32, which CPU autocast does not. A budget is the allocator's limit: a segment that would
 exceed it raises, as `set_per_process_memory_fraction` does, and the estimate names that allocation, the op, the
 model line and the memory allocated then.
 
@@ -147,13 +147,22 @@ def is_real_mask(index: Any) -> bool:
 
 
 class CudaAutocastPolicy(TorchFunctionMode):
-    """CUDA autocast's rule for softmax, which CPU autocast lacks: called without a dtype, it runs in FP32."""
+    """CUDA autocast's rules that CPU autocast lacks, for the ops the original calls: a softmax called without a
+    dtype runs in FP32 (`fp32_set_opt_dtype`), and layer_norm casts its FP16 arguments to FP32 (`fp32`: CLIP's
+    norms once the weights are FP16). The other ops the original runs under autocast are in neither list, or in
+    the same list on both devices (checked on the small checkpoint: linear, matmul, bmm, conv2d lower precision;
+    cat promotes as eager does)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func in _SOFTMAXES and kwargs.get("dtype") is None and len(args) < 4 and torch.is_autocast_enabled("cpu")
-                and args[0].is_floating_point()):
+        if not torch.is_autocast_enabled("cpu"):
+            return func(*args, **kwargs)
+        if func in _SOFTMAXES and kwargs.get("dtype") is None and len(args) < 4 and args[0].is_floating_point():
             kwargs = {**kwargs, "dtype": torch.float32}
+        elif func is torch.nn.functional.layer_norm and args[0].dtype == torch.float16:
+            args = tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a for a in args)
+            kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float16 else v
+                      for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
 
