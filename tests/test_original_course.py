@@ -26,8 +26,20 @@ from xcomp_lab.original.detect import (
     original_scale,
     uses_original_code,
 )
-from xcomp_lab.original.kernel import COURSE_KERNEL, ORIGINAL_KERNEL, OriginalEnvironmentMissing, kernel_for
-from xcomp_lab.tools.course import course_scale, default_output
+from xcomp_lab.original.kernel import (
+    COURSE_KERNEL,
+    ORIGINAL_KERNEL,
+    OriginalEnvironmentMissing,
+    kernel_for,
+)
+from xcomp_lab.original.steps import original_budget
+from xcomp_lab.tools.course import (
+    ORIGINAL_NOTEBOOKS,
+    course_scale,
+    default_output,
+    for_original_code,
+)
+from xcomp_lab.tools.course import main as course_main
 
 REPO = Path(__file__).resolve().parents[1]
 AUTO_MAP = {"AutoModel": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM"}
@@ -170,3 +182,29 @@ def test_a_step_runs_model_chat_under_the_originals_budget(in_original: dict[str
     assert in_original["ok"] and in_original["new_tokens"] == 2 and in_original["prompt_tokens"] > 1225
     assert in_original["weights"] == original_parameter_count("small") * 4 + 32 * 1024**2  # and the rotary tables
     assert in_original["extra"]["code"].startswith("original remote code")
+
+
+def test_a_run_of_the_originals_code_takes_the_notebooks_that_support_it(tmp_path: Path) -> None:
+    course = [tmp_path / f"{n:02d}-notebook.ipynb" for n in range(9)]
+    ready, skipped = for_original_code(course)
+    assert {"00", "01"} <= set(ORIGINAL_NOTEBOOKS)
+    assert [nb.name[:2] for nb in ready] == sorted(set(ORIGINAL_NOTEBOOKS) & {f"{n:02d}" for n in range(9)})
+    assert [nb.name[:2] for nb in skipped] == sorted({f"{n:02d}" for n in range(9)} - set(ORIGINAL_NOTEBOOKS))
+
+
+def test_the_course_command_says_how_to_get_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = build(tmp_path / "small-build", "small")
+    monkeypatch.setenv("ORIGINAL_VENV", os.fspath(tmp_path / "absent"))
+    assert course_main(["--model-name-or-path", os.fspath(path), "--device", "cpu",
+                        "--output", os.fspath(tmp_path / "out")]) == 2
+    assert "create it once with `make venv-original`" in capsys.readouterr().err
+
+
+def test_the_originals_budget_on_a_cpu_keeps_the_activations_room() -> None:
+    lacking = (original_parameter_count("full") - original_parameter_count("small")) * 4
+    budget = original_budget(48, "cpu", "small")
+    assert budget.limit_bytes == card_of_size(48).usable_bytes - lacking and not budget.is_allocator_limit
+    assert original_budget(48, "cpu", "full").limit_bytes == card_of_size(48).usable_bytes
+    with pytest.raises(ValueError, match="less than the"):
+        original_budget(24, "cpu", "small")

@@ -67,6 +67,9 @@ from xcomp_lab.original.kernel import (
 # A cell running longer than this fails the run instead of hanging it; at full scale on an H100 no notebook
 # took over 2 minutes in all.
 CELL_TIMEOUT_S = 900
+# The notebooks that run a checkpoint of the original model's own code (transformers 4.33.2, `.venv-original`);
+# the others still call the replica's internals and are left out of such a run, with a line saying so.
+ORIGINAL_NOTEBOOKS = ("00", "01")
 RESULTS_NAME = "results.jsonl"
 TIMINGS_NAME = "timings.json"
 INTERRUPTED = "the course was interrupted while this cell ran; this notebook did not finish and the course stopped"
@@ -237,6 +240,12 @@ def _claim_new_records(results: Path, notebook: str, first: int, order: Sequence
     write_results(results, [records[i] for i in sorted(range(len(records)), key=keys.__getitem__)])
 
 
+def for_original_code(course: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(the notebooks of `course` that run a checkpoint of the original's own code, the others): ORIGINAL_NOTEBOOKS."""
+    ready = [nb for nb in course if nb.name[:2] in ORIGINAL_NOTEBOOKS]
+    return ready, [nb for nb in course if nb not in ready]
+
+
 def course_scale(scale: str | None, model_name_or_path: str | os.PathLike | None) -> str:
     """The scale to run at: the one given, else an original-code checkpoint's own ("small" or "full"), else tiny."""
     if scale is not None:
@@ -281,6 +290,11 @@ def run_course(
     results = params.results_path
     kernel = kernel_for(model)
     course = notebooks(notebook_dir)
+    if params.original_code:
+        course, skipped = for_original_code(course)
+        if skipped:
+            tqdm.write(f"not run with the original's code (they still use the replica's internals): "
+                       f"{', '.join(nb.name for nb in skipped)}", file=sys.stderr)
     selected = select(course, only)
     order = [nb.name for nb in course]
     if len(selected) == len(course):
