@@ -14,7 +14,7 @@ from xcomp_lab.core.resources import repository_root
 from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.lessons import plan_any
 from xcomp_lab.memory.cards import CONTEXT_BYTES, card_named
-from xcomp_lab.plan import estimate
+from xcomp_lab.plan import estimate, validate
 
 TINY = "llama-3-8b:tiny"
 CALL = {"attn": "sdpa", "batch": 1, "prompt_tokens": 16, "new_tokens": 4}
@@ -98,21 +98,21 @@ def _row(arch: str, alloc: float | None, resv: float | None, accel: float, secon
 def test_matrix_summary_per_architecture() -> None:
     rows = [_row("a", 0.001, -0.02, -0.5, 2.0), _row("a", -0.003, 0.0, -0.1, 4.0), _row("a", None, None, -0.3),
             _row("b", 0.0, 0.001, -0.2)]
-    a, b = plan_any.matrix_summary(rows)
+    a, b = validate.matrix_summary(rows)
     assert (a["calls"], a["not_predicted"], b["calls"]) == (2, 1, 1)
     assert a["median_allocated"] == pytest.approx(statistics.median([0.001, -0.003]))
     assert a["worst_allocated"] == -0.003 and a["worst_reserved"] == -0.02
     assert a["under_1pct"] == 1 and b["under_1pct"] == 0
     assert a["median_accelerate"] == -0.3 and a["worst_accelerate"] == -0.5 and a["median_predict_s"] == 3.0
-    table = plan_any.matrix_table([a, b])
+    table = validate.matrix_table([a, b])
     assert "2+1" in table and "-2.00%" in table
     assert "| a | 2 (1) | -0.10% / -0.30% | -1.00% / -2.00% | 1 | -30.00% / -50.00% | 3.0 s |" in \
-        plan_any.matrix_markdown([a, b])
-    (none,) = plan_any.matrix_summary(rows, by="quantization")
+        validate.matrix_markdown([a, b])
+    (none,) = validate.matrix_summary(rows, by="quantization")
     assert (none["group"], none["calls"], none["under_1pct"]) == ("none", 3, 1)
-    assert plan_any.matrix_table([none], by="quantization").startswith("quantization ")
+    assert validate.matrix_table([none], by="quantization").startswith("quantization ")
     with pytest.raises(ValueError, match="by='dtype'"):
-        plan_any.matrix_summary(rows, by="dtype")
+        validate.matrix_summary(rows, by="dtype")
     reading = plan_any.matrix_reading([a, b], rows)
     assert reading.startswith("3 of 4 compared calls have a prediction.")
     assert "not met: worst reserved <= 3%" not in reading and "no under-prediction over 1%" in reading
@@ -122,9 +122,9 @@ def test_matrix_summary_per_architecture() -> None:
 
 def test_the_committed_matrix_reads_back(tmp_path) -> None:
     rows, records, env = plan_any.read_matrix(repository_root() / "results" / "plan-matrix-h200")
-    summary = plan_any.matrix_summary(rows)
+    summary = validate.matrix_summary(rows)
     assert sum(s["calls"] + s["not_predicted"] for s in summary) == len(rows) > 0
-    assert len(plan_any.measured_calls(records)) >= len(rows) and env["runs"][-1]["gpu"]["gpu"]
+    assert len(validate.measured_calls(records)) >= len(rows) and env["runs"][-1]["gpu"]["gpu"]
     with pytest.raises(FileNotFoundError, match="plan_matrix"):
         plan_any.read_matrix(tmp_path)
 

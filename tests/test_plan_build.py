@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from xcomp_lab.core.jsonl import read_jsonl
+from xcomp_lab.plan import validate
 from xcomp_lab.plan.build import (
     build_model,
     image_token_count,
@@ -115,7 +116,7 @@ def test_inputs_fill_the_prompt_and_avoid_special_ids() -> None:
 def test_matrix_tool_on_one_tiny_preset(tmp_path) -> None:
     plan_matrix.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--presets", "qwen2-vl-7b",
                       "--quantizations", "none", "--attns", "sdpa", "--batches", "1", "2", "--text-tokens", "8",
-                      "--new-tokens", "2"])
+                      "--new-tokens", "2", "--workers", "0"])
     records = read_jsonl(tmp_path / plan_matrix.RECORDS)
     assert [r["batch"] for r in records] == [1, 2]
     for record in records:
@@ -124,15 +125,15 @@ def test_matrix_tool_on_one_tiny_preset(tmp_path) -> None:
         assert set(record["phases"]) == {"prefill", "vision", "decode"}
         assert record["allocated_peak"] == max(p["allocated"] for p in record["phases"].values())
     assert records[1]["allocated_peak"] > records[0]["allocated_peak"]
-    assert json.loads((tmp_path / plan_matrix.ENV).read_text())["device"] == "cpu"
-    rows = plan_matrix.compare(tmp_path)  # the planner on the CPU predicts the CPU accounting exactly
+    assert json.loads((tmp_path / plan_matrix.ENV).read_text())["runs"][0]["device"] == "cpu"
+    plan_matrix.main(["--compare", "--out", str(tmp_path)])  # the one comparison, plan.validate's, and the chart
+    rows = read_jsonl(tmp_path / plan_matrix.COMPARE)  # the planner on the CPU predicts the CPU accounting exactly
     assert [(r["measured_allocated"], r["error_allocated"]) for r in rows] == \
         [(r["allocated_peak"], 0.0) for r in records]
     assert (tmp_path / plan_matrix.CHART).stat().st_size > 0
-    summary = plan_matrix.error_summary(rows)
-    assert [{k: v for k, v in line.items() if k != "median_predict_s"} for line in summary] == \
-        [{"architecture": "qwen2_vl", "calls": 2, "not_predicted": 0, "median_allocated": 0.0,
-          "worst_allocated": 0.0}]
+    (line,) = validate.matrix_summary(rows)
+    assert (line["group"], line["calls"], line["not_predicted"], line["median_allocated"], line["worst_allocated"],
+            line["under_1pct"]) == ("qwen2_vl", 2, 0, 0.0, 0.0, 0)
 
 
 def test_matrix_builds_cover_every_preset_and_quantization_first() -> None:

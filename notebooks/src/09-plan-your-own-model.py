@@ -271,7 +271,8 @@ else:
 
 # %%
 from xcomp_lab.core.resources import repository_root
-from xcomp_lab.lessons.plan_any import matrix_summary, matrix_table, measured_calls, read_matrix
+from xcomp_lab.lessons.plan_any import read_matrix
+from xcomp_lab.plan.validate import matrix_summary, matrix_table, measured_calls
 
 matrix = repository_root() / "results" / "plan-matrix-h200"
 rows, records, env = read_matrix(matrix)

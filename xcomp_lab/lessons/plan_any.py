@@ -8,10 +8,10 @@
   a stated room above the call's reserved peak instead.
 - `batch_search`: the largest batch that fits, by the planner's own bisection (`plan.inverse.bisect_largest`)
   with every plan it made kept for the chart (`search_chart`).
-- `read_matrix`, `matrix_summary`, `matrix_table` (`matrix_markdown` for the README), `matrix_reading`,
-  `matrix_chart`: the measured validation matrix (`results/plan-matrix-h200`, `tools.plan_matrix`) read back, the
-  planner's and accelerate's errors per architecture (`tools.plan_matrix.error_summary` prints the same medians for
-  the command line; a lesson cannot import from tools/).
+- `read_matrix`, `matrix_reading`, `matrix_chart`: the measured validation matrix (`results/plan-matrix-h200`,
+  `tools.plan_matrix`) read back, what it says against issue 17's bars, and its chart; the summary per
+  architecture or quantization is `plan.validate`'s (`matrix_summary`, `matrix_table`, `matrix_markdown`,
+  `measured_calls`, imported here for the notebook).
 - `plan_chart` and `plan_widget`: one plan's phases as bars against the card, and the planner in ipywidgets.
 """
 
@@ -35,9 +35,9 @@ from xcomp_lab.plan import Plan, estimate
 from xcomp_lab.plan.estimate import ATTENTIONS, DTYPES, PHASES, QUANTIZATIONS
 from xcomp_lab.plan.inverse import LIMITS, bisect_largest
 from xcomp_lab.plan.presets import get_preset, preset_names
+from xcomp_lab.plan.validate import bars
 
 SCALES = ("tiny", "full")
-UNDER_TOLERANCE = 0.01  # the issue's bar: no under-prediction larger than 1%
 OFF_CHART = 4  # a card more than this many times the tallest bar is named in the title, not drawn
 
 
@@ -179,73 +179,6 @@ def read_matrix(folder: str | Path) -> tuple[list[dict[str, Any]], list[dict[str
     return lines("compare.jsonl"), lines("records.jsonl"), json.loads((folder / "env.json").read_text())
 
 
-def measured_calls(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The calls a matrix measured (not skipped, not out of memory)."""
-    return [r for r in records if "skipped" not in r and not r.get("oom") and r.get("allocated_peak")]
-
-
-def _worst(errors: Sequence[float]) -> float:
-    return max(errors, key=abs)
-
-
-def matrix_summary(rows: Sequence[dict[str, Any]], by: str = "architecture") -> list[dict[str, Any]]:
-    """Per architecture (or per value of another field of the rows, `by`, e.g. "quantization"): calls predicted and
-    not; the planner's median and worst (largest in size, sign kept)
-    relative error on the allocated and reserved peaks; its under-predictions over 1%; accelerate's median and
-    worst error against the allocated peak; the median prediction time in seconds."""
-    out = []
-    if any(by not in r for r in rows):
-        raise ValueError(f"by={by!r} is not a field of every row; use a field of compare.jsonl such as "
-                         "'architecture', 'quantization', 'attn' or 'preset'.")
-    for arch in sorted({str(r[by]) for r in rows}):
-        every = [r for r in rows if str(r[by]) == arch]
-        mine = [r for r in every if r.get("error_allocated") is not None and r.get("error_reserved") is not None]
-        line: dict[str, Any] = {"group": arch, "calls": len(mine), "not_predicted": len(every) - len(mine)}
-        for key in ("allocated", "reserved"):
-            errors = [r[f"error_{key}"] for r in mine]
-            line[f"median_{key}"] = statistics.median(errors) if errors else None
-            line[f"worst_{key}"] = _worst(errors) if errors else None
-        line["under_1pct"] = sum(min(r["error_allocated"], r["error_reserved"]) < -UNDER_TOLERANCE for r in mine)
-        anchors = [r["accelerate_error_allocated"] for r in every if r.get("accelerate_error_allocated") is not None]
-        line["median_accelerate"] = statistics.median(anchors) if anchors else None
-        line["worst_accelerate"] = _worst(anchors) if anchors else None
-        line["median_predict_s"] = statistics.median(r["predict_s"] for r in mine) if mine else None
-        out.append(line)
-    return out
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.2%}"
-
-
-def matrix_table(summary: Sequence[dict[str, Any]], by: str = "architecture") -> str:
-    """The summary as a text table: errors as predicted / measured - 1 (negative: under-predicted)."""
-    head = (f"{by:<13}{'calls':>6}{'alloc median':>13}{'alloc worst':>12}{'resv median':>12}"
-            f"{'resv worst':>11}{'under >1%':>10}{'accelerate median':>18}{'worst':>9}{'predict s':>10}")
-    lines = [head]
-    for s in summary:
-        calls = f"{s['calls']}" + (f"+{s['not_predicted']}" if s["not_predicted"] else "")
-        seconds = "-" if s["median_predict_s"] is None else f"{s['median_predict_s']:.1f}"
-        lines.append(f"{s['group']:<13}{calls:>6}{_pct(s['median_allocated']):>13}"
-                     f"{_pct(s['worst_allocated']):>12}{_pct(s['median_reserved']):>12}{_pct(s['worst_reserved']):>11}"
-                     f"{s['under_1pct']:>10}{_pct(s['median_accelerate']):>18}{_pct(s['worst_accelerate']):>9}"
-                     f"{seconds:>10}")
-    return "\n".join(lines)
-
-
-def matrix_markdown(summary: Sequence[dict[str, Any]], by: str = "architecture") -> str:
-    """The summary as a Markdown table (the README's), errors as predicted / measured - 1."""
-    lines = [(f"| {by} | calls predicted (not) | allocated: median / worst | reserved: median / worst | "
-             "under-predicted > 1% | accelerate vs allocated: median / worst | median prediction time |"),
-             "|---|---|---|---|---|---|---|"]
-    for s in summary:
-        seconds = "-" if s["median_predict_s"] is None else f"{s['median_predict_s']:.1f} s"
-        lines.append(f"| {s['group']} | {s['calls']} ({s['not_predicted']}) | {_pct(s['median_allocated'])} / "
-                     f"{_pct(s['worst_allocated'])} | {_pct(s['median_reserved'])} / {_pct(s['worst_reserved'])} | "
-                     f"{s['under_1pct']} | {_pct(s['median_accelerate'])} / {_pct(s['worst_accelerate'])} | {seconds} |")
-    return "\n".join(lines)
-
-
 def matrix_reading(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> str:
     """One sentence per finding, every figure computed from the rows: coverage, the planner's largest errors
     against the issue's bars (median <= 1% and worst <= 2% allocated, <= 3% reserved, no under-prediction over 1%),
@@ -258,10 +191,7 @@ def matrix_reading(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
     worst_median = max((s for s in summary if s["median_allocated"] is not None),
                        key=lambda s: abs(s["median_allocated"]))
     under = sum(s["under_1pct"] for s in summary)
-    holds = {"median allocated <= 1%": abs(worst_median["median_allocated"]) <= 0.01,
-             "worst allocated <= 2%": abs(alloc["error_allocated"]) <= 0.02,
-             "worst reserved <= 3%": abs(resv["error_reserved"]) <= 0.03,
-             "no under-prediction over 1%": under == 0}
+    holds = bars(predicted)
     anchors = [r["accelerate_error_allocated"] for r in rows if r.get("accelerate_error_allocated") is not None]
     missed = [name for name, ok in holds.items() if not ok]
 

@@ -23,7 +23,9 @@ out depend on the process's history (segments released earlier leave holes the d
 the first model of a process reserved what new segments placed below the earlier ones give, to the byte (all eight
 Llama 3 8B calls), and a model built later in the same process what segments placed above give (Mistral's eager
 calls at 2048 tokens: 0.5 and 2 GiB apart between the two orders). `BothOrders` runs the simulation with both
-and reports the larger figures, so that the order never makes the reserved peak an under-prediction.
+and reports the larger figures, so that the order never makes the reserved peak an under-prediction. The planner
+(`plan.estimate`) predicts a model loaded in a fresh process, as the matrix now measures every build, and so uses
+the downward order alone (`CachingAllocator()`).
 """
 
 from __future__ import annotations

@@ -308,8 +308,8 @@ def load_tensor(allocator: CachingAllocator | BothOrders, param: torch.Tensor, m
     Unquantized: the tensor itself. LLM.int8() (`Bnb8bitQuantize`, `Int8Params._quantize`): the tensor in `dtype`,
     an FP16 copy, the row statistics (SCB) and the int8 weight; the two copies freed. NF4 with nested statistics
     (`Bnb4bitQuantize`, `functional.quantize_4bit`): the tensor in `dtype`, the FP32 absmax and the packed weight,
-    the code and the mean (offset), the absmax less its mean, then the second level's absmax and the 8-bit absmax;
-    the temporaries freed, then the tensor in `dtype`.
+    the code and the mean (offset), the absmax less its mean, then the second level's absmax, the 8-bit absmax and
+    a copy of the dynamic map; the temporaries freed, then the tensor in `dtype`.
     """
     stats = statistics(module) if param is getattr(module, "weight", None) else []
     if not stats:
@@ -331,6 +331,7 @@ def load_tensor(allocator: CachingAllocator | BothOrders, param: torch.Tensor, m
         centred = allocator.malloc(state.absmax.numel() * 4)
         allocator.malloc(state.state2.absmax.untyped_storage().nbytes())
         allocator.malloc(state.absmax.untyped_storage().nbytes())
+        allocator.malloc(state.state2.code.untyped_storage().nbytes())  # the dynamic map, copied per weight
         allocator.free(centred)
         allocator.free(absmax)
     allocator.free(staged)
@@ -374,7 +375,7 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
     weights, stats = weight_tensors(fake)
     params_bytes = sum(t.untyped_storage().nbytes() for t in weights)
     stats_bytes = sum(t.untyped_storage().nbytes() for t in stats)
-    allocator = BothOrders() if cuda else None
+    allocator = CachingAllocator() if cuda else None
     acc = PlanAccounting(params_bytes, allocator)
     inputs_bytes = 0
     if cuda:
@@ -392,15 +393,17 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
     cache: list[int] = []
     token = int(inputs["input_ids"][0, 0])
     kernels = CudaSoftmax() if cuda else contextlib.nullcontext()
+    int8 = bnb is not None and bnb.load_in_8bit
     outliers = contextlib.nullcontext()
-    if cuda and bnb is not None and bnb.load_in_8bit:
-        outliers = quiet_int8_cast(Int8Outliers())
+    if cuda and int8:
+        outliers = Int8Outliers()
         for module in fake.modules():
             if hasattr(module, "state") and hasattr(module.state, "threshold"):
                 module.state.threshold = bnb.llm_int8_threshold  # as from_pretrained sets it (the replay set 0)
     skipping = contextlib.nullcontext() if exact_decode else fast_forward(fake, call.new_tokens)
-    with fake_mode, RealValues(token), acc, kernels, outliers, skipping, phases(fake, source.family, acc, call.new_tokens,
-                                                                      cache):
+    quiet = quiet_int8_cast() if int8 else contextlib.nullcontext()
+    marks = phases(fake, source.family, acc, call.new_tokens, cache)
+    with quiet, fake_mode, RealValues(token), acc, kernels, outliers, skipping, marks:
         acc.mark("generate")
         greedy_generate(fake, inputs, call.new_tokens)
     peaks = {"load": load, **{k: v for k, v in acc.peaks.items() if k in PHASES}}
@@ -415,14 +418,13 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
 
 
 @contextlib.contextmanager
-def quiet_int8_cast(mode: Int8Outliers) -> Any:
-    """`mode`, with bitsandbytes' warning that BF16 inputs are cast to FP16 (one per linear and step) silenced."""
+def quiet_int8_cast() -> Any:
+    """bitsandbytes' warning that BF16 inputs are cast to FP16 (one per INT8 linear and step) silenced."""
     bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
     level = bnb_logger.level
     bnb_logger.setLevel(logging.ERROR)
     try:
-        with mode:
-            yield
+        yield
     finally:
         bnb_logger.setLevel(level)
 
@@ -437,9 +439,8 @@ def plan_notes(call: Call, exact_decode: bool) -> tuple[str, ...]:
         notes.append("LLM.int8() outlier columns (inputs reaching 6.0) depend on the values: every column is taken "
                      "as one, so the allocated peak is an upper bound (exact when the inputs hold that many).")
     if call.device == "cuda":
-        notes.append("Reserved: the larger of the caching allocator simulated with new segments placed below and "
-                     "above the earlier ones (which one cudaMalloc follows depends on the process's history); the "
-                     "load as from_pretrained's caching_allocator_warmup leaves it in a fresh process.")
+        notes.append("Reserved: the model loaded by from_pretrained in a fresh process, the cache emptied before the "
+                     "call (earlier calls and models in the same process leave other segments behind).")
     return tuple(notes)
 
 

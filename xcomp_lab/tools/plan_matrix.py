@@ -5,6 +5,8 @@
     python -m xcomp_lab.tools.plan_matrix --accelerate --out results/plan-matrix-h200   # accelerate's anchors (CPU)
     python -m xcomp_lab.tools.plan_matrix --compare --out results/plan-matrix-h200      # the planner against them
 
+(`--compare` is `plan.validate.compare`, the one comparison, plus the chart `compare.png`.)
+
 For every preset, dtype (its published one) and quantization (none, INT8, NF4) the model is built once with
 random weights (`plan.build.build_model`: what `from_pretrained` leaves), then, switching the attention in place
 (eager, sdpa; Gemma 2 has no sdpa), one `generate(do_sample=False, max_new_tokens=min_new_tokens=N)` call runs for
@@ -12,12 +14,18 @@ every batch size and prompt length. A prompt is a number of text tokens plus, fo
 model's default size, as many tokens as its processor makes of it. Builds run in an order that covers every
 architecture and every quantization first, so that a run cut short by `--deadline-s` still covers both.
 
-Each call is measured from a clean state (garbage collected, cache emptied, peaks reset). On CUDA the caching
-allocator's `max_memory_allocated`/`max_memory_reserved` are read; on the CPU the tensor accounting of
-`xcomp_lab.memory.measure` counts every storage. Phases are marked by forward hooks, which read the peak of the
-phase that ends and reset it (`reset_peak_memory_stats` changes no allocation): "prefill" from the call's start
-to the start of the second forward (the vision encoder's own forward, "vision", cut out of it), "decode" after.
-The call's peak is the largest phase peak.
+Each build runs in a fresh process of its own (`--workers` of them at a time; the caching allocator is per
+process, so the builds do not see each other's memory): its random checkpoint drawn, the model loaded by
+`from_pretrained` from it (host to device, as from a file), then its calls. So the weights' segments are the ones
+a load into a fresh process leaves, whatever ran before, and every call starts from them: garbage collected,
+cache emptied (`torch.cuda.empty_cache()` releases every segment the previous call left without the weights in
+it) and peaks reset. On CUDA the caching allocator's `max_memory_allocated`/`max_memory_reserved` are read; on
+the CPU the tensor accounting of `xcomp_lab.memory.measure` counts every storage. Phases are marked by forward
+hooks (`run.call.phase_marks`), which read the peak of the phase that ends and reset it
+(`reset_peak_memory_stats` changes no allocation): "vision" from the vision encoder's start, "prefill" from the
+language model's first forward, "decode" from its second; the call's peak is the largest phase peak. For INT8
+the number of LLM.int8() outlier columns of every quantized linear's input is recorded (`int8_outliers`, by input
+width, prefill and decode apart), and for every build the segments the load leaves (`load_segments`).
 """
 
 from __future__ import annotations
@@ -26,11 +34,12 @@ import argparse
 import datetime
 import gc
 import json
-import statistics
+import multiprocessing
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -44,6 +53,7 @@ from xcomp_lab.core.jsonl import append_jsonl, read_jsonl, write_jsonl
 from xcomp_lab.core.machine import describe_machine, gpu_environment
 from xcomp_lab.memory.footprint import resident_bytes, statistics_bytes
 from xcomp_lab.memory.measure import CPU_KIND, CUDA_KIND, CpuAccounting
+from xcomp_lab.plan import validate
 from xcomp_lab.plan.build import (
     ATTENTIONS,
     DTYPES,
@@ -55,13 +65,15 @@ from xcomp_lab.plan.build import (
     random_checkpoint,
 )
 from xcomp_lab.plan.estimate import supports_sdpa
+from xcomp_lab.plan.families import family_of
 from xcomp_lab.plan.presets import Preset, get_preset, preset_names
+from xcomp_lab.run.call import phase_marks
 
-RECORDS = "records.jsonl"
-COMPARE = "compare.jsonl"
+RECORDS = validate.RECORDS
+COMPARE = validate.COMPARE
+ANCHORS = validate.ANCHORS
 CHART = "compare.png"
 ENV = "env.json"
-ANCHORS = "accelerate.jsonl"
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # Qwen2-VL, LLaVA, Idefics3
 
 
@@ -163,26 +175,34 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the decoder layers (its first forward is the prefill, each later one a decode step)."""
+    return model.get_submodule(family_of(model.config).layers.rsplit(".", 1)[0])
+
+
 @contextmanager
-def phase_hooks(model: torch.nn.Module, meter: PhaseMeter) -> Iterator[None]:
-    """Mark "decode" at the second forward of the model and "vision" around its vision encoder's forward."""
-    calls = [0]
+def int8_outlier_counts(counts: dict[str, dict[str, list[int]]], meter: PhaseMeter) -> Iterator[None]:
+    """Count LLM.int8()'s outlier columns: for every quantized linear's input, by the meter's phase and the input's
+    width, in `counts` {phase: {width: [inputs, outlier columns in all, inputs with every column an outlier]}}."""
+    import bitsandbytes.functional as bnb_f
 
-    def on_forward(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
-        calls[0] += 1
-        if calls[0] == 2:
-            meter.mark("decode")
+    quantize = bnb_f.int8_vectorwise_quant
 
-    handles = [model.register_forward_pre_hook(on_forward, with_kwargs=True)]
-    tower = vision_tower(model)
-    if tower is not None:
-        handles.append(tower.register_forward_pre_hook(lambda *_: meter.mark("vision")))
-        handles.append(tower.register_forward_hook(lambda *_: meter.mark("prefill")))
+    def counting(a: torch.Tensor, threshold: float = 0.0) -> Any:
+        out = quantize(a, threshold)
+        if threshold > 0.0 and out[2] is not None:
+            width = a.shape[-1]
+            line = counts.setdefault(meter.phase, {}).setdefault(str(width), [0, 0, 0])
+            line[0] += 1
+            line[1] += out[2].numel()
+            line[2] += out[2].numel() == width
+        return out
+
+    bnb_f.int8_vectorwise_quant = counting
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        bnb_f.int8_vectorwise_quant = quantize
 
 
 @dataclass(frozen=True)
@@ -200,8 +220,12 @@ def measure_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_to
     inputs = {key: value.to(device) for key, value in inputs.items()}
     meter = PhaseMeter(device, model)
     error = None
+    outliers: dict[str, dict[str, list[int]]] = {}
+    int8 = any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
+    counting = int8_outlier_counts(outliers, meter) if int8 else nullcontext()
     try:
-        with meter, phase_hooks(model, meter), torch.inference_mode():
+        with meter, phase_marks(model, meter, vision=vision_tower(model), decoder=language_model(model)), \
+                counting, torch.inference_mode():
             model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            pad_token_id=model.generation_config.eos_token_id)
     except torch.OutOfMemoryError as exc:
@@ -209,7 +233,8 @@ def measure_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_to
     del inputs
     return {"start_allocated": meter.start["allocated"], "start_reserved": meter.start["reserved"],
             "allocated_peak": meter.peak("allocated"), "reserved_peak": meter.peak("reserved"),
-            "phases": meter.phases, "seconds": round(meter.seconds, 4), "oom": error is not None, "error": error}
+            "phases": meter.phases, "seconds": round(meter.seconds, 4), "oom": error is not None, "error": error,
+            **({"int8_outliers": outliers} if outliers else {})}
 
 
 def _pad_token(model: torch.nn.Module) -> None:
@@ -217,12 +242,27 @@ def _pad_token(model: torch.nn.Module) -> None:
     model.generation_config.eos_token_id = eos[0] if isinstance(eos, list) else eos
 
 
-def run_build(preset: Preset, quantization: str, attns: Sequence[str], grid: Grid, device: torch.device,
-              tiny: bool, checkpoint: Any, common: dict[str, Any], out: Path, bar: tqdm) -> None:
-    """Build one model and measure every call of the grid on it, appending each record to `out`."""
+def load_segments() -> list[list[int]]:
+    """The caching allocator's segments of the large pool now: [size, bytes allocated in it] each (the small
+    pool's 2 MiB segments left out)."""
+    return [[seg["total_size"], seg["allocated_size"]] for seg in torch.cuda.memory_snapshot()
+            if seg["segment_type"] == "large"]
+
+
+def measure_build(name: str, quantization: str, attns: Sequence[str], grid: Grid, device: str, tiny: bool,
+                  common: dict[str, Any], deadline: float | None = None) -> list[dict[str, Any]]:
+    """Draw the preset's random checkpoint, build the model on `device` and measure every call of the grid on it:
+    the records, one per call (or one saying why the build was skipped when `deadline`, a `time.time()`, had
+    passed). Run in a fresh process for each build (`run_matrix`)."""
+    preset, device = get_preset(name), torch.device(device)
+    if deadline is not None and time.time() > deadline:
+        return [{**common, "preset": name, "quantization": quantization, "tiny": tiny,
+                 "skipped": "not started: the run's deadline had passed"}]
     supported, skipped = attentions_of(preset, attns, tiny)
     base = {**common, "preset": preset.name, "architecture": preset.config(tiny).model_type, "tiny": tiny,
             "dtype": dtype_name(preset.dtype), "quantization": quantization, "new_tokens": grid.new_tokens}
+    checkpoint = random_checkpoint(preset, preset.dtype, device, tiny=tiny)
+    checkpoint.draw()  # in pinned host memory: the load copies it to the device, as from a file
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -237,14 +277,14 @@ def run_build(preset: Preset, quantization: str, attns: Sequence[str], grid: Gri
         torch.cuda.synchronize(device)
         load.update(weights_bytes=torch.cuda.memory_allocated(device),
                     load_allocated_peak=torch.cuda.max_memory_allocated(device),
-                    load_reserved_peak=torch.cuda.max_memory_reserved(device))
+                    load_reserved_peak=torch.cuda.max_memory_reserved(device), load_segments=load_segments())
     else:
         load.update(weights_bytes=load["parameter_bytes"], load_allocated_peak=None, load_reserved_peak=None)
     _pad_token(model)
+    records = []
     for attn in attns:
         if attn in skipped:
-            append_jsonl(out, {**base, "attn": attn, "skipped": skipped[attn]})
-            bar.update(len(grid.batches) * len(grid.text_tokens))
+            records.append({**base, "attn": attn, "skipped": skipped[attn]})
             continue
         model.set_attn_implementation(attn)
         for text_tokens in grid.text_tokens:
@@ -252,17 +292,13 @@ def run_build(preset: Preset, quantization: str, attns: Sequence[str], grid: Gri
             for batch in grid.batches:
                 inputs = make_inputs(preset, batch_size=batch, prompt_tokens=text_tokens + _image_tokens(preset, tiny),
                                      image_size=image_size, tiny=tiny)
-                record = {**base, "attn": attn, "batch": batch, "prompt_tokens": inputs["input_ids"].shape[1],
-                          "image_tokens": _image_count(preset, tiny, inputs["input_ids"][0]),
-                          "image_size": image_size, "text_tokens": text_tokens, **load,
-                          **measure_call(model, inputs, grid.new_tokens, device)}
-                append_jsonl(out, record)
-                bar.set_postfix_str(f"{preset.name} {quantization} {attn} b{batch} t{record['prompt_tokens']}")
-                bar.update()
+                records.append({**base, "attn": attn, "batch": batch, "prompt_tokens": inputs["input_ids"].shape[1],
+                                "image_tokens": _image_count(preset, tiny, inputs["input_ids"][0]),
+                                "image_size": image_size, "text_tokens": text_tokens, **load,
+                                **measure_call(model, inputs, grid.new_tokens, device)})
     del model
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return records
 
 
 def _image_count(preset: Preset, tiny: bool, input_ids: torch.Tensor) -> int:
@@ -279,10 +315,12 @@ def _image_tokens(preset: Preset, tiny: bool) -> int:
 
 def run_matrix(presets: Sequence[str], quantizations: Sequence[str], attns: Sequence[str], grid: Grid,
                device: torch.device, tiny: bool, out_dir: Path, deadline_s: float | None = None,
-               done: Sequence[tuple[str, str]] = ()) -> Path:
-    """Measure the matrix into `out_dir/records.jsonl` (appended call by call) and write `env.json`.
+               done: Sequence[tuple[str, str]] = (), workers: int = 1) -> Path:
+    """Measure the matrix into `out_dir/records.jsonl` (appended build by build) and write `env.json`.
 
-    `done`: (preset, quantization) builds measured by an earlier run, left out.
+    Each build runs in a fresh process, `workers` at a time (0: all in this process, one after the other; the CPU
+    accounting has no allocator history). `done`: (preset, quantization) builds measured by an earlier run, left
+    out. `deadline_s`: no build starts after that many seconds (each is recorded as skipped).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / RECORDS
@@ -290,28 +328,28 @@ def run_matrix(presets: Sequence[str], quantizations: Sequence[str], attns: Sequ
         out.unlink()
     env = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "command": " ".join(["python -m xcomp_lab.tools.plan_matrix", *sys.argv[1:]]),
-           "device": str(device), "versions": versions(), "machine": describe_machine(Path.cwd()),
+           "device": str(device), "workers": workers, "versions": versions(), "machine": describe_machine(Path.cwd()),
            **({"gpu": gpu_environment()} if device.type == "cuda" else {})}
-    (out_dir / ENV).write_text(json.dumps(env, indent=2) + "\n")
+    (out_dir / ENV).write_text(json.dumps({"runs": [{**env, "run": 1}]}, indent=2) + "\n")
     common = {"device": str(device), "kind": CUDA_KIND if device.type == "cuda" else CPU_KIND,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, **versions()}
     order = [build for build in build_order(presets, quantizations) if build not in set(done)]
-    calls = len(attns) * len(grid.batches) * len(grid.text_tokens)
-    checkpoints: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    with tqdm(total=len(order) * calls, desc="plan matrix", unit="call") as bar:
-        for name, quantization in order:
-            preset = get_preset(name)
-            if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
-                append_jsonl(out, {**common, "preset": name, "quantization": quantization, "tiny": tiny,
-                                   "skipped": f"not started: the run's deadline of {deadline_s:g} s had passed"})
-                bar.update(calls)
-                continue
-            if name not in checkpoints:  # one random checkpoint per preset, drawn once, read by its 3 builds
-                checkpoints.clear()
-                checkpoints[name] = random_checkpoint(preset, preset.dtype, device, tiny=tiny)
-                checkpoints[name].draw()
-            run_build(preset, quantization, attns, grid, device, tiny, checkpoints[name], common, out, bar)
+    deadline = None if deadline_s is None else time.time() + deadline_s
+    jobs = [(name, quantization, tuple(attns), grid, str(device), tiny, common, deadline)
+            for name, quantization in order]
+    with tqdm(total=len(jobs), desc="plan matrix", unit="build") as bar:
+        if workers == 0:
+            for job in jobs:
+                for record in measure_build(*job):
+                    append_jsonl(out, record)
+                bar.update()
+        else:
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=spawn, max_tasks_per_child=1) as pool:
+                for future in as_completed([pool.submit(measure_build, *job) for job in jobs]):
+                    for record in future.result():
+                        append_jsonl(out, record)
+                    bar.update()
     return out
 
 
@@ -337,85 +375,6 @@ def accelerate_anchors(presets: Sequence[str], out: Path) -> list[dict[str, Any]
                             "training_bytes": {k: int(v) for k, v in training.items() if v != -1}, **versions()})
     write_jsonl(out, records)
     return records
-
-
-def accelerate_dtype(dtype: str, quantization: str) -> str:
-    """The `accelerate estimate-memory` dtype that stands for a call's weights: FP16/BF16 as float16, NF4 as int4."""
-    return {"int8": "int8", "nf4": "int4"}.get(quantization, "float32" if dtype == "fp32" else "float16")
-
-
-def compare(out_dir: Path, presets: Sequence[str] | None = None, batches: Sequence[int] | None = None,
-            text_tokens: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Predict the measured calls of `out_dir/records.jsonl` (all, or those of the given presets, batch sizes and
-    text tokens) with `xcomp_lab.plan.estimate` on this CPU, and write `compare.jsonl` and `compare.png`.
-
-    A row holds the measured and predicted allocated and reserved peaks and their relative error (per phase too)
-    and, where `out_dir/accelerate.jsonl` holds it, accelerate's weights-only figure for the call's dtype and its
-    relative error against the measured allocated peak; a call the planner cannot predict keeps its error.
-    """
-    from xcomp_lab.plan.estimate import estimate
-
-    measured = [r for r in read_jsonl(out_dir / RECORDS) if "skipped" not in r and not r["oom"]
-                and (presets is None or r["preset"] in presets) and (batches is None or r["batch"] in batches)
-                and (text_tokens is None or r["text_tokens"] in text_tokens)]
-    anchors = {(r["preset"], r["accelerate_dtype"]): r["total_bytes"]
-               for r in (read_jsonl(out_dir / ANCHORS) if (out_dir / ANCHORS).exists() else [])}
-    rows = []
-    for record in tqdm(measured, desc="predict the matrix", unit="call"):
-        row = {key: record[key] for key in ("preset", "architecture", "dtype", "quantization", "attn", "batch",
-                                            "prompt_tokens", "image_tokens", "new_tokens", "run")
-               if key in record}
-        row.update(measured_allocated=record["allocated_peak"], measured_reserved=record["reserved_peak"],
-                   measured_weights=record["weights_bytes"])
-        anchor = anchors.get((record["preset"], accelerate_dtype(record["dtype"], record["quantization"])))
-        if anchor is not None:
-            row.update(accelerate_bytes=anchor, accelerate_error_allocated=anchor / record["allocated_peak"] - 1)
-        rows.append(row)
-        try:
-            plan = estimate(record["preset"] + (":tiny" if record["tiny"] else ""), dtype=record["dtype"],
-                            quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
-                            prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
-                            image_size=record["image_size"],
-                            device="cuda" if record["kind"] == CUDA_KIND else "cpu")
-        except Exception as exc:  # noqa: BLE001 (a call the planner cannot predict is reported, not fatal)
-            row["prediction_error"] = f"{type(exc).__name__}: {exc}"
-            continue
-        row.update(predicted_allocated=plan.peak_bytes, predicted_reserved=plan.reserved_peak_bytes,
-                   predicted_weights=plan.weights_bytes, predicted_image_tokens=plan.image_tokens,
-                   predict_s=round(plan.seconds, 2),
-                   phases={name: {"measured_allocated": peak["allocated"], "measured_reserved": peak["reserved"],
-                                  "predicted_allocated": plan.phases[name].allocated if name in plan.phases else None,
-                                  "predicted_reserved": plan.phases[name].reserved if name in plan.phases else None}
-                           for name, peak in record["phases"].items()})
-        for key in ("allocated", "reserved"):
-            m, p = row[f"measured_{key}"], row[f"predicted_{key}"]
-            row[f"error_{key}"] = None if m is None or p is None else p / m - 1
-    write_jsonl(out_dir / COMPARE, rows)
-    compare_chart(rows, out_dir / CHART)
-    return rows
-
-
-def _median_worst(errors: list[float]) -> dict[str, float]:
-    """The median and the worst (largest in size, sign kept) of relative errors."""
-    return {"median": statistics.median(errors), "worst": max(errors, key=abs)} if errors else {}
-
-
-def error_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per architecture: calls predicted and not, the median and worst relative error of the planner on each peak
-    and of accelerate's figure on the allocated peak, the median prediction time."""
-    out = []
-    for arch in sorted({r["architecture"] for r in rows}):
-        every = [r for r in rows if r["architecture"] == arch]
-        mine = [r for r in every if "prediction_error" not in r]
-        line: dict[str, Any] = {"architecture": arch, "calls": len(mine), "not_predicted": len(every) - len(mine)}
-        for key, name, among in (("error_allocated", "allocated", mine), ("error_reserved", "reserved", mine),
-                                 ("accelerate_error_allocated", "accelerate", every)):
-            errors = [r[key] for r in among if r.get(key) is not None]
-            line.update({f"{stat}_{name}": value for stat, value in _median_worst(errors).items()})
-        if mine:
-            line["median_predict_s"] = statistics.median(r["predict_s"] for r in mine)
-        out.append(line)
-    return out
 
 
 def compare_chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -468,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 8 (tiny: 4)")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="start no new build after this many seconds (the rest recorded as skipped)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="builds measured at once, each in a fresh process (0: one after the other in this one); "
+                             "with --compare, calls predicted at once")
     parser.add_argument("--skip-done", type=Path, default=None,
                         help="an earlier run's records.jsonl: the builds it measured are left out")
     parser.add_argument("--compare", action="store_true",
@@ -480,8 +442,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         accelerate_anchors(args.presets, args.out / ANCHORS)
         return
     if args.compare:
-        for line in error_summary(compare(args.out, args.presets, args.batches, args.text_tokens)):
-            print(json.dumps(line))
+        rows = validate.compare(args.out, args.presets, args.batches, args.text_tokens, args.workers)
+        compare_chart(rows, args.out / CHART)
+        for by in ("architecture", "quantization"):
+            print(validate.matrix_table(validate.matrix_summary(rows, by), by))
+        print(json.dumps(validate.bars(rows)))
         return
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -492,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     done = [] if args.skip_done is None else \
         [(r["preset"], r["quantization"]) for r in read_jsonl(args.skip_done) if "skipped" not in r]
     run_matrix(args.presets, args.quantizations, args.attns, grid, device, args.tiny, args.out, args.deadline_s,
-               done)
+               done, args.workers)
 
 
 if __name__ == "__main__":
