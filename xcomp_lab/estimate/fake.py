@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from xcomp_lab.memory.footprint import statistics
 
@@ -37,13 +38,9 @@ def quantize_with(model: nn.Module, config: Any, fake_mode: FakeTensorMode) -> N
     """Quantize any model's fake linears as `from_pretrained(quantization_config=config)` does (a BitsAndBytesConfig):
     the same modules skipped (the output embeddings, tied and fp32-kept modules, the config's skip list)."""
     import bitsandbytes as bnb
-    import bitsandbytes.functional as bnb_f
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.base import HfQuantizer
 
-    # Double quantization reads this global map; made here so that it is a real tensor, not a fake one.
-    if "dynamic" not in bnb_f.name2qmap:
-        bnb_f.name2qmap["dynamic"] = bnb_f.create_dynamic_map()
     originals = {name: module for name, module in model.named_modules() if type(module) is nn.Linear}
     # Outside the fake mode: the new modules make bitsandbytes parameters on the meta device.
     skip = HfQuantizer.get_modules_to_not_convert(model, config.llm_int8_skip_modules,
@@ -51,23 +48,34 @@ def quantize_with(model: nn.Module, config: Any, fake_mode: FakeTensorMode) -> N
     replace_with_bnb_linear(model, skip, config)
     with fake_mode:
         for name, module in model.named_modules():
-            if not isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
-                continue
-            weight = originals[name].weight.detach().contiguous()
-            if isinstance(module, bnb.nn.Linear8bitLt):
-                cb, scb, _ = bnb_f.int8_vectorwise_quant(weight.to(torch.float16))
-                module.weight = fake_param(cb, CB=cb, SCB=scb, has_fp16_weights=False)
-                # Outlier columns depend on the activations' values: the simulation assumes none.
-                module.state.threshold = 0.0
-            else:
-                packed, state = bnb_f.quantize_4bit(
-                    weight, blocksize=module.weight.blocksize, compress_statistics=module.weight.compress_statistics,
-                    quant_type=module.weight.quant_type, quant_storage=module.weight.quant_storage)
-                module.weight = fake_param(packed, quant_state=state)
-                module.quant_state = state
-                # CPUs with AVX512-BF16 repack 4-bit weights on the first call; that path is not simulated.
-                module.support_avx512bf16_for_cpu = False
-            module.bias = originals[name].bias
+            if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
+                quantize_fake_linear(module, originals[name].weight.detach().contiguous(), originals[name].bias)
+
+
+def quantize_fake_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Give a bitsandbytes linear made on the meta device (outside the fake mode) the fake form of `weight` as
+    bitsandbytes quantizes it on `.to(device)`, and `bias`. Call it inside the fake mode."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_f
+
+    # Double quantization reads this global map; made here so that it is a real tensor, not a fake one.
+    if "dynamic" not in bnb_f.name2qmap:
+        with _disable_current_modes():
+            bnb_f.name2qmap["dynamic"] = bnb_f.create_dynamic_map()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        cb, scb, _ = bnb_f.int8_vectorwise_quant(weight.to(torch.float16))
+        module.weight = fake_param(cb, CB=cb, SCB=scb, has_fp16_weights=False)
+        # Outlier columns depend on the activations' values: the simulation assumes none.
+        module.state.threshold = 0.0
+    else:
+        packed, state = bnb_f.quantize_4bit(
+            weight, blocksize=module.weight.blocksize, compress_statistics=module.weight.compress_statistics,
+            quant_type=module.weight.quant_type, quant_storage=module.weight.quant_storage)
+        module.weight = fake_param(packed, quant_state=state)
+        module.quant_state = state
+        # CPUs with AVX512-BF16 repack 4-bit weights on the first call; that path is not simulated.
+        module.support_avx512bf16_for_cpu = False
+    module.bias = bias
 
 
 def build_fake_model(config: InternLMXcomposer2Config, dtype: torch.dtype, quantization: str,

@@ -50,7 +50,7 @@ import contextlib
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -64,9 +64,11 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from xcomp_lab.core.checks import check_choice, check_int
 from xcomp_lab.core.dtypes import check_dtype
 from xcomp_lab.estimate.accounting import CudaSoftmax
+from xcomp_lab.estimate.fake import quantize_fake_linear
 from xcomp_lab.memory.footprint import resident_bytes
 from xcomp_lab.memory.oom import model_frame
 from xcomp_lab.model.original import IMAGE_GRID
+from xcomp_lab.original.quantize import QuantizedPLoRA, is_plora, plora_base_layer
 from xcomp_lab.original.steps import (
     QUERY,
     OriginalStep,
@@ -289,6 +291,24 @@ def cast_model(module: nn.Module, dtype: torch.dtype) -> None:
             module._buffers[key] = buffer.to(dtype)
 
 
+def quantize_plora_fake(model: nn.Module, quantization: str, compute_dtype: torch.dtype) -> None:
+    """`quantize.quantize_plora` on a fake model (whose tensors bitsandbytes' parameter classes cannot wrap), with
+    the same memory, layer by layer: the FP16 copy of the base weight that bitsandbytes quantizes on the device
+    (allocated, then freed), the quantized weight and its statistics, and the layer's FP16 weight freed as the
+    `QuantizedPLoRA` replaces it. Call it inside the fake mode."""
+    for name in [name for name, module in model.named_modules() if is_plora(module)]:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        plora = getattr(parent, child)
+        with _disable_current_modes():  # a bitsandbytes layer on the meta device, as quantize_plora makes it
+            layer = plora_base_layer(plora, quantization, compute_dtype)
+        staged = plora.weight.detach().to(torch.float16, copy=True)  # what `.to(device)` copies and quantizes
+        quantize_fake_linear(layer, staged, plora.bias)
+        del staged
+        setattr(parent, child, QuantizedPLoRA(layer, plora))
+        del plora
+
+
 def ordinary_token(tokenizer: Any) -> int:
     """A token id the fake argmax answers: the query's first, never an end of sequence (as min tokens ensure)."""
     stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("[UNUSED_TOKEN_145]")}
@@ -329,7 +349,10 @@ def estimate_original(step: str | OriginalStep, files: str | Path, *, scale: str
     acc = ChatAccounting(allocator, cast_copies=step.step.use_autocast)
     load = direct_loader(files, "cpu", scale)
     with torch.no_grad(), fake_mode, (acc if cuda else contextlib.nullcontext()):
-        model, tokenizer = load(step)  # on CUDA the allocator sees the construction, in its order
+        # On CUDA the allocator sees the construction, in its order.
+        model, tokenizer = load(replace(step, recipe="load") if step.recipe == "plora" else step)
+        if step.recipe == "plora":
+            quantize_plora_fake(model, step.step.quantization, check_dtype(step.step.dtype))
         if step.step.cast is not None:
             cast_model(model, check_dtype(step.step.cast))
     weights = resident_bytes(model, "cpu")

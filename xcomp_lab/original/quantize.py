@@ -60,19 +60,26 @@ class QuantizedPLoRA(nn.Module):
         return out
 
 
+def plora_base_layer(plora: nn.Linear, quantization: str, compute_dtype: torch.dtype) -> nn.Module:
+    """The bitsandbytes layer (on the meta device, no weights yet) that takes `plora`'s base weight: LLM.int8()
+    with its outlier threshold 6.0, or NF4 with double quantization."""
+    import bitsandbytes as bnb
+
+    with torch.device("meta"):
+        if quantization == "int8":
+            return bnb.nn.Linear8bitLt(plora.in_features, plora.out_features, bias=plora.bias is not None,
+                                       has_fp16_weights=False, threshold=6.0)
+        return bnb.nn.Linear4bit(plora.in_features, plora.out_features, bias=plora.bias is not None,
+                                 compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+
+
 def _quantized_base(plora: nn.Linear, quantization: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
     """A bitsandbytes layer holding `plora`'s base weight quantized on `device` (bitsandbytes quantizes on `.to`)."""
     import bitsandbytes as bnb
 
     weight = plora.weight.detach().to("cpu", torch.float16)
     bias = plora.bias
-    with torch.device("meta"):
-        if quantization == "int8":
-            layer = bnb.nn.Linear8bitLt(plora.in_features, plora.out_features, bias=bias is not None,
-                                        has_fp16_weights=False, threshold=6.0)
-        else:
-            layer = bnb.nn.Linear4bit(plora.in_features, plora.out_features, bias=bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+    layer = plora_base_layer(plora, quantization, compute_dtype)
     if quantization == "int8":
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:

@@ -9,8 +9,9 @@ one's: results-2.jsonl re-measured three steps), predicts each with `xcomp_lab.o
 on this CPU (the same step, image, new tokens, scale and budget as the record; a step that ran out of memory is
 also predicted without a budget, against its `extra.unbudgeted` figures; a step whose call failed is predicted
 too, and the prediction's error is set against the measured one), writes one JSON line per row to `--out` and
-prints the markdown table. `--design` adds the rows of DESIGN.md section 6's "The original model, reproduced"
-table, predicted at that table's prompt (1387 tokens, the real tokenizer's) with its 48 x 10^9-byte budget.
+prints the markdown table (`--update`: only the rows predicted now are replaced in an existing `--out`).
+`--design` adds the rows of DESIGN.md section 6's "The original model, reproduced" table, predicted at that
+table's prompt (1387 tokens, the real tokenizer's) with its 48 x 10^9-byte budget.
 
 The model's files (config, code, tokenizer; no weights) are `--files`, by default those `original_gpu_run
 --prepare` wrote, else written from `--code-dir` into the build cache (`model.original.cache_dir()`).
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code-dir", type=Path, help="the original's remote-code folder, to write the files")
     parser.add_argument("--steps", default="", help="comma-separated steps to predict (default: every record's)")
     parser.add_argument("--design", action="store_true", help="also DESIGN.md section 6's rows at 1387 tokens")
+    parser.add_argument("--update", action="store_true", help="keep --out's rows of the steps not predicted now")
     parser.add_argument("--check-cpu", action="store_true", help="predict and measure --steps on this CPU instead")
     parser.add_argument("--max-new-tokens", type=int, default=2, help="with --check-cpu: new tokens per caption")
     args = parser.parse_args(argv)
@@ -254,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for record, path in records for row in rows_for(record, path, files, image)]
     if args.design:
         rows += design_rows(files, scale, image)
+    if args.update and args.out.is_file():
+        fresh = {(row["step"], row["source"], row["budget"]): row for row in rows}
+        kept = read_jsonl(args.out, what="estimate rows")
+        rows = [fresh.pop((row["step"], row["source"], row["budget"]), row) for row in kept] + list(fresh.values())
     write_jsonl(args.out, rows)
     print(markdown(rows))
     return 0
