@@ -633,10 +633,11 @@ class InternLMXComposer2ForCausalLM(InternLMXComposer2PreTrainedModel, Generatio
             image_embeds = self.encode_img(images, image_size)
             inputs_embeds, im_mask = self.interleav_wrap_chat(tokenizer, query, image_embeds, history, meta_instruction)
         sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
+        cache = kwargs.pop("cache", None)
         outputs = self.generate(
             inputs_embeds=inputs_embeds,
             im_mask=im_mask,
-            cache=kwargs.pop("cache", None) or self.make_cache(),
+            cache=self.make_cache() if cache is None else cache,
             streamer=streamer,
             max_new_tokens=max_new_tokens,
             num_beams=1,
