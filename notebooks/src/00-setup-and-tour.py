@@ -68,7 +68,6 @@ else:
 
     with torch.device("meta"):
         full = InternLMXComposer2ForCausalLM(config_for_scale("full"))
-print(f"full-size model: {type(full).__module__.split('.')[-1]}.{type(full).__name__}")
 n_params = sum(p.numel() for p in full.parameters())
 buffer_bytes = sum(b.numel() * b.element_size() for b in full.buffers())
 print(f"parameters: {n_params:,} | buffers: {fmt_bytes(buffer_bytes)}\n")

@@ -35,6 +35,9 @@ def start(**parameters: Any) -> CourseParams:
     if params.original_code:  # transformers 4.33.2 and its hub client on today's torch, and chat()'s own top_p
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*`do_sample` is set to `False`.*")
+        # CLIP built on the meta device inside the original's constructor under a device_map load: torch says each
+        # copy into it is a no-op; the checkpoint's own vit.* tensors are loaded into the model right after.
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter in the checkpoint.*")
     notes = prepare_original(params) if params.original_code else []
     import transformers
 
@@ -108,12 +111,14 @@ def chat_inputs(model: Any, image: Image.Image, params: CourseParams) -> dict[st
     """The keyword arguments of `model.chat(tokenizer, query, **...)` for one image, greedy, for either code.
 
     The replica takes the PIL image and `image_size`. The original's `chat()` takes a file path or a preprocessed
-    tensor: here `model.vis_processor(image)[None]`, what its `encode_img` makes from a file (FP32, 490 px), and
+    tensor: here `original.prompts.image_tensor`, what its `encode_img` makes from a file (FP32, 490 px), and
     no `image_size` (its generate would refuse the unknown argument).
     """
     common = {"max_new_tokens": params.max_new_tokens, "do_sample": False, "repetition_penalty": 1.0}
     if params.original_code:
-        return {"image": model.vis_processor(image)[None].to(params.device), **common}
+        from xcomp_lab.original.prompts import image_tensor
+
+        return {"image": image_tensor(model, image), **common}
     return {"image": image, "image_size": params.image_size, **common}
 
 

@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from xcomp_lab.memory import Budget, MemoryResult, run_guarded
-from xcomp_lab.model.tokenizer import CAPTION_QUERY
 from xcomp_lab.run.call import autocast, grad_mode
 from xcomp_lab.run.captioning import prompt_batch
 
@@ -79,7 +78,7 @@ def _measured(call: Callable[[], torch.Tensor], model: Any, *, device: str, grad
 
 def run_prefill(model: Any, tokenizer: Any, images: Sequence[Any], *, device: str, grad: str = "no_grad",
                 use_autocast: bool = False, cache_enabled: bool = True, budget: Budget | None = None,
-                image_size: int | None = None, query: str = CAPTION_QUERY, label: str = "") -> GradRun:
+                image_size: int | None = None, query: str | None = None, label: str = "") -> GradRun:
     """One forward pass over the caption prompts of `images` under `grad`, measured (and budgeted).
 
     The prompt embeddings are made beforehand under `no_grad`, so the measurement holds the decoder's pass
@@ -98,7 +97,7 @@ def run_prefill(model: Any, tokenizer: Any, images: Sequence[Any], *, device: st
 
 def run_prompt(model: Any, tokenizer: Any, images: Sequence[Any], *, device: str, grad: str = "no_grad",
                use_autocast: bool = False, budget: Budget | None = None, image_size: int | None = None,
-               query: str = CAPTION_QUERY, label: str = "") -> GradRun:
+               query: str | None = None, label: str = "") -> GradRun:
     """Vision tower, projector and prompt splice (what a captioning call runs before `generate`), measured."""
     images = list(images)
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from xcomp_lab.core.prompts import CAPTION_QUERY
 from xcomp_lab.model.modeling_internlm_xcomposer2 import DEFAULT_META_INSTRUCTION, IM_END, IM_START
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", IM_END, IM_START]
 TOKENIZER_VOCAB_SIZE = 1024
 
-CAPTION_QUERY = "Describe the image in one sentence."
 # Words the captioning scenes and the course's prompts use; each becomes one token.
 _COURSE_TEXT = [
     "system", "user", "assistant", CAPTION_QUERY, "Please describe this image in detail.",

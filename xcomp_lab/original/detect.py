@@ -6,7 +6,7 @@ InternLM-XComposer2-VL-7B and for `xcomp_lab.model.original.build_original_check
 model's hub id. The course's replica checkpoints are written by transformers 5 and run in the course's own
 environment. Reading the rule imports nothing but the standard library, so both environments apply it alike.
 
-`is_build(path)` tells the course's random-weight builds from a download, `original_scale(path)` says which size such a checkpoint is (a build's own record; a download is the full model),
+`is_original_model(model)` applies the same rule to a loaded model's config. `is_build(path)` tells the course's random-weight builds from a download, `original_scale(path)` says which size such a checkpoint is (a build's own record; a download is the full model),
 `checkpoint_environment(path)` what a build needs set before transformers is imported (its hub cache with CLIP).
 """
 
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 ORIGINAL_HUB_ID = "internlm/internlm-xcomposer2-vl-7b"
 # The attention the original's code has under transformers 4.33.2: eager (its flash-attention 2 path needs the
@@ -41,9 +43,20 @@ def uses_original_code(model_name_or_path: str | os.PathLike | None) -> bool:
     config = _config(path) if path.is_dir() else None
     if config is None:
         return os.fspath(model_name_or_path).strip("/").lower() == ORIGINAL_HUB_ID
-    written_by = str(config.get("transformers_version", ""))
+    return written_for_original(config)
+
+
+def written_for_original(config: Mapping[str, Any]) -> bool:
+    """The rule on a config's fields: remote code (`auto_map`) written by transformers 4 (`transformers_version`)."""
+    written_by = str(config.get("transformers_version") or "")
     major = written_by.split(".")[0]
     return bool(config.get("auto_map")) and major.isdigit() and int(major) < FIRST_UNSUPPORTED_MAJOR
+
+
+def is_original_model(model: Any) -> bool:
+    """True for a model loaded from a checkpoint of the original's code (the same rule on its loaded config)."""
+    config = getattr(model, "config", None)
+    return config is not None and written_for_original(config.to_dict())
 
 
 def _build_record(path: Path) -> dict | None:

@@ -4,21 +4,34 @@ Every caption prompt has the same length (one image, the same query), so a batch
 each image is embedded and spliced in by the model's own `encode_img` / `interleav_wrap_chat`, the rows
 are stacked, and `run.generate.greedy_generate` decodes greedily until the end of the turn, as `chat()` does. Inputs follow the model's embedding device and
 dtype, so the same calls serve FP32, FP16, BF16 and bitsandbytes INT8/NF4 models.
+
+A model of the original's own code (`xcomp_lab.original.detect.is_original_model`, in its environment with
+transformers 4.33.2) is handed to `xcomp_lab.original.prompts`: its own `chat()` prompt, and one `model.chat` per
+caption. The replica's modules are imported only where the replica runs, so this module imports there too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from xcomp_lab.core.checks import IMAGE_SIZE, check_int
+from xcomp_lab.core.prompts import CAPTION_QUERY
 from xcomp_lab.data import scenes
 from xcomp_lab.data.quality import QualityReport, quality_report
-from xcomp_lab.model.modeling_internlm_xcomposer2 import IMAGE_PLACEHOLDER, ImageInput
-from xcomp_lab.model.tokenizer import CAPTION_QUERY
-from xcomp_lab.run.generate import greedy_generate, turn_texts
+from xcomp_lab.original import prompts as original_prompts
+from xcomp_lab.original.detect import is_original_model
+
+if TYPE_CHECKING:
+    from xcomp_lab.model.modeling_internlm_xcomposer2 import ImageInput
+
+
+def caption_query(query: str | None) -> str:
+    """`query`, or the course's caption query (`xcomp_lab.core.prompts.CAPTION_QUERY`) when None."""
+    return CAPTION_QUERY if query is None else query
 
 
 def _images(images: Sequence[ImageInput]) -> list[ImageInput]:
@@ -36,10 +49,18 @@ def prompt_batch(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     images: Sequence[ImageInput],
-    query: str = CAPTION_QUERY,
+    query: str | None = None,
     image_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The caption prompt for each image, as `chat()` embeds it: inputs_embeds (N, T, C) and im_mask (N, T)."""
+    """The caption prompt for each image, as `chat()` embeds it: inputs_embeds (N, T, C) and im_mask (N, T).
+
+    `query`: None is the course's caption query. The original's code sees its own 490 px (`image_size` unused).
+    """
+    query = caption_query(query)
+    if is_original_model(model):
+        return original_prompts.prompt_batch(model, tokenizer, list(images), query)
+    from xcomp_lab.model.modeling_internlm_xcomposer2 import IMAGE_PLACEHOLDER
+
     image_embeds = model.encode_img(list(images), image_size)  # (N, P, C)
     query = IMAGE_PLACEHOLDER + query
     rows = [model.interleav_wrap_chat(tokenizer, query, image_embeds[i : i + 1]) for i in range(len(images))]
@@ -52,7 +73,7 @@ def caption_images(
     tokenizer: PreTrainedTokenizerBase,
     images: Sequence[ImageInput],
     *,
-    query: str = CAPTION_QUERY,
+    query: str | None = None,
     max_new_tokens: int = 16,
     batch_size: int = 8,
     image_size: int | None = None,
@@ -64,6 +85,11 @@ def caption_images(
     images = _images(images)
     check_int("max_new_tokens", max_new_tokens)
     check_int("batch_size", batch_size)
+    query = caption_query(query)
+    if is_original_model(model):
+        return original_prompts.chat_captions(model, tokenizer, images, query, max_new_tokens)
+    from xcomp_lab.run.generate import greedy_generate, turn_texts
+
     captions: list[str] = []
     for start in range(0, len(images), batch_size):
         inputs_embeds, im_mask = prompt_batch(model, tokenizer, images[start : start + batch_size], query, image_size)
@@ -78,7 +104,7 @@ def reference_logits(
     tokenizer: PreTrainedTokenizerBase,
     images: Sequence[ImageInput],
     *,
-    query: str = CAPTION_QUERY,
+    query: str | None = None,
     batch_size: int = 8,
     image_size: int | None = None,
 ) -> torch.Tensor:
