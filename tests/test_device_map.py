@@ -77,3 +77,22 @@ def test_offload_effect_sees_weights_in_flight_or_says_it_cannot():
                                                          seen_weight_bytes=1).splitlines()[-1]
     with pytest.raises(ValueError, match="seen_weight_bytes"):
         offload_effect(reference, offloaded, largest_weight_bytes=112 * MIB, seen_weight_bytes=-1)
+
+
+def test_cut_modules_names_the_layers_a_map_cuts():
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    from xcomp_lab.lessons.device_map import cut_modules
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([Block(), Block()])
+    device_map = {"layers.0": 0, "layers.1.a": 0, "layers.1.b": 1}
+    assert cut_modules(model, device_map, ["Block"]) == ["layers.1"]
+    assert cut_modules(model, {"layers": 0}, ["Block"]) == []
+    with pytest.raises(ValueError, match="classes is empty"):
+        cut_modules(model, device_map, [])

@@ -146,3 +146,13 @@ def test_the_planner_widget_lists_cards_by_name_and_starts_on_the_course_card():
     output = box.children[-1]
     assert output.outputs[0]["text"] == plan(24, scale="tiny", device="cpu").estimate.table() + "\n"
     assert len(planner(scale="tiny", device="cpu", card_gb=30).children[0].children[0].options) == len(CARDS) + 1
+
+
+def test_original_predictions_say_why_a_step_has_none():
+    from xcomp_lab.lessons.planner import predict_original_steps
+
+    measured = {"int8": {"budget_bytes": 1}, "fp32-device-map": {"budget_bytes": 1}, "05-fp16-offload-disk": {}}
+    out = predict_original_steps(measured, "unused", scale="small", device="cpu", image="unused.png", max_new_tokens=2)
+    assert sorted(out) == ["fp32-device-map", "int8"]  # a step the original's code does not have is left out
+    assert out["int8"].peak_bytes is None and "transformers" in out["int8"].reason
+    assert "device_map=auto" in out["fp32-device-map"].reason

@@ -240,3 +240,45 @@ def test_the_notebook_steps_load_score_and_record(params):
     assert "Linear8bitLt" in int8.module_table()
     with pytest.raises(ValueError, match="name='fp32'"):
         q.load_step("fp32", params)
+
+
+# ----------------------------------------------------------------------------- the original's own code (no model)
+
+class _PLoRALike(torch.nn.Linear):
+    """A linear carrying a low-rank branch, shaped as the original's PLoRA (the names are what is read)."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 4, bias=False)
+        self.Plora_A = torch.nn.Linear(4, 2, bias=False)
+        self.Plora_B = torch.nn.Linear(2, 4, bias=False)
+
+
+def _decoder(projection: type[torch.nn.Module]) -> torch.nn.Module:
+    attention = torch.nn.Module()
+    attention.wqkv, attention.wo = projection(), projection()
+    layer = torch.nn.Module()
+    layer.attention = attention
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.layers = torch.nn.ModuleList([layer])
+    return root
+
+
+def test_projection_classes_say_whether_the_plora_branch_survived():
+    assert q.projection_classes(_decoder(_PLoRALike)) == "decoder projections: 2 x _PLoRALike (with its PLoRA branch)"
+    swapped = q.projection_classes(_decoder(lambda: torch.nn.Linear(4, 4)))
+    assert swapped == "decoder projections: 2 x Linear (WITHOUT its PLoRA branch)"
+    with pytest.raises(ValueError, match="no decoder projection"):
+        q.projection_classes(torch.nn.Linear(2, 2))
+
+
+def test_failure_line_names_the_model_code_line(tmp_path, monkeypatch):
+    (tmp_path / "modeling_fake.py").write_text("def attend(layer, x, mask):\n    return layer(x, mask)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import modeling_fake
+
+    with pytest.raises(TypeError) as caught:
+        modeling_fake.attend(lambda x: x, 1, 2)
+    line = q.failure_line(caught.value)
+    assert line.startswith("TypeError: ") and "takes 1 positional argument but 2 were given" in line
+    assert line.endswith("raised through modeling_fake.py:2: return layer(x, mask)")

@@ -6,10 +6,13 @@
 - `split_layers`: the decoder layers on each card in the map that load really made, to compare with a plan.
 - `offload_effect`: the activations of an offloaded caption against the reference's, taken apart into what
   each run found allocated at its start and what the offloaded weights in flight added to the peak.
+- `original_meta_model` and `cut_modules`: the original's own code on the meta device, and which modules of given
+  classes a device map cuts (the original declares only its decoder layer in `_no_split_modules`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +104,46 @@ def offload_effect(reference: MemoryResult, offloaded: MemoryResult, *, largest_
         lines.append(f"the offloaded run peaked {fmt_bytes(-in_flight)} lower than the reference after the correction: "
                      f"something the two runs do differently, not the weights in flight")
     return "\n".join(lines)
+
+
+def original_meta_model(checkpoint: str | Path, scale: str = "full", dtype: str = "float32") -> Any:
+    """The original model of `scale`, built on the meta device from the remote code inside `checkpoint` (shapes only).
+
+    Its classes come from the checkpoint's own files, as `from_pretrained(trust_remote_code=True)` imports them;
+    the CLIP tower its constructor downloads is built from its configuration instead (no weights on meta). Needs
+    the original's environment (transformers 4.33.2).
+    """
+    from unittest import mock
+
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from xcomp_lab.core.dtypes import check_dtype
+    from xcomp_lab.model.original import (
+        AUTO_MAP,
+        MODEL_CLASS,
+        clip_config,
+        original_config,
+    )
+
+    config_class = get_class_from_dynamic_module(AUTO_MAP["AutoConfig"], Path(checkpoint))
+    model_class = get_class_from_dynamic_module(MODEL_CLASS, Path(checkpoint))
+    vision = CLIPVisionConfig(**clip_config(scale)["vision_config"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(check_dtype(dtype))
+    try:
+        with mock.patch.object(CLIPVisionModel, "from_pretrained", lambda *_, **__: CLIPVisionModel(vision)), \
+                torch.device("meta"):
+            return model_class(config_class(**original_config(scale)))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def cut_modules(model: Any, device_map: dict[str, Any], classes: Sequence[str]) -> list[str]:
+    """Modules of `model` whose class is one of `classes` and that `device_map` cuts across devices (its keys name
+    their parts rather than the whole module)."""
+    if not classes:
+        raise ValueError("classes is empty: name the module classes to look for, e.g. ['CLIPEncoderLayer']")
+    return [name for name, module in model.named_modules() if type(module).__name__ in classes
+            and any(key.startswith(name + ".") for key in device_map)]

@@ -45,10 +45,8 @@ from xcomp_lab.course.results import build_record
 from xcomp_lab.course.steps import course_budget, get_step
 from xcomp_lab.lessons.host_memory import read_rss
 from xcomp_lab.memory import Budget, GuardedResult, measure, run_guarded
-from xcomp_lab.model.tokenizer import CAPTION_QUERY
 from xcomp_lab.run.call import CaptionRun, autocast, cache_bytes, grad_mode
 from xcomp_lab.run.captioning import prompt_batch
-from xcomp_lab.run.generate import generated_tokens, greedy_generate, turn_texts
 
 Sample = tuple[float, int, str]  # (seconds, bytes in use, marker label or "")
 
@@ -318,6 +316,10 @@ def caption_timeline(model: Any, tokenizer: Any, images: Sequence[Any], params: 
     budget = course_budget(params, model.config)
     if params.original_code:
         return _original_caption_timeline(model, tokenizer, images, params, step, budget, label)
+    # The replica's prompt and generation loop: imported here, as they load the replica's code.
+    from xcomp_lab.model.tokenizer import CAPTION_QUERY
+    from xcomp_lab.run.generate import generated_tokens, greedy_generate, turn_texts
+
     marks: list[Mark] = []
     meters: list[Any] = []
     shapes: dict[str, int] = {}

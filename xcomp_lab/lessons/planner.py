@@ -2,7 +2,11 @@
 
 `plan()` is a plain function (it works in papermill and scripts); `planner()` wraps it in ipywidgets with
 a chart that updates when "Predict" is pressed. Predictions come from `estimate.estimate_caption`, which
-replays the captioning call on fake tensors, so nothing is allocated.
+replays the captioning call on fake tensors, so nothing is allocated. The replica's modules are imported where they
+are used, so that this module imports under the original's transformers 4.33.2 too.
+
+`predict_original_steps()` predicts the measured steps of the original model's own code with its estimator
+(`xcomp_lab.original.estimate.estimate_original`, which replays the original's `model.chat` on fake tensors).
 
 A card is named (`memory.cards.CARDS`: the memory PyTorch sees on it), or given by its marketed size
 (`card_gb=24`: the course's card of that class, the RTX 4090), or is the GPU in this machine (`machine_card()`).
@@ -12,9 +16,10 @@ the CUDA context on CUDA, that figure scaled to the model on a CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
 
@@ -23,13 +28,11 @@ from xcomp_lab.core.dtypes import DTYPE_NAMES
 from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.charts import steps_chart
 from xcomp_lab.course.params import CourseParams
-from xcomp_lab.estimate import Estimate, estimate_caption
 from xcomp_lab.memory.budget import card_budget_bytes, card_limit_bytes
 from xcomp_lab.memory.cards import CARDS, Card, card_named, card_of_size, machine_card
-from xcomp_lab.model.inventory import parameter_count
-from xcomp_lab.model.loading import QUANTIZATIONS
-from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
-from xcomp_lab.model.scales import check_scale
+
+if TYPE_CHECKING:
+    from xcomp_lab.estimate import Estimate
 
 DEFAULT_CARD_GB = 48  # the story's card class: the course's card for it is the L40S
 GPU_PRESETS_GB = (16, 24, 40, 48, 80)  # sizes the error for a bad card_gb suggests
@@ -111,6 +114,10 @@ def plan(
     the marketed size `card_gb` (`plan(24)`: the RTX 4090). A `card_gb` other than the default must agree with
     the named card's size.
     """
+    from xcomp_lab.estimate import estimate_caption
+    from xcomp_lab.model.inventory import parameter_count
+    from xcomp_lab.model.scales import check_scale
+
     check_number("card_gb", card_gb, maximum=1000, hint=f"a card size in GB such as {GPU_PRESETS_GB}")
     check_scale(scale)
     fp32_bytes = parameter_count(scale) * 4
@@ -151,6 +158,9 @@ def planner(scale: str = "full", device: str = "cuda", card_gb: float = DEFAULT_
     The card list is `card_choices()`; the course's card of `card_gb` is selected at first.
     """
     import ipywidgets as widgets
+
+    from xcomp_lab.model.loading import QUANTIZATIONS
+    from xcomp_lab.model.modeling_internlm_xcomposer2 import SUPPORTED_ATTENTION
 
     cards = card_choices(card_gb)
     controls = dict(
@@ -243,3 +253,41 @@ def largest_batch(params: CourseParams, dtype: str = "float16", quantization: st
 
     largest, peaks, capped = search_largest(try_batch, limit)
     return BatchSearch(largest, peaks, plans[0].budget_bytes, capped, plans[0].card)
+
+
+@dataclass(frozen=True)
+class OriginalPrediction:
+    """The original-code estimator's prediction for one measured step, or why there is none."""
+
+    step: str
+    peak_bytes: int | None  # None: the estimator cannot replay how this step loads
+    peak_phase: str | None
+    oom: bool | None  # predicted against the budget the step was measured under
+    reason: str | None = None  # why there is no prediction
+
+
+def predict_original_steps(measured: Mapping[str, dict[str, Any]], checkpoint: str | Path, *, scale: str, device: str,
+                           image: str | Path, max_new_tokens: int) -> dict[str, OriginalPrediction]:
+    """Predict each measured step (`{step: record}` from the results file) that is an original-code step, with
+    `estimate_original` on `device` ("cpu": the tensor accounting's figure; "cuda": the allocator's simulation);
+    the OOM verdict compares the prediction with the budget the record names. Steps the estimator cannot load
+    (transformers' own bitsandbytes and device_map loads) get a reason instead."""
+    from xcomp_lab.original.estimate import estimate_original
+    from xcomp_lab.original.steps import ORIGINAL_STEPS
+
+    out: dict[str, OriginalPrediction] = {}
+    for name, record in measured.items():
+        step = ORIGINAL_STEPS.get(name)
+        if step is None:
+            continue
+        if step.recipe not in ("load", "plora") or step.device_map is not None:
+            out[name] = OriginalPrediction(name, None, None, None, f"loads through from_pretrained ({step.recipe}"
+                                           f"{', device_map=' + step.device_map if step.device_map else ''}), which "
+                                           "the estimator does not replay")
+            continue
+        estimate = estimate_original(step, checkpoint, scale=scale, image=image, device=device,
+                                     max_new_tokens=max_new_tokens)
+        budget = record.get("budget_bytes")
+        out[name] = OriginalPrediction(name, estimate.peak_bytes, estimate.peak_phase,
+                                       None if budget is None else estimate.peak_bytes > budget)
+    return out

@@ -24,8 +24,9 @@ import contextlib
 import gc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,20 +34,34 @@ from matplotlib.figure import Figure
 
 from xcomp_lab.core.checks import check_choice, check_int
 from xcomp_lab.core.units import fmt_bytes
-from xcomp_lab.course.charts import format_breakdown, weight_breakdown, weight_breakdown_chart
+from xcomp_lab.course.charts import (
+    format_breakdown,
+    weight_breakdown,
+    weight_breakdown_chart,
+)
 from xcomp_lab.course.notebook import record
 from xcomp_lab.course.params import CourseParams
 from xcomp_lab.course.steps import STEPS, course_budget, get_step, load_for_step
 from xcomp_lab.data.quality import QualityReport, quality_report
-from xcomp_lab.lessons.precision import Reference, WeightsChange, drift_line, fp32_reference, measure_load, \
-    run_precision_step
 from xcomp_lab.memory import Budget, measure
 from xcomp_lab.memory.budget import resolve_device
-from xcomp_lab.memory.footprint import module_bytes, quantized_linear_bytes, statistics, statistics_bytes
-from xcomp_lab.model.bnb_cpu import apply_cpu_path, cpu_has_avx512bf16, packed_format_accepts
+from xcomp_lab.memory.footprint import (
+    module_bytes,
+    quantized_linear_bytes,
+    statistics,
+    statistics_bytes,
+)
+from xcomp_lab.model.bnb_cpu import (
+    apply_cpu_path,
+    cpu_has_avx512bf16,
+    packed_format_accepts,
+)
 from xcomp_lab.run.call import CaptionRun
 from xcomp_lab.run.captioning import prompt_batch
-from xcomp_lab.run.speed import Speed, generation_speed
+
+if TYPE_CHECKING:  # the replica's precision lesson and speed imports load its code: only where they are used
+    from xcomp_lab.lessons.precision import Reference, WeightsChange
+    from xcomp_lab.run.speed import Speed
 
 QUANTIZED_CLASSES = ("Linear8bitLt", "Linear4bit")
 STEP_NAMES = ("fp16", "int8", "nf4")  # the steps notebook 06 compares; FP32 is the reference
@@ -84,6 +99,8 @@ class Baseline:
 
 def take_reference(params: CourseParams, *, n: int = 4, n_logits: int = 2) -> Baseline:
     """Load the FP32 model, caption `n` held-out scenes and keep the prefill logits of `n_logits`, then free it."""
+    from xcomp_lab.lessons.precision import fp32_reference, measure_load
+
     (model, tokenizer), load = measure_load(lambda: load_for_step(STEPS["fp32-no-autocast"], params), params.device,
                                             label="dtype=torch.float32 at load")
     budget = course_budget(params, model.config)
@@ -216,6 +233,8 @@ class Footprint:
 
 def load_step(name: str, params: CourseParams) -> tuple[Any, Any, Footprint]:
     """Load course step `name` ("fp16", "int8" or "nf4") and return (model, tokenizer, its footprint)."""
+    from xcomp_lab.lessons.precision import measure_load
+
     check_choice("name", name, STEP_NAMES, hint="notebook 06 compares these steps")
     step = get_step(name)
     (model, tokenizer), load = measure_load(lambda: load_for_step(step, params), params.device, label=step.title)
@@ -244,6 +263,8 @@ class StepRun:
         return self.run.memory.peak_bytes
 
     def __str__(self) -> str:
+        from xcomp_lab.lessons.precision import drift_line
+
         return drift_line(self.drift)
 
 
@@ -254,6 +275,9 @@ def caption_step(name: str, model: Any, tokenizer: Any, images: Sequence[Any], p
     Speed comes first and outside the measurement: its CPU accounting slows every operation. Every model makes
     exactly `params.max_new_tokens` tokens per image for the timing (end of turn ignored), the same work.
     """
+    from xcomp_lab.lessons.precision import run_precision_step
+    from xcomp_lab.run.speed import generation_speed
+
     check_choice("name", name, STEP_NAMES, hint="notebook 06 compares these steps")
     if footprint.step != name:
         raise ValueError(f"footprint is of step {footprint.step!r}, not {name!r}: pass load_step({name!r}, ...)'s")
@@ -659,3 +683,89 @@ def quantized_kernels(model: torch.nn.Module, tokens: int, *, device: str, repea
         packed_rejects=tuple(sorted({n.rsplit(".", 1)[-1] for n in rejected})), packed_rejected=len(rejected),
         plora_rank=getattr(getattr(model, "config", None), "plora_rank", None), cpu_path=cpu_path, machine=machine,
         costs=tuple(matmul_cost(layer, t, device=device, repeats=repeats) for t in (1, tokens)))
+
+
+# ------------------------------------------------------------------------------------ the original's own code
+
+def projection_classes(model: torch.nn.Module) -> str:
+    """The classes of the decoder's PLoRA projections (the original's `wqkv`, `wo`, `w1`, `w2`, `w3`), counted, and
+    whether each still carries its low-rank branch (`Plora_A` and `Plora_B`)."""
+    from xcomp_lab.original.quantize import PLORA_NAMES
+
+    kinds: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in PLORA_NAMES and name.startswith("model.layers."):
+            branch = hasattr(module, "Plora_A") and hasattr(module, "Plora_B")
+            kind = f"{type(module).__name__} ({'with' if branch else 'WITHOUT'} its PLoRA branch)"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    if not kinds:
+        raise ValueError(f"{type(model).__name__} has no decoder projection named {PLORA_NAMES}: is it the original "
+                         "InternLM-XComposer2 remote code?")
+    return "decoder projections: " + ", ".join(f"{count} x {kind}" for kind, count in kinds.items())
+
+
+def failure_line(error: BaseException) -> str:
+    """The error as raised, and the innermost line of the model's own code it came through."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).name.startswith("modeling_")]
+    where = f" | raised through {Path(frames[-1].filename).name}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
+@dataclass(frozen=True)
+class RecipeRun:
+    """One original-code step loaded and captioned as `course.steps` does: its footprint and its measured call."""
+
+    name: str
+    title: str
+    projection: str  # projection_classes() of the loaded model
+    weights_bytes: int  # parameters and buffers plus bitsandbytes' statistics
+    modules: list[ModuleKind]  # module_precisions() of the loaded model: what was quantized, what stayed
+    run: CaptionRun
+    record: dict[str, Any]
+
+    def module_table(self) -> str:
+        """The modules holding tensors, by class: which were quantized and which stayed 16-bit."""
+        return format_module_precisions(self.modules, fmt_bytes)
+
+
+def run_original_recipes(params: CourseParams, images: Sequence[Any], names: Sequence[str]) -> list[RecipeRun]:
+    """Load, measure and caption each original-code step of `names` (`xcomp_lab.original.steps.ORIGINAL_STEPS`, e.g.
+    "fp16", "int8-plora", "nf4-skip") with the course's `load_for_step`/`run_step`, one model at a time; each
+    record is appended to the results file."""
+    from xcomp_lab.course.steps import run_step
+    from xcomp_lab.original.steps import get_original_step
+
+    if not params.original_code:
+        raise ValueError(f"{params.model_name_or_path!r} is not a checkpoint of the original's own code: these recipes "
+                         "are for its PLoRA layers (the replica's quantize through BitsAndBytesConfig as they are).")
+    budget = course_budget(params, None)
+    out = []
+    for name in names:
+        step = get_original_step(name).step
+        model, tokenizer = load_for_step(step, params)
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        projection = projection_classes(model)
+        run, record_ = run_step(step, model, tokenizer, list(images[:1]), params, budget,
+                                extra={"original_step": name, "statistics_bytes": statistics_bytes(model)})
+        out.append(RecipeRun(name, step.title, projection, weights + statistics_bytes(model), module_precisions(model),
+                             run, record(params, record_)))
+        del model, tokenizer
+        _free(params.device)
+    return out
+
+
+def recipe_table(runs: Sequence[RecipeRun], reference: str = "fp16") -> str:
+    """One line per recipe: weights (statistics included) against `reference`'s, the caption's peak and its verdict."""
+    base = next((r for r in runs if r.name == reference), None)
+    if base is None:
+        raise ValueError(f"reference={reference!r} is not among the runs {[r.name for r in runs]}")
+    lines = []
+    for r in runs:
+        m = r.run.memory
+        verdict = "OOM" if m.oom else "fits"
+        lines.append(f"{r.name:11s} weights {fmt_bytes(r.weights_bytes):>11s} (x{r.weights_bytes / base.weights_bytes:.2f} "
+                     f"{reference}'s) | peak {fmt_bytes(m.peak_bytes):>11s} of {fmt_bytes(m.budget_bytes or 0)}: "
+                     f"{verdict} | {r.projection.removeprefix('decoder projections: ')}")
+    return "\n".join(lines)
