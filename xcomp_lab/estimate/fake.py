@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import _disable_current_modes
 
 from xcomp_lab.memory.footprint import statistics
 
@@ -41,6 +40,7 @@ def quantize_with(model: nn.Module, config: Any, fake_mode: FakeTensorMode) -> N
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.base import HfQuantizer
 
+    double_quant_map()
     originals = {name: module for name, module in model.named_modules() if type(module) is nn.Linear}
     # Outside the fake mode: the new modules make bitsandbytes parameters on the meta device.
     skip = HfQuantizer.get_modules_to_not_convert(model, config.llm_int8_skip_modules,
@@ -52,16 +52,21 @@ def quantize_with(model: nn.Module, config: Any, fake_mode: FakeTensorMode) -> N
                 quantize_fake_linear(module, originals[name].weight.detach().contiguous(), originals[name].bias)
 
 
+def double_quant_map() -> None:
+    """Make the global map double quantization reads, outside the fake mode, so that it is a real tensor."""
+    import bitsandbytes.functional as bnb_f
+
+    if "dynamic" not in bnb_f.name2qmap:
+        bnb_f.name2qmap["dynamic"] = bnb_f.create_dynamic_map()
+
+
 def quantize_fake_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Give a bitsandbytes linear made on the meta device (outside the fake mode) the fake form of `weight` as
-    bitsandbytes quantizes it on `.to(device)`, and `bias`. Call it inside the fake mode."""
+    bitsandbytes quantizes it on `.to(device)`, and `bias`. Call it inside the fake mode, after `double_quant_map()`
+    outside it."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnb_f
 
-    # Double quantization reads this global map; made here so that it is a real tensor, not a fake one.
-    if "dynamic" not in bnb_f.name2qmap:
-        with _disable_current_modes():
-            bnb_f.name2qmap["dynamic"] = bnb_f.create_dynamic_map()
     if isinstance(module, bnb.nn.Linear8bitLt):
         cb, scb, _ = bnb_f.int8_vectorwise_quant(weight.to(torch.float16))
         module.weight = fake_param(cb, CB=cb, SCB=scb, has_fp16_weights=False)

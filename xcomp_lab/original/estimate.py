@@ -64,7 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from xcomp_lab.core.checks import check_choice, check_int
 from xcomp_lab.core.dtypes import check_dtype
 from xcomp_lab.estimate.accounting import CudaSoftmax
-from xcomp_lab.estimate.fake import quantize_fake_linear
+from xcomp_lab.estimate.fake import double_quant_map, quantize_fake_linear
 from xcomp_lab.memory.footprint import resident_bytes
 from xcomp_lab.memory.oom import model_frame
 from xcomp_lab.model.original import IMAGE_GRID
@@ -348,6 +348,8 @@ def estimate_original(step: str | OriginalStep, files: str | Path, *, scale: str
     allocator = BothOrders(budget_bytes) if cuda else None
     acc = ChatAccounting(allocator, cast_copies=step.step.use_autocast)
     load = direct_loader(files, "cpu", scale)
+    if step.step.quantization != "none":
+        double_quant_map()
     with torch.no_grad(), fake_mode, (acc if cuda else contextlib.nullcontext()):
         # On CUDA the allocator sees the construction, in its order.
         model, tokenizer = load(replace(step, recipe="load") if step.recipe == "plora" else step)
