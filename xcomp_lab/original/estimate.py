@@ -353,8 +353,9 @@ def estimate_original(step: str | OriginalStep, files: str | Path, *, scale: str
     with torch.no_grad(), fake_mode, (acc if cuda else contextlib.nullcontext()):
         # On CUDA the allocator sees the construction, in its order.
         model, tokenizer = load(replace(step, recipe="load") if step.recipe == "plora" else step)
-        if step.recipe == "plora":
+        if step.recipe == "plora":  # direct_loader quantizes before its .eval(): the new layers run in eval mode
             quantize_plora_fake(model, step.step.quantization, check_dtype(step.step.dtype))
+            model.eval()
         if step.step.cast is not None:
             cast_model(model, check_dtype(step.step.cast))
     weights = resident_bytes(model, "cpu")
