@@ -29,6 +29,7 @@ import torch
 from transformers import BatchEncoding
 
 from xcomp_lab.core.resources import package_file
+from xcomp_lab.estimate import estimate_caption
 from xcomp_lab.memory.measure import measure
 from xcomp_lab.model.checkpoint import course_tokenizer
 from xcomp_lab.model.configuration_internlm_xcomposer2 import InternLMXcomposer2Config
@@ -40,7 +41,7 @@ from xcomp_lab.model.modeling_internlm_xcomposer2 import (
 from xcomp_lab.model.original import clip_config, original_config
 from xcomp_lab.model.scales import config_for_scale
 from xcomp_lab.original.matmul import FloatMatmul
-from xcomp_lab.run.call import phase_marks
+from xcomp_lab.run.call import phase_marks, run_caption
 from xcomp_lab.run.generate import greedy_generate
 from xcomp_lab.run.modes import autocast, grad_mode
 
@@ -113,6 +114,26 @@ def test_decode_step_1_runs_with_the_prefill_logits_and_the_old_cache(tiny) -> N
     assert legacy["keys_alive"] and legacy["values_alive"], "the prefill's cache was freed as the new one was built"
     modern = watch_first_decode_step(*tiny, original_memory=False)
     assert not modern["logits_alive"] and not modern["keys_alive"] and not modern["values_alive"]
+
+
+def test_estimator_replays_decode_step_1_as_measured(tiny_model, scene_image) -> None:
+    """The estimator replays the same loop: its prefill and decode peaks are the measured ones, to a few bytes."""
+    model, tokenizer = tiny_model
+    run = run_caption(model, tokenizer, [scene_image], device="cpu", max_new_tokens=4, grad="inference_mode",
+                      sample_every=1)
+    measured = phase_peaks(run.memory.timeline)
+    predicted = estimate_caption(model, grad="inference_mode", new_tokens=run.new_tokens)
+    assert run.new_tokens >= 2  # decode step 1 ran
+    for phase, group in (("prefill", "prefill"), ("decode-1", "decode")):
+        assert abs(predicted.phase_peaks[group] - measured[phase]) <= 64, (phase, predicted.phase_peaks, measured)
+
+
+def test_fast_forwarded_estimate_keeps_decode_step_1() -> None:
+    """Under original_memory decode step 1 holds the prefill's logits: skipping it would lower the decode peak."""
+    exact = estimate_caption("tiny", new_tokens=6, exact_decode=True)
+    fast = estimate_caption("tiny", new_tokens=6)
+    assert fast.phase_peaks == exact.phase_peaks and fast.peak_bytes == exact.peak_bytes
+    assert exact.kv_cache_bytes == fast.kv_cache_bytes
 
 
 def test_original_memory_must_be_a_bool() -> None:

@@ -4,15 +4,19 @@ How: the replica is built from its configuration under `FakeTensorMode` (tensors
 storages but no data) in the dtype asked for, and quantized by the real bitsandbytes modules and functions,
 whose ops have fake kernels. Then the computation `experiment.run_caption` makes is replayed on it: images
 encoded and spliced into the chat prompt by `captioning.prompt_batch` (the text parts tokenized for real),
-and `generate`'s greedy loop written out, because its stopping checks read data: a prefill forward with
-full logits, then decode forwards on a DynamicCache, keeping alive what `generate` keeps (the prefill
-logits until the last-token copy is taken, the previous step's scores, the prompt embeddings), under the
-same gradient mode and autocast. Every allocation is counted by `memory.measure`'s own CPU accounting, so on
-CPU the prediction is what `measure` reports, to a few bytes.
+and the course's greedy loop written out, because its stopping checks read data: a prefill forward with
+full logits, then decode forwards on the model's own cache, keeping alive what the loop keeps. With the
+replica's `config.original_memory` (the default) that is `run.generate.legacy_greedy_search`, transformers
+4.33.2's loop: each step's outputs (the prefill's logits in decode step 1) and the cache's tensors as the step
+began, through the next forward; otherwise transformers 5's (the prefill logits until the last-token copy is
+taken, the previous step's scores). The prompt embeddings stay alive in both, under the same gradient mode and
+autocast. Every allocation is counted by `memory.measure`'s own CPU accounting, so on CPU the prediction is
+what `measure` reports, to a few bytes.
 
-Decode steps only grow (the cache and the attention span get one token longer each step, the ops are the
-same), so by default only the last decode step is simulated, after the cache is fast-forwarded to its
-length: the same peak, several times faster. `exact_decode=True` simulates every step.
+Decode steps from the second on only grow (the cache and the attention span get one token longer each step,
+the ops are the same), so by default decode step 1 (which also holds what the prefill left) and the last decode
+step are simulated, the cache fast-forwarded to its length between them: the same peaks, several times faster.
+`exact_decode=True` simulates every step.
 
 For device="cuda" the same simulation runs on CPU kernels' shapes with CUDA's rules applied: allocations
 rounded up to 512 bytes as the caching allocator does (so the peak means `torch.cuda.max_memory_allocated`),
@@ -52,10 +56,11 @@ COURSE_BUDGET = "course"  # estimate_step's default: the budget the course puts 
 def estimate_notes(device: str, quantization: str, use_autocast: bool, exact_decode: bool, quant_bytes: int,
            new_tokens: int) -> tuple[str, ...]:
     notes = ["Assumes all new tokens are generated (no early end-of-turn)."]
-    if not exact_decode and new_tokens > 2:
-        notes.append(f"Decode steps 1 to {new_tokens - 2} fast-forwarded (the cache grown in place): each decode "
-                     "step repeats the last one's ops on fewer tokens, so the decode peak is the last step's; "
-                     "exact_decode=True simulates every step.")
+    if not exact_decode and new_tokens > 3:
+        notes.append(f"Decode steps 2 to {new_tokens - 2} fast-forwarded (the cache grown in place): each decode "
+                     "step repeats the last one's ops on fewer tokens, so its peak is below the last step's (decode "
+                     "step 1, which also holds what the prefill left, is simulated); exact_decode=True simulates "
+                     "every step.")
     if quantization == "int8":
         notes.append("LLM.int8() outlier columns depend on the activations' values: assumed none (a few bytes "
                      "per outlier column and token).")

@@ -77,6 +77,7 @@ def replay(model: nn.Module, tokenizer: Any, pixels: list[torch.Tensor], *, quer
                                                                      tokenizer.pad_token_id)]
             mask = torch.ones((batch, prompt), dtype=torch.long, device=at)
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
+            prompt_positions = positions  # generate's own model_kwargs hold them until it returns
             del mask
             input_ids = torch.ones((batch, 0), dtype=torch.long, device=ids_at)
             unfinished = torch.ones(batch, dtype=torch.long, device=ids_at)
@@ -114,7 +115,7 @@ def replay(model: nn.Module, tokenizer: Any, pixels: list[torch.Tensor], *, quer
                 if not legacy:
                     del outputs  # the prefill logits go here, as generate deletes them
                 done = step
-            del previous_cache
+            del previous_cache, prompt_positions
         return Replayed(prompt_tokens=prompt, cache_bytes_by_device=cache_bytes_by_device(cache))
 
 
