@@ -96,3 +96,20 @@ def test_cut_modules_names_the_layers_a_map_cuts():
     assert cut_modules(model, {"layers": 0}, ["Block"]) == []
     with pytest.raises(ValueError, match="classes is empty"):
         cut_modules(model, device_map, [])
+
+
+@pytest.mark.parametrize("max_memory, balanced", [({0: "24GB", 1: "24GB"}, True), ({0: "24GB", "cpu": "64GiB"}, False),
+                                                  ({0: "31GB", 1: "2GB"}, False)])
+def test_plan_original_makes_the_estimators_map(max_memory, balanced):
+    """The original's planner (accelerate's calls without the replica's estimator) gives the map and the lines
+    `estimate.plan_device_map` gives, on the replica's full model built on the meta device."""
+    from xcomp_lab.estimate import meta_model, plan_device_map
+    from xcomp_lab.lessons.device_map import plan_original
+
+    model = meta_model("full", "float32")
+    ours = plan_original(model, max_memory, dtype="float32", balanced=balanced)
+    theirs = plan_device_map(model, max_memory, dtype="float32", balanced=balanced)
+    assert ours.device_map == theirs.device_map
+    assert ours.describe() == theirs.describe()
+    with pytest.raises(ValueError, match="max_memory is empty"):
+        plan_original(model, {})

@@ -6,13 +6,15 @@
 - `split_layers`: the decoder layers on each card in the map that load really made, to compare with a plan.
 - `offload_effect`: the activations of an offloaded caption against the reference's, taken apart into what
   each run found allocated at its start and what the offloaded weights in flight added to the peak.
-- `original_meta_model` and `cut_modules`: the original's own code on the meta device, and which modules of given
-  classes a device map cuts (the original declares only its decoder layer in `_no_split_modules`).
+- `original_meta_model`, `plan_original` and `cut_modules`: the original's own code on the meta device, the map
+  transformers 4.33.2 computes for it, and which modules of given classes a map cuts (the original declares only
+  its decoder layer in `_no_split_modules`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,104 @@ def cut_modules(model: Any, device_map: dict[str, Any], classes: Sequence[str]) 
         raise ValueError("classes is empty: name the module classes to look for, e.g. ['CLIPEncoderLayer']")
     return [name for name, module in model.named_modules() if type(module).__name__ in classes
             and any(key.startswith(name + ".") for key in device_map)]
+
+
+@dataclass(frozen=True)
+class OriginalPlan:
+    """accelerate's device map for the original's model, and what it puts on each device (bytes at the plan's dtype)."""
+
+    device_map: dict[str, Any]
+    max_memory: dict[Any, int]  # the limits the map was computed under (after balancing)
+    bytes_per_device: dict[Any, int]
+    layers_per_device: dict[Any, list[int]]  # decoder layer indices (a cut layer under each of its devices)
+    others_per_device: dict[Any, list[str]]  # the other parts: top-level modules, or the parts of a cut one
+
+    def describe(self) -> str:
+        """One line per device: bytes, limit, decoder layers and the other modules placed there."""
+        lines = []
+        for device, nbytes in self.bytes_per_device.items():
+            limit = self.max_memory.get(device)
+            idx = self.layers_per_device.get(device, [])
+            layers = f"layers {idx[0]}-{idx[-1]} ({len(idx)})" if idx else "no decoder layer"
+            others = self.others_per_device.get(device, [])
+            label = f"GPU {device}" if isinstance(device, int) else str(device)
+            lines.append(f"{label:>5s}: {fmt_bytes(nbytes):>10s}"
+                         + (f" of {fmt_bytes(limit)} allowed" if limit is not None else "")
+                         + f" | {layers}" + (f" + {', '.join(others)}" if others else ""))
+        return "\n".join(lines)
+
+
+def _units(model: Any) -> list[str]:
+    """The parts a plan reports: the top-level modules, with the decoder's children listed (its layers one by one)."""
+    names = []
+    for name, child in model.named_children():
+        if name == "model":
+            for inner, grandchild in child.named_children():
+                if inner == "layers":
+                    names += [f"{LAYER_PREFIX}{i}" for i in range(len(grandchild))]
+                else:
+                    names.append(f"model.{inner}")
+        else:
+            names.append(name)
+    return names
+
+
+def _devices(unit: str, device_map: dict[str, Any]) -> list[Any]:
+    """The device(s) a unit is on: the map's key holding it, or the keys inside it where the map cut it."""
+    inside = [d for k, d in device_map.items() if k.startswith(unit + ".")]
+    around = [(len(k), d) for k, d in device_map.items() if k in ("", unit) or unit.startswith(k + ".")]
+    found = inside + ([max(around, key=lambda kd: kd[0])[1]] if around else [])
+    return list(dict.fromkeys(found))
+
+
+def plan_original(model: Any, max_memory: dict[Any, int | str], *, dtype: str = "float32",
+                  balanced: bool = False) -> OriginalPlan:
+    """The map transformers 4.33.2's `from_pretrained` computes for the original's (meta) model: accelerate's
+    `infer_auto_device_map` with the model's `_no_split_modules`, after `get_balanced_memory` where `balanced`
+    (as `device_map="auto"` does on several GPUs; `device_map="sequential"` skips it). GPUs need not exist here."""
+    import logging
+    import warnings
+
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import (
+        compute_module_sizes,
+        get_balanced_memory,
+        get_max_memory,
+    )
+
+    from xcomp_lab.core.dtypes import check_dtype
+
+    if not max_memory:
+        raise ValueError("max_memory is empty; give each device's limit, e.g. {0: '24GB', 1: '24GB'}.")
+    torch_dtype = check_dtype(dtype)
+    no_split = list(model._no_split_modules)
+    quiet = [logging.getLogger(name) for name in ("accelerate.utils.modeling", "accelerate.big_modeling")]
+    levels = [logger.level for logger in quiet]
+    try:
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no GPU here: accelerate warns that the planned ones are absent
+            limits = dict(max_memory)
+            if balanced:
+                limits = get_balanced_memory(model, max_memory=limits, no_split_module_classes=no_split,
+                                             dtype=torch_dtype)
+            device_map = infer_auto_device_map(model, max_memory=limits, no_split_module_classes=no_split,
+                                               dtype=torch_dtype)
+            sizes = compute_module_sizes(model, dtype=torch_dtype)
+            resolved = get_max_memory(dict(limits))
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+    per_device: dict[Any, int] = {}
+    for name, device in device_map.items():
+        per_device[device] = per_device.get(device, 0) + int(sizes[name])
+    layers: dict[Any, list[int]] = {}
+    others: dict[Any, list[str]] = {}
+    for unit in _units(model):
+        for device in _devices(unit, device_map):
+            if unit.startswith(LAYER_PREFIX):
+                layers.setdefault(device, []).append(int(unit[len(LAYER_PREFIX):]))
+            else:
+                others.setdefault(device, []).append(unit)
+    return OriginalPlan(dict(device_map), {k: int(v) for k, v in resolved.items()}, per_device, layers, others)
