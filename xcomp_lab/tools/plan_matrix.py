@@ -435,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="predict the calls in --out's records.jsonl (those of --presets, --batches and --text-tokens "
                              "given): compare.jsonl, compare.png, a summary per architecture")
+    parser.add_argument("--predicted", type=Path, default=None,
+                        help="with --compare: predictions this planner made earlier (plan.validate --predict-only)")
     parser.add_argument("--accelerate", action="store_true",
                         help="only write accelerate's estimate-memory anchors (accelerate.jsonl), on the CPU")
     args = parser.parse_args(argv)
@@ -442,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         accelerate_anchors(args.presets, args.out / ANCHORS)
         return
     if args.compare:
-        rows = validate.compare(args.out, args.presets, args.batches, args.text_tokens, args.workers)
+        rows = validate.compare(args.out, args.presets, args.batches, args.text_tokens, args.workers, args.predicted)
         compare_chart(rows, args.out / CHART)
         for by in ("architecture", "quantization"):
             print(validate.matrix_table(validate.matrix_summary(rows, by), by))
