@@ -30,7 +30,9 @@ print(params)
 # ## Step 1: load with plain `from_pretrained` and look at the mode
 #
 # The quick start ends its load with `.eval()`. Here the model is loaded with `AutoModel.from_pretrained` and
-# nothing else, in FP32 as in notebook 01, to see the mode it comes in.
+# nothing else, in FP32 as in notebook 01, to see the mode it comes in. The replica is loaded with transformers 5's
+# `dtype=` and this notebook's attention; the original's own code with transformers 4.33.2's `torch_dtype=` and no
+# `attn_implementation`, which its constructor refuses.
 
 # %%
 import torch
@@ -39,8 +41,9 @@ from xcomp_lab.model.loading import resolve_checkpoint
 from xcomp_lab.course.steps import course_budget
 
 path = resolve_checkpoint(params.model_name_or_path, params.scale)
-model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32, device_map={"": params.device},
-                                  attn_implementation=params.attn_implementation)
+fp32 = {"torch_dtype": torch.float32} if params.original_code else {
+    "dtype": torch.float32, "attn_implementation": params.attn_implementation}
+model = AutoModel.from_pretrained(path, trust_remote_code=True, device_map={"": params.device}, **fp32)
 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 training_at_load = model.training
 modules_training = sum(m.training for m in model.modules())
@@ -57,7 +60,7 @@ print(budget.describe())
 #
 # `.eval()` sets `training = False` on every module. Only modules that read that flag behave differently: in this
 # model's code that is the dropout inside each PLoRA projection (`Plora_B(Plora_A(lora_dropout(x)))`, p = 0.05 in
-# the released config), and the vision tower's attention dropout, whose p is printed below. In training mode each
+# the released model), and the vision tower's attention dropout, whose p is printed below. In training mode each
 # forward pass drops a different random share p of the PLoRA inputs. `reference_logits` runs under
 # `torch.inference_mode()`: the gradient switch does not touch dropout.
 
@@ -65,8 +68,9 @@ print(budget.describe())
 from xcomp_lab.run.captioning import caption_images, reference_logits
 from xcomp_lab.lessons.grad_modes import dropout_modules
 
+vision_config = model.vit.vision_tower.config if params.original_code else model.config.vision_config
 print(f"dropout layers by probability p: {dropout_modules(model)} | vision tower attention dropout p = "
-      f"{model.config.vision_config.attention_dropout}")
+      f"{vision_config.attention_dropout}")
 images = batch_of_images(params)
 model.train()
 train_a, train_b = (reference_logits(model, tokenizer, images, image_size=params.image_size) for _ in range(2))
@@ -85,8 +89,9 @@ print(f"same prompt twice, eval mode:  max |logit diff| {eval_diff:.3g}, identic
 
 # %%
 from xcomp_lab.data import scenes
+from xcomp_lab.course.notebook import image_grid
 
-scene_size = params.image_size or model.config.image_size
+scene_size, _ = image_grid(model, params)
 scene_images = [image for image, _ in scenes.held_out_dataset(8, image_size=scene_size)]
 model.train()
 train_captions = caption_images(model, tokenizer, scene_images, max_new_tokens=params.max_new_tokens,
@@ -307,9 +312,10 @@ my_grad_caption_x = None  # your prediction: caption peak with gradients enabled
 #
 # Captions come from `model.generate()`, and transformers decorates `generate` with `@torch.no_grad()`: inside
 # it, gradients are off whatever the caller does. What runs *before* `generate` is the caller's: the vision
-# tower, the projector and the splice of image tokens into the prompt (`prompt_batch`). Hooks on each part
-# record whether autograd was on when it ran, during a captioning call with gradients enabled (the quick start
-# without its `torch.set_grad_enabled(False)`):
+# tower, the projector and the splice of image tokens into the prompt (`prompt_batch`). The original's own `chat()`
+# is itself decorated with `@torch.no_grad()` (its source), so there nothing of the call is the caller's. Hooks on
+# each part record whether autograd was on when it ran, during a captioning call with gradients enabled (the quick
+# start without its `torch.set_grad_enabled(False)`), for the model loaded here:
 
 # %%
 from xcomp_lab.lessons.grad_modes import grad_enabled_by_part
@@ -384,7 +390,7 @@ enabled, no_grad = prefill["enabled"], prefill["no_grad"]
 same_captions = len({tuple(run.captions or ()) for run, _ in captions.values()}) == 1
 print(f"- from_pretrained returned model.training = {training_at_load}: the quick start's .eval() "
       + ("changes nothing." if not modules_training else f"switched {modules_training} modules to eval mode."))
-print(f"- In training mode dropout (p = {model.config.plora_dropout} in {sum(dropout_modules(model).values())} "
+print(f"- In training mode dropout (p = {max(dropout_modules(model))} in {sum(dropout_modules(model).values())} "
       f"PLoRA layers) moved the logits by up to {train_diff:.3g} between two identical calls and changed "
       + (f"{changed} of {len(eval_captions)} captions (random weights: noise)" if random_weights else
          f"{changed} of {len(eval_captions)} captions")
@@ -403,12 +409,16 @@ print(f"- Under autocast, the weight copies ({fmt_bytes(copies)}) were kept by: 
       + f" (torch {torch.__version__}).")
 outcome = "peaks" if grad_caption.ok else "runs out of memory under the budget, having reached"
 near_graph = graph_bytes > 0 and 0.9 <= grad_extra / graph_bytes <= 1.1
+if graph_parts:
+    against = (f"about the {fmt_bytes(graph_bytes)} graph of {', '.join(graph_parts)}" if near_graph else
+               f"against a {fmt_bytes(graph_bytes)} graph of {', '.join(graph_parts)}")
+    against += (": generate() ran the decoder and head without gradients"
+                if grad_on["decoder"] and True not in grad_on["decoder"] | grad_on["output head"] else "")
+else:
+    against = (f"and no part of it ran with gradients enabled (the prompt, built outside it with gradients, "
+               f"would hold a {fmt_bytes(graph_bytes)} graph)")
 print(f"- A captioning call with gradients enabled {outcome} {fmt_bytes(grad_extra)} above no_grad "
-      f"({grad_extra / no_grad_peak:.1%}), "
-      + (f"about the {fmt_bytes(graph_bytes)} graph of {', '.join(graph_parts)}" if near_graph else
-         f"against a {fmt_bytes(graph_bytes)} graph of {', '.join(graph_parts)}")
-      + (": generate() ran the decoder and head without gradients"
-         if grad_on["decoder"] and True not in grad_on["decoder"] | grad_on["output head"] else "")
+      f"({grad_extra / no_grad_peak:.1%}), " + against
       + f". Same captions in every mode: {same_captions}" + (" (random weights: noise)." if random_weights else "."))
 
 # %% [markdown]
