@@ -27,6 +27,84 @@ params = start(scale=scale, device=device, budget_gb=budget_gb, model_name_or_pa
 print(params)
 
 # %% [markdown]
+# ## With the original's own code: the usual advice fails, then two recipes that work
+#
+# This section runs where `model_name_or_path` is a checkpoint of the original model's own remote code
+# (transformers 4.33.2); with the replica it says so and the steps below it follow. Those steps read the replica's
+# own layers, so with the original's checkpoint each of their cells is skipped (`if not params.original_code`). The usual advice for 8 bits is
+# one argument, `quantization_config=BitsAndBytesConfig(load_in_8bit=True)`. Here it is, as a user writes it, then
+# the caption exactly as the quick start asks for it:
+
+# %%
+import tempfile
+
+import torch
+from xcomp_lab.core.units import fmt_bytes
+from xcomp_lab.lessons.quantization import failure_line, projection_classes
+
+if params.original_code:
+    from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
+
+    folder = tempfile.TemporaryDirectory(prefix="xcomp-lab-06-")
+    image_file = f"{folder.name}/image.png"
+    batch_of_images(params)[0].save(image_file)  # the original's chat() reads an image file
+    model = AutoModel.from_pretrained(params.model_name_or_path, trust_remote_code=True, torch_dtype=torch.float16,
+                                      quantization_config=BitsAndBytesConfig(load_in_8bit=True),  # the advice
+                                      device_map={"": params.device})
+    tokenizer = AutoTokenizer.from_pretrained(params.model_name_or_path, trust_remote_code=True)
+    advice_projections, advice_error = projection_classes(model), None
+    print(advice_projections)
+    try:
+        answer, _ = model.chat(tokenizer, "<ImageHere>Please describe this image in detail.", image=image_file,
+                               history=[], do_sample=False, max_new_tokens=params.max_new_tokens)
+        print(f"model.chat answered: {answer!r}")
+    except TypeError as error:
+        advice_error = failure_line(error)
+        print(advice_error)
+    del model, tokenizer
+else:
+    print("the replica: its PLoRA keeps the base projection as a plain nn.Linear (base_layer), so "
+          "BitsAndBytesConfig works as it is (Steps 3 to 9)")
+
+# %% [markdown]
+# Why, where it failed: the original writes each PLoRA projection (`wqkv`, `wo`, `w1`, `w2`, `w3`) as a subclass
+# of `nn.Linear` that adds a low-rank branch at the image tokens and is called with two arguments,
+# `self.wqkv(hidden_states, im_mask)`. transformers' bitsandbytes integration replaces every `nn.Linear`,
+# subclasses included, by a plain `Linear8bitLt` (`Linear4bit` for `load_in_4bit`): the first line above counts
+# what the load left (the branch's `Plora_A`/`Plora_B` weights are dropped), and the quantized layer's
+# `forward(x)` takes one argument, so the first projection raises the `TypeError` printed above.
+#
+# Two recipes work with the unchanged code (`xcomp_lab.original.quantize`): `quantize_plora(model, "int8" | "nf4")`
+# after an FP16 load quantizes each PLoRA's base weight and keeps its branch in FP16; `skip_plora_config(...)`
+# keeps transformers' own load and lists the PLoRA projections in `llm_int8_skip_modules`. Both run under autocast,
+# as the original's FP16 weights need (its `chat()` makes the image in FP32). Each is loaded and captioned below by
+# the course's own `load_for_step` and `run_step`, against the FP16 model:
+
+# %%
+from xcomp_lab.lessons.quantization import recipe_table, run_original_recipes
+
+if params.original_code:
+    recipes = {r.name: r for r in run_original_recipes(params, batch_of_images(params),
+                                                       ("fp16", "int8-plora", "int8-skip", "nf4-plora", "nf4-skip"))}
+    print(recipe_table(list(recipes.values())))
+    smallest = min(recipes.values(), key=lambda r: r.weights_bytes)
+    print(f"smallest weights: {smallest.name}, x{smallest.weights_bytes / recipes['fp16'].weights_bytes:.2f} FP16's; "
+          f"skipping the PLoRA layers keeps x{recipes['int8-skip'].weights_bytes / recipes['fp16'].weights_bytes:.2f} "
+          f"(INT8) and x{recipes['nf4-skip'].weights_bytes / recipes['fp16'].weights_bytes:.2f} (NF4): the decoder stays FP16")
+    print(f"\nint8-plora's modules by class:\n{recipes['int8-plora'].module_table()}")
+    folder.cleanup()
+else:
+    print("the replica's INT8 and NF4 follow (Steps 1 to 10)")
+
+# %% [markdown]
+# The table's last column says which class each decoder projection became: `QuantizedPLoRA` (the base weight in
+# bitsandbytes, the branch kept) for `quantize_plora`, the original `PLoRA` left in FP16 for the skip list. The
+# module table lists, for `quantize_plora`'s INT8 model, which classes hold bitsandbytes weights and which kept 16
+# bits (its vision tower, projector, embeddings, norms and output head: the recipe quantizes the PLoRA bases only). The
+# ratios are this checkpoint's: the original's small build has one decoder layer of the real width beside the
+# full-size CLIP tower and projector, the released model 32; the full-size run on an H200 (`results/original-h200/`)
+# measured `quantize_plora` at full size.
+#
 # **Prediction.** By *params x bytes per param*, INT8 stores 1 byte per weight and NF4 half a byte, plus
 # statistics to scale them back: LLM.int8() keeps one FP32 scale per output row; NF4 one absmax per block of 64
 # weights, itself quantized to 8 bits with one FP32 absmax per 256 blocks ("double quantization"), plus the two
@@ -41,16 +119,17 @@ print(params)
 # prompts. `take_reference` loads it, takes both and frees it before anything else loads.
 
 # %%
-import gc
+if not params.original_code:  # the replica's step; the original's code is shown above
+    import gc
 
-import torch
-from xcomp_lab.core.units import fmt_bytes
-from xcomp_lab.lessons.quantization import take_reference
+    import torch
+    from xcomp_lab.core.units import fmt_bytes
+    from xcomp_lab.lessons.quantization import take_reference
 
-cuda = params.device == "cuda"
-images = batch_of_images(params)
-baseline = take_reference(params, n=4, n_logits=2)  # few scenes: 16-bit products are slow on a CPU
-print(baseline)
+    cuda = params.device == "cuda"
+    images = batch_of_images(params)
+    baseline = take_reference(params, n=4, n_logits=2)  # few scenes: 16-bit products are slow on a CPU
+    print(baseline)
 
 # %% [markdown]
 # The exact match is the FP32 model's own score against the true captions; the quantized models are scored the
@@ -81,26 +160,27 @@ my_int8_weights_x = None  # your prediction: INT8 weights / FP16 weights
 # in for the allocator. The line says which one ran.
 
 # %%
-from xcomp_lab.lessons.quantization import load_step
-from xcomp_lab.memory import measure
+if not params.original_code:  # the replica's step; the original's code is shown above
+    from xcomp_lab.lessons.quantization import load_step
+    from xcomp_lab.memory import measure
 
-model, tokenizer, fp16_footprint = load_step("fp16", params)
-query = "<ImageHere>Describe the image in one sentence."
-if cuda:
-    before = torch.cuda.memory_allocated()  # all the allocator holds: the weights (and cuBLAS's workspace, if any)
-    torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
-        answer, _ = model.chat(tokenizer, query, image=images[0], max_new_tokens=params.max_new_tokens, do_sample=False)
-    peak = torch.cuda.max_memory_allocated()
-    tool = "torch.cuda.memory_allocated() before, max_memory_allocated() during"
-else:
-    before = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # the weights
-    with measure("cpu", model=model) as m, torch.no_grad():
-        answer, _ = model.chat(tokenizer, query, image=images[0], max_new_tokens=params.max_new_tokens, do_sample=False)
-    peak = m.result.peak_bytes
-    tool = "CPU tensor accounting (xcomp_lab.memory.measure), from the weights"
-print(f"{tool}: {fmt_bytes(before)} -> model.chat peaks at {fmt_bytes(peak)}, {fmt_bytes(peak - before)} above | "
-      f"{answer!r}")
+    model, tokenizer, fp16_footprint = load_step("fp16", params)
+    query = "<ImageHere>Describe the image in one sentence."
+    if cuda:
+        before = torch.cuda.memory_allocated()  # all the allocator holds: the weights (and cuBLAS's workspace, if any)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            answer, _ = model.chat(tokenizer, query, image=images[0], max_new_tokens=params.max_new_tokens, do_sample=False)
+        peak = torch.cuda.max_memory_allocated()
+        tool = "torch.cuda.memory_allocated() before, max_memory_allocated() during"
+    else:
+        before = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # the weights
+        with measure("cpu", model=model) as m, torch.no_grad():
+            answer, _ = model.chat(tokenizer, query, image=images[0], max_new_tokens=params.max_new_tokens, do_sample=False)
+        peak = m.result.peak_bytes
+        tool = "CPU tensor accounting (xcomp_lab.memory.measure), from the weights"
+    print(f"{tool}: {fmt_bytes(before)} -> model.chat peaks at {fmt_bytes(peak)}, {fmt_bytes(peak - before)} above | "
+          f"{answer!r}")
 
 # %% [markdown]
 # Every step below goes through `caption_step`, which does the same around the course's own captioning call
@@ -110,15 +190,16 @@ print(f"{tool}: {fmt_bytes(before)} -> model.chat peaks at {fmt_bytes(peak)}, {f
 # plus its statistics, every other tensor unchanged.
 
 # %%
-from xcomp_lab.lessons.quantization import caption_step, plora_check
+if not params.original_code:  # the replica's step; the original's code is shown above
+    from xcomp_lab.lessons.quantization import caption_step, plora_check
 
-fp16 = caption_step("fp16", model, tokenizer, images, params, baseline, fp16_footprint)
-print(fp16)
-print(f"caption_step's peak {fmt_bytes(fp16.peak_bytes)} = x{fp16.peak_bytes / peak:.3f} model.chat's above")
-predicted = fp16_footprint.predicted
-print(f"FP16 weights {fmt_bytes(fp16_footprint.total_bytes)} | predicted INT8 {fmt_bytes(predicted['int8'])}, "
-      f"NF4 {fmt_bytes(predicted['nf4'])}")
-fp16_plora = plora_check(model, tokenizer, images, params)  # Step 6's check on the unquantized model, for comparison
+    fp16 = caption_step("fp16", model, tokenizer, images, params, baseline, fp16_footprint)
+    print(fp16)
+    print(f"caption_step's peak {fmt_bytes(fp16.peak_bytes)} = x{fp16.peak_bytes / peak:.3f} model.chat's above")
+    predicted = fp16_footprint.predicted
+    print(f"FP16 weights {fmt_bytes(fp16_footprint.total_bytes)} | predicted INT8 {fmt_bytes(predicted['int8'])}, "
+          f"NF4 {fmt_bytes(predicted['nf4'])}")
+    fp16_plora = plora_check(model, tokenizer, images, params)  # Step 6's check on the unquantized model, for comparison
 
 # %% [markdown]
 # The first line scores FP16 against FP32: it differs from FP32 only by rounding, and the quantized models will
@@ -127,7 +208,8 @@ fp16_plora = plora_check(model, tokenizer, images, params)  # Step 6's check on 
 # slows every operation) for the same number of tokens in every model:
 
 # %% tags=["nbval-ignore-output"]
-print(f"FP16: {fp16.speed}")
+if not params.original_code:  # the replica's step; the original's code is shown above
+    print(f"FP16: {fp16.speed}")
 
 # %% [markdown]
 # Before the next load, the model goes and its memory with it, in plain PyTorch: drop the last reference,
@@ -135,10 +217,11 @@ print(f"FP16: {fp16.speed}")
 # starts from nothing.
 
 # %%
-del model, tokenizer
-gc.collect()
-if cuda:
-    torch.cuda.empty_cache()
+if not params.original_code:  # the replica's step; the original's code is shown above
+    del model, tokenizer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
 
 # %% [markdown]
 # ## Step 3: load in 8 bits (LLM.int8())
@@ -156,25 +239,27 @@ if cuda:
 # course's breakdown, which adds what bitsandbytes keeps beside the weights.
 
 # %%
-model, tokenizer, int8_footprint = load_step("int8", params)
-summed = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-print(f"parameters + buffers {fmt_bytes(summed)} | model.get_memory_footprint() {fmt_bytes(model.get_memory_footprint())}"
-      f" | bitsandbytes' scales beside them {fmt_bytes(int8_footprint.statistics_bytes)}")
-if cuda:
-    print(f"torch.cuda.memory_allocated() {fmt_bytes(torch.cuda.memory_allocated())}: the allocator counts the scales too")
-print(int8_footprint.table())
-int8_weights, fp16_weights = int8_footprint.total_bytes, fp16_footprint.total_bytes
-print(f"predicted {fmt_bytes(predicted['int8'])} | measured {fmt_bytes(int8_weights)} | "
-      f"x{int8_weights / predicted['int8']:.3f} | difference {int8_weights - predicted['int8']:,} bytes")
-decoder = "decoder (without PLoRA)"
-print(f"x{int8_weights / fp16_weights:.2f} FP16's weights, x{int8_weights / baseline.fp32_weights_bytes:.2f} FP32's | "
-      f"decoder linears x{int8_footprint.part_bytes(decoder) / fp16_footprint.part_bytes(decoder):.3f} their FP16 size")
+if not params.original_code:  # the replica's step; the original's code is shown above
+    model, tokenizer, int8_footprint = load_step("int8", params)
+    summed = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    print(f"parameters + buffers {fmt_bytes(summed)} | model.get_memory_footprint() {fmt_bytes(model.get_memory_footprint())}"
+          f" | bitsandbytes' scales beside them {fmt_bytes(int8_footprint.statistics_bytes)}")
+    if cuda:
+        print(f"torch.cuda.memory_allocated() {fmt_bytes(torch.cuda.memory_allocated())}: the allocator counts the scales too")
+    print(int8_footprint.table())
+    int8_weights, fp16_weights = int8_footprint.total_bytes, fp16_footprint.total_bytes
+    print(f"predicted {fmt_bytes(predicted['int8'])} | measured {fmt_bytes(int8_weights)} | "
+          f"x{int8_weights / predicted['int8']:.3f} | difference {int8_weights - predicted['int8']:,} bytes")
+    decoder = "decoder (without PLoRA)"
+    print(f"x{int8_weights / fp16_weights:.2f} FP16's weights, x{int8_weights / baseline.fp32_weights_bytes:.2f} FP32's | "
+          f"decoder linears x{int8_footprint.part_bytes(decoder) / fp16_footprint.part_bytes(decoder):.3f} their FP16 size")
 
 # %%
-from xcomp_lab.course.exercises import check
+if not params.original_code:  # the replica's step; the original's code is shown above
+    from xcomp_lab.course.exercises import check
 
-answer_6_1 = check("6.1", my_int8_weights_x, measured=int8_weights / fp16_weights, fp16_bytes=fp16_weights,
-                   predicted_bytes=predicted["int8"], stats_bytes=int8_footprint.statistics_bytes)
+    answer_6_1 = check("6.1", my_int8_weights_x, measured=int8_weights / fp16_weights, fp16_bytes=fp16_weights,
+                       predicted_bytes=predicted["int8"], stats_bytes=int8_footprint.statistics_bytes)
 
 # %% [markdown]
 # The breakdown counts each part as stored: INT8 values plus the per-row FP32 scales (`SCB`), which bitsandbytes
@@ -189,16 +274,17 @@ answer_6_1 = check("6.1", my_int8_weights_x, measured=int8_weights / fp16_weight
 # from FP32:
 
 # %%
-int8 = caption_step("int8", model, tokenizer, images, params, baseline, int8_footprint)
-print(int8)
-peak_fell = fp16.peak_bytes - int8.peak_bytes
-weights_fell = fp16.run.memory.weights_bytes - int8.run.memory.weights_bytes
-gap = weights_fell - peak_fell
-print(f"caption peak {fmt_bytes(int8.peak_bytes)} | x{int8.peak_bytes / fp16.peak_bytes:.2f} FP16's peak "
-      f"({fmt_bytes(fp16.peak_bytes)}), against x{int8.run.memory.weights_bytes / fp16.run.memory.weights_bytes:.2f} "
-      f"for the measured weights | the peak fell by {fmt_bytes(peak_fell)}, the weights by {fmt_bytes(weights_fell)}: "
-      + ("the same within 1%" if abs(gap) <= 0.01 * weights_fell else
-         f"{fmt_bytes(abs(gap))} {'less' if gap > 0 else 'more'} than the weights (the activations and cache differ)"))
+if not params.original_code:  # the replica's step; the original's code is shown above
+    int8 = caption_step("int8", model, tokenizer, images, params, baseline, int8_footprint)
+    print(int8)
+    peak_fell = fp16.peak_bytes - int8.peak_bytes
+    weights_fell = fp16.run.memory.weights_bytes - int8.run.memory.weights_bytes
+    gap = weights_fell - peak_fell
+    print(f"caption peak {fmt_bytes(int8.peak_bytes)} | x{int8.peak_bytes / fp16.peak_bytes:.2f} FP16's peak "
+          f"({fmt_bytes(fp16.peak_bytes)}), against x{int8.run.memory.weights_bytes / fp16.run.memory.weights_bytes:.2f} "
+          f"for the measured weights | the peak fell by {fmt_bytes(peak_fell)}, the weights by {fmt_bytes(weights_fell)}: "
+          + ("the same within 1%" if abs(gap) <= 0.01 * weights_fell else
+             f"{fmt_bytes(abs(gap))} {'less' if gap > 0 else 'more'} than the weights (the activations and cache differ)"))
 
 # %% [markdown]
 # The activations and the KV cache stay 16-bit, so the peak shrinks by a smaller factor than the weights: the
@@ -208,7 +294,8 @@ print(f"caption peak {fmt_bytes(int8.peak_bytes)} | x{int8.peak_bytes / fp16.pea
 # what quantization adds to rounding.
 
 # %% tags=["nbval-ignore-output"]
-print(f"INT8: {int8.speed} | x{int8.speed.tokens_per_s / fp16.speed.tokens_per_s:.2f} FP16's speed")
+if not params.original_code:  # the replica's step; the original's code is shown above
+    print(f"INT8: {int8.speed} | x{int8.speed.tokens_per_s / fp16.speed.tokens_per_s:.2f} FP16's speed")
 
 # %% [markdown]
 # ## Step 5: what stayed 16-bit, and why
@@ -217,15 +304,16 @@ print(f"INT8: {int8.speed} | x{int8.speed.tokens_per_s / fp16.speed.tokens_per_s
 # count of converted layers is plain code over `model.named_modules()`:
 
 # %%
-import bitsandbytes as bnb
+if not params.original_code:  # the replica's step; the original's code is shown above
+    import bitsandbytes as bnb
 
-print(int8_footprint.module_table())
-where = {"decoder": "model.", "vision tower": "vit.", "projector": "vision_proj."}
-print("quantized linears: " + ", ".join(
-    f"{sum(isinstance(m, bnb.nn.Linear8bitLt) and n.startswith(prefix) for n, m in model.named_modules())} in the {part}"
-    for part, prefix in where.items()))
-hf_quantizer = getattr(model, "hf_quantizer", None)
-print("transformers' skip list:", sorted(getattr(hf_quantizer, "modules_to_not_convert", None) or []))
+    print(int8_footprint.module_table())
+    where = {"decoder": "model.", "vision tower": "vit.", "projector": "vision_proj."}
+    print("quantized linears: " + ", ".join(
+        f"{sum(isinstance(m, bnb.nn.Linear8bitLt) and n.startswith(prefix) for n, m in model.named_modules())} in the {part}"
+        for part, prefix in where.items()))
+    hf_quantizer = getattr(model, "hf_quantizer", None)
+    print("transformers' skip list:", sorted(getattr(hf_quantizer, "modules_to_not_convert", None) or []))
 
 # %% [markdown]
 # - **`output` (the head, a plain `Linear`)**: transformers keeps the model's output embeddings out of
@@ -250,7 +338,8 @@ print("transformers' skip list:", sorted(getattr(hf_quantizer, "modules_to_not_c
 # `Plora_B` are linears too, so they are quantized as well:
 
 # %%
-print(model.model.layers[0].attention.wqkv)
+if not params.original_code:  # the replica's step; the original's code is shown above
+    print(model.model.layers[0].attention.wqkv)
 
 # %% [markdown]
 # The check runs the caption prompt twice, with `im_mask` and without it (PLoRA off). Attention is causal, so in
@@ -265,10 +354,11 @@ print(model.model.layers[0].attention.wqkv)
 # against those the text rows before the image hold alone. The unquantized FP16 model of Step 2 is the reference.
 
 # %%
-int8_plora = plora_check(model, tokenizer, images, params)
-print(fp16_plora)
-print(int8_plora)
-print(f"verdict: {int8_plora.verdict()}")
+if not params.original_code:  # the replica's step; the original's code is shown above
+    int8_plora = plora_check(model, tokenizer, images, params)
+    print(fp16_plora)
+    print(int8_plora)
+    print(f"verdict: {int8_plora.verdict()}")
 
 # %% [markdown]
 # The verdict is computed from the lines above it. The same mechanism has a consequence the check does not run:
@@ -295,16 +385,18 @@ print(f"verdict: {int8_plora.verdict()}")
 # prefill), against dequantizing its weight alone and a 16-bit product with the dequantized weight:
 
 # %%
-from xcomp_lab.lessons.quantization import quantized_kernels
+if not params.original_code:  # the replica's step; the original's code is shown above
+    from xcomp_lab.lessons.quantization import quantized_kernels
 
-int8_kernels = quantized_kernels(model, fp16.run.prompt_tokens, device=params.device)
-print(int8_kernels.facts())
+    int8_kernels = quantized_kernels(model, fp16.run.prompt_tokens, device=params.device)
+    print(int8_kernels.facts())
 
 # %% tags=["nbval-ignore-output"]
-print(int8_kernels.timings())
-decode = int8_kernels.costs[0]
-print(f"INT8, one decode step: the quantized product takes x{decode.vs_fp16:.2f} the 16-bit product of the same "
-      f"layer here: {'slower' if decode.vs_fp16 > 1 else 'faster'}")
+if not params.original_code:  # the replica's step; the original's code is shown above
+    print(int8_kernels.timings())
+    decode = int8_kernels.costs[0]
+    print(f"INT8, one decode step: the quantized product takes x{decode.vs_fp16:.2f} the 16-bit product of the same "
+          f"layer here: {'slower' if decode.vs_fp16 > 1 else 'faster'}")
 
 # %% [markdown]
 # Read the factors against the 16-bit product of the same shape: above 1 the quantized layer is slower. For a
@@ -315,10 +407,11 @@ print(f"INT8, one decode step: the quantized product takes x{decode.vs_fp16:.2f}
 # a device that a shared machine can make noisy.
 
 # %%
-del model, tokenizer
-gc.collect()
-if cuda:
-    torch.cuda.empty_cache()
+if not params.original_code:  # the replica's step; the original's code is shown above
+    del model, tokenizer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
 
 # %% [markdown]
 # ## Step 8: load in 4 bits (NF4, double quantization)
@@ -329,17 +422,20 @@ if cuda:
 # weight is a flat `uint8` tensor; its shape lives in `quant_state`.
 
 # %%
-model, tokenizer, nf4_footprint = load_step("nf4", params)  # changed: the 4-bit config
-print(nf4_footprint.table())
-nf4_weights = nf4_footprint.total_bytes
-print(f"predicted {fmt_bytes(predicted['nf4'])} | measured {fmt_bytes(nf4_weights)} | "
-      f"x{nf4_weights / predicted['nf4']:.3f} | difference {nf4_weights - predicted['nf4']:,} bytes")
-print(f"x{nf4_weights / fp16_weights:.2f} FP16's weights, x{nf4_weights / baseline.fp32_weights_bytes:.2f} FP32's")
-kept = sum(nf4_footprint.part_bytes(part) for part in ("embeddings", "output head", "rotary tables"))
-print(f"decoder linears: x{nf4_footprint.part_bytes(decoder) / fp16_footprint.part_bytes(decoder):.3f} their FP16 "
-      f"size | embeddings, output head and rotary tables: {fmt_bytes(kept)} = {kept / fp16_weights:.0%} of FP16's "
-      f"weights, {kept / nf4_weights:.0%} of NF4's")
-nf4_footprint.chart(title=f"{params.scale} replica in NF4: where the bytes are")
+figure = None
+if not params.original_code:  # the replica's step; the original's code is shown above
+    model, tokenizer, nf4_footprint = load_step("nf4", params)  # changed: the 4-bit config
+    print(nf4_footprint.table())
+    nf4_weights = nf4_footprint.total_bytes
+    print(f"predicted {fmt_bytes(predicted['nf4'])} | measured {fmt_bytes(nf4_weights)} | "
+          f"x{nf4_weights / predicted['nf4']:.3f} | difference {nf4_weights - predicted['nf4']:,} bytes")
+    print(f"x{nf4_weights / fp16_weights:.2f} FP16's weights, x{nf4_weights / baseline.fp32_weights_bytes:.2f} FP32's")
+    kept = sum(nf4_footprint.part_bytes(part) for part in ("embeddings", "output head", "rotary tables"))
+    print(f"decoder linears: x{nf4_footprint.part_bytes(decoder) / fp16_footprint.part_bytes(decoder):.3f} their FP16 "
+          f"size | embeddings, output head and rotary tables: {fmt_bytes(kept)} = {kept / fp16_weights:.0%} of FP16's "
+          f"weights, {kept / nf4_weights:.0%} of NF4's")
+    figure = nf4_footprint.chart(title=f"{params.scale} replica in NF4: where the bytes are")
+figure
 
 # %% [markdown]
 # The decoder's linears shrink to the fraction the line gives, statistics included, while the parts that stayed
@@ -358,14 +454,15 @@ nf4_footprint.chart(title=f"{params.scale} replica in NF4: where the bytes are")
 # ## Step 9: caption in NF4
 
 # %%
-nf4 = caption_step("nf4", model, tokenizer, images, params, baseline, nf4_footprint)
-print(nf4)
-print(f"caption peak {fmt_bytes(nf4.peak_bytes)} | x{nf4.peak_bytes / fp16.peak_bytes:.2f} FP16's peak")
-nf4_plora = plora_check(model, tokenizer, images, params)
-print(nf4_plora)
-print(f"verdict: {nf4_plora.verdict()}")
-nf4_kernels = quantized_kernels(model, fp16.run.prompt_tokens, device=params.device)
-print(nf4_kernels.facts())
+if not params.original_code:  # the replica's step; the original's code is shown above
+    nf4 = caption_step("nf4", model, tokenizer, images, params, baseline, nf4_footprint)
+    print(nf4)
+    print(f"caption peak {fmt_bytes(nf4.peak_bytes)} | x{nf4.peak_bytes / fp16.peak_bytes:.2f} FP16's peak")
+    nf4_plora = plora_check(model, tokenizer, images, params)
+    print(nf4_plora)
+    print(f"verdict: {nf4_plora.verdict()}")
+    nf4_kernels = quantized_kernels(model, fp16.run.prompt_tokens, device=params.device)
+    print(nf4_kernels.facts())
 
 # %% [markdown]
 # Sixteen levels per weight instead of 256: the drift line against FP32 says what that did to the captions and
@@ -373,35 +470,41 @@ print(nf4_kernels.facts())
 # kernel lines give Step 7's call on the NF4 layer, and on a CPU which 4-bit path runs.
 
 # %% tags=["nbval-ignore-output"]
-print(f"NF4: {nf4.speed} | x{nf4.speed.tokens_per_s / fp16.speed.tokens_per_s:.2f} FP16's speed")
-print(nf4_kernels.timings())
-nf4_vs_fp16 = nf4.speed.tokens_per_s / fp16.speed.tokens_per_s
-print(f"NF4 generates x{nf4_vs_fp16:.2f} FP16's tokens per second on {nf4_kernels.machine}: the advice that 4-bit "
-      f"weights decode faster {'holds' if nf4_vs_fp16 > 1 else 'does not hold'} in this run")
+if not params.original_code:  # the replica's step; the original's code is shown above
+    print(f"NF4: {nf4.speed} | x{nf4.speed.tokens_per_s / fp16.speed.tokens_per_s:.2f} FP16's speed")
+    print(nf4_kernels.timings())
+    nf4_vs_fp16 = nf4.speed.tokens_per_s / fp16.speed.tokens_per_s
+    print(f"NF4 generates x{nf4_vs_fp16:.2f} FP16's tokens per second on {nf4_kernels.machine}: the advice that 4-bit "
+          f"weights decode faster {'holds' if nf4_vs_fp16 > 1 else 'does not hold'} in this run")
 
 # %% [markdown]
 # ## Step 10: the three side by side
 
 # %%
-del model, tokenizer
-gc.collect()
-if cuda:
-    torch.cuda.empty_cache()
-noise = " (random weights: quality columns are noise)" if baseline.random_weights else ""
-print(f"{'':5s} {'weights':>11s} {'vs FP16':>7s} {'caption peak':>13s} {'exact':>6s} {'=FP32':>6s} {'top-1':>6s} "
-      f"{'max|diff|':>9s}{noise}")
-for name, step in (("FP16", fp16), ("INT8", int8), ("NF4", nf4)):
-    stats = step.drift.logit_stats
-    print(f"{name:5s} {fmt_bytes(step.weights_bytes):>11s} {step.weights_bytes / fp16_weights:7.2f} "
-          f"{fmt_bytes(step.peak_bytes):>13s} {step.drift.exact_match:6.0%} {step.drift.agreement_with_reference:6.0%} "
-          f"{stats['top1_agreement']:6.1%} {stats['max_abs_diff']:9.3g}")
+if not params.original_code:  # the replica's step; the original's code is shown above
+    del model, tokenizer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    noise = " (random weights: quality columns are noise)" if baseline.random_weights else ""
+    print(f"{'':5s} {'weights':>11s} {'vs FP16':>7s} {'caption peak':>13s} {'exact':>6s} {'=FP32':>6s} {'top-1':>6s} "
+          f"{'max|diff|':>9s}{noise}")
+    for name, step in (("FP16", fp16), ("INT8", int8), ("NF4", nf4)):
+        stats = step.drift.logit_stats
+        print(f"{name:5s} {fmt_bytes(step.weights_bytes):>11s} {step.weights_bytes / fp16_weights:7.2f} "
+              f"{fmt_bytes(step.peak_bytes):>13s} {step.drift.exact_match:6.0%} {step.drift.agreement_with_reference:6.0%} "
+              f"{stats['top1_agreement']:6.1%} {stats['max_abs_diff']:9.3g}")
 
 # %%
-from xcomp_lab.course.charts import steps_chart
+figure = None
+if not params.original_code:  # the replica's step; the original's code is shown above
+    from xcomp_lab.course.charts import steps_chart
 
-steps_chart([fp16.record, int8.record, nf4.record], budget_bytes=baseline.budget.limit_bytes,
-            quality_key=None if params.random_weights else "exact_match",
-            title=f"FP16, INT8 and NF4 under a {params.budget_gb:g} GB budget ({params.scale}, {params.device})")
+    figure = steps_chart([fp16.record, int8.record, nf4.record], budget_bytes=baseline.budget.limit_bytes,
+                         quality_key=None if params.random_weights else "exact_match",
+                         title=f"FP16, INT8 and NF4 under a {params.budget_gb:g} GB budget ({params.scale}, "
+                               f"{params.device})")
+figure
 
 # %% [markdown]
 # Each bar is one caption's peak: weights at the bottom, then the KV cache and the activations, which stay
@@ -411,28 +514,39 @@ steps_chart([fp16.record, int8.record, nf4.record], budget_bytes=baseline.budget
 # ## What we learned
 
 # %%
-print(f"- Weights: FP16 {fmt_bytes(fp16_weights)}, INT8 {fmt_bytes(int8_weights)} (x{int8_weights / fp16_weights:.2f}), "
-      f"NF4 {fmt_bytes(nf4_weights)} (x{nf4_weights / fp16_weights:.2f}), statistics included; the prediction "
-      f"(linears but the output head quantized, the rest 16-bit) is off by at most "
-      f"{max(abs(int8_weights / predicted['int8'] - 1), abs(nf4_weights / predicted['nf4'] - 1)):.1%}.")
-print(f"- A caption peaks at {fmt_bytes(int8.peak_bytes)} in INT8 and {fmt_bytes(nf4.peak_bytes)} in NF4 against "
-      f"{fmt_bytes(fp16.peak_bytes)} in FP16 (x{int8.peak_bytes / fp16.peak_bytes:.2f} and "
-      f"x{nf4.peak_bytes / fp16.peak_bytes:.2f}): activations and KV cache stay 16-bit.")
-print(f"- Against FP32 captions: FP16 agrees on {fp16.drift.agreement_with_reference:.0%}, INT8 on "
-      f"{int8.drift.agreement_with_reference:.0%}, NF4 on {nf4.drift.agreement_with_reference:.0%} of "
-      f"{fp16.drift.n}; top-1 logit agreement {fp16.drift.logit_stats['top1_agreement']:.1%} / "
-      f"{int8.drift.logit_stats['top1_agreement']:.1%} / {nf4.drift.logit_stats['top1_agreement']:.1%}"
-      + (" (random weights: noise)." if baseline.random_weights else "."))
-acts = [name for name, check_ in (("INT8", int8_plora), ("NF4", nf4_plora)) if check_.plora_acts]
-print(f"- PLoRA still acts only from the first image token on in {' and '.join(acts) or 'neither model'}"
-      + ("; in INT8 the text before the image changes too, because LLM.int8() picks its outlier columns over all "
-         "positions at once (without the decomposition it does not)." if int8_plora.outliers_mix_positions else "."))
+if not params.original_code:  # the replica's step; the original's code is shown above
+    print(f"- Weights: FP16 {fmt_bytes(fp16_weights)}, INT8 {fmt_bytes(int8_weights)} (x{int8_weights / fp16_weights:.2f}), "
+          f"NF4 {fmt_bytes(nf4_weights)} (x{nf4_weights / fp16_weights:.2f}), statistics included; the prediction "
+          f"(linears but the output head quantized, the rest 16-bit) is off by at most "
+          f"{max(abs(int8_weights / predicted['int8'] - 1), abs(nf4_weights / predicted['nf4'] - 1)):.1%}.")
+    print(f"- A caption peaks at {fmt_bytes(int8.peak_bytes)} in INT8 and {fmt_bytes(nf4.peak_bytes)} in NF4 against "
+          f"{fmt_bytes(fp16.peak_bytes)} in FP16 (x{int8.peak_bytes / fp16.peak_bytes:.2f} and "
+          f"x{nf4.peak_bytes / fp16.peak_bytes:.2f}): activations and KV cache stay 16-bit.")
+    print(f"- Against FP32 captions: FP16 agrees on {fp16.drift.agreement_with_reference:.0%}, INT8 on "
+          f"{int8.drift.agreement_with_reference:.0%}, NF4 on {nf4.drift.agreement_with_reference:.0%} of "
+          f"{fp16.drift.n}; top-1 logit agreement {fp16.drift.logit_stats['top1_agreement']:.1%} / "
+          f"{int8.drift.logit_stats['top1_agreement']:.1%} / {nf4.drift.logit_stats['top1_agreement']:.1%}"
+          + (" (random weights: noise)." if baseline.random_weights else "."))
+    acts = [name for name, check_ in (("INT8", int8_plora), ("NF4", nf4_plora)) if check_.plora_acts]
+    print(f"- PLoRA still acts only from the first image token on in {' and '.join(acts) or 'neither model'}"
+          + ("; in INT8 the text before the image changes too, because LLM.int8() picks its outlier columns over all "
+             "positions at once (without the decomposition it does not)." if int8_plora.outliers_mix_positions else "."))
+else:
+    print(f"- The usual advice, load_in_8bit, left {advice_projections.removeprefix('decoder projections: ')}; "
+          + (f"the first chat raised {advice_error.split(':')[0]}." if advice_error else "the chat ran."))
+    fp16_bytes = recipes["fp16"].weights_bytes
+    print("- Weights against FP16's, statistics included: " + ", ".join(
+        f"{r.name} x{r.weights_bytes / fp16_bytes:.2f}" for r in recipes.values() if r.name != "fp16") + ".")
+    print("- Caption peaks: " + ", ".join(f"{r.name} {fmt_bytes(r.run.memory.peak_bytes)} "
+                                        f"({'OOM' if r.run.memory.oom else 'fits'})" for r in recipes.values())
+          + f" under {fmt_bytes(recipes['fp16'].run.memory.budget_bytes)}.")
 
 # %% tags=["nbval-ignore-output"]
-print(f"- Speed on {nf4_kernels.machine}: " + ", ".join(f"{s.name.upper()} {s.speed.tokens_per_s:.1f} tokens/s"
-                                                       for s in (fp16, int8, nf4))
-      + f"; one decode-step product costs x{int8_kernels.costs[0].vs_fp16:.1f} (INT8) and "
-      f"x{nf4_kernels.costs[0].vs_fp16:.1f} (NF4) the 16-bit product of the same layer.")
+if not params.original_code:  # the replica's step; the original's code is shown above
+    print(f"- Speed on {nf4_kernels.machine}: " + ", ".join(f"{s.name.upper()} {s.speed.tokens_per_s:.1f} tokens/s"
+                                                           for s in (fp16, int8, nf4))
+          + f"; one decode-step product costs x{int8_kernels.costs[0].vs_fp16:.1f} (INT8) and "
+          f"x{nf4_kernels.costs[0].vs_fp16:.1f} (NF4) the 16-bit product of the same layer.")
 
 # %% [markdown]
 # **Questions.** (1) Why does NF4 not reach a quarter of FP16's weights, and which part would you have to
