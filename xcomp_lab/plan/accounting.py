@@ -52,6 +52,12 @@ class PlanAccounting(CpuAccounting):
         self.phase = "start"
         self.where = ""
         self.peaks: dict[str, PhasePeak] = {}
+        # With a device map: the device whose module runs now, each storage's device and size, and per device the
+        # bytes allocated now and at their peak (`place_on_devices`).
+        self.device: str | None = None
+        self.device_of: dict[int, tuple[str, int]] = {}
+        self.device_bytes: dict[str, int] = {}
+        self.device_peaks: dict[str, int] = {}
 
     # ----- what runs -----
 
@@ -68,20 +74,35 @@ class PlanAccounting(CpuAccounting):
 
     # ----- the hooks of CpuAccounting -----
 
+    def place_on_devices(self, start: dict[str, int]) -> None:
+        """Count every storage from now on against the device running (`device`), from `start` bytes per device."""
+        self.device_bytes = dict(start)
+        self.device_peaks = dict(start)
+        self.device = next(iter(start))
+
     def allocated(self, nbytes: int) -> None:
-        if self.allocator is not None:
-            for key in self._fresh():
-                self.blocks[key] = self.allocator.malloc(self.live[key]().nbytes())
+        if self.allocator is not None or self.device is not None:
+            for key in self._fresh(self.blocks if self.allocator is not None else self.device_of):
+                size = self.live[key]().nbytes()
+                if self.allocator is not None:
+                    self.blocks[key] = self.allocator.malloc(size)
+                if self.device is not None:
+                    self.device_of[key] = (self.device, round_cuda(size))
+                    self._device_add(self.device, round_cuda(size))
         super().allocated(nbytes)
         self.record()
 
-    def _fresh(self) -> list[int]:
-        """The storages just counted, oldest first: the newest entries of `live` that have no block yet."""
+    def _device_add(self, device: str, nbytes: int) -> None:
+        self.device_bytes[device] = self.device_bytes.get(device, 0) + nbytes
+        self.device_peaks[device] = max(self.device_peaks.get(device, 0), self.device_bytes[device])
+
+    def _fresh(self, known: dict[int, object]) -> list[int]:
+        """The storages just counted, oldest first: the newest entries of `live` not yet in `known`."""
         while True:
             fresh = []
             try:
                 for key in reversed(self.live):
-                    if key in self.blocks:
+                    if key in known:
                         break
                     fresh.append(key)
             except RuntimeError:  # a storage freed by the garbage collector meanwhile: look again
@@ -91,6 +112,9 @@ class PlanAccounting(CpuAccounting):
     def freed(self, key: int, nbytes: int, ref: weakref.ref) -> None:
         if self.live.get(key) is ref and key in self.blocks:
             self.allocator.free(self.blocks.pop(key))
+        if self.live.get(key) is ref and key in self.device_of:
+            device, size = self.device_of.pop(key)
+            self.device_bytes[device] -= size
         super().freed(key, nbytes, ref)
 
     def transient(self, nbytes: int) -> None:
@@ -99,6 +123,9 @@ class PlanAccounting(CpuAccounting):
             block = self.allocator.malloc(nbytes)
             self.record()
             self.allocator.free(block)
+            if self.device is not None:
+                self._device_add(self.device, nbytes)
+                self.device_bytes[self.device] -= nbytes
 
     def record(self) -> None:
         """Note the memory now against the phase's peaks."""

@@ -29,6 +29,15 @@ from xcomp_lab.memory.cards import Card, card_named
 from xcomp_lab.memory.footprint import statistics
 from xcomp_lab.plan.accounting import Int8Outliers, PhasePeak, PlanAccounting, peak_of
 from xcomp_lab.plan.allocator import BothOrders, CachingAllocator, round_size
+from xcomp_lab.plan.devicemap import (
+    DevicePeak,
+    check_max_memory,
+    device_map_of,
+    device_peaks,
+    first_gpu,
+    follow_devices,
+    weights_per_device,
+)
 from xcomp_lab.plan.families import Family, family_of
 from xcomp_lab.plan.realvalues import RealValues
 from xcomp_lab.plan.replay import (
@@ -127,6 +136,8 @@ class Plan:
     card: Card | None = None
     seconds: float = 0.0
     notes: tuple[str, ...] = field(default=(), repr=False)
+    device_map: dict[str, int | str] | None = field(default=None, repr=False)  # with max_memory: module -> device
+    devices: dict[str, DevicePeak] = field(default_factory=dict, repr=False)  # with max_memory: each device's peak
 
     @property
     def activations_bytes(self) -> int:
@@ -164,6 +175,9 @@ class Plan:
         if reserved:
             peak += f", {fmt_bytes(self.reserved_peak_bytes)} reserved"
         lines.append(f"{peak}, in {self.peak_where}")
+        if self.devices:
+            lines.append(f"{'device':<22}{'weights':>12}{'allocated peak':>16}")
+            lines += [f"{d.device:<22}{fmt_bytes(d.weights):>12}{fmt_bytes(d.peak):>16}" for d in self.devices.values()]
         if self.card is not None:
             used = self.reserved_peak_bytes or self.peak_bytes
             spare = self.card.usable_bytes - used
@@ -174,7 +188,9 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict."""
-        out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("phases", "card")}
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__
+               if name not in ("phases", "card", "devices")}
+        out["devices"] = {k: {"weights": v.weights, "peak": v.peak} for k, v in self.devices.items()}
         out["phases"] = {k: {"allocated": v.allocated, "reserved": v.reserved, "where": v.where}
                          for k, v in self.phases.items()}
         out["card"] = self.card.name if self.card else None
@@ -203,6 +219,7 @@ class Call:
     image_size: int | None
     device: str
     card: Card | None
+    max_memory: dict[int | str, int] | None = None
 
     def settings(self) -> dict[str, Any]:
         return {"dtype": next(k for k, v in DTYPES.items() if v == self.dtype), "quantization": self.quantization,
@@ -211,7 +228,7 @@ class Call:
 
 
 def check_call(model: Any, *, dtype: Any, quantization: Any, attn: Any, batch: Any, prompt_tokens: Any,
-               new_tokens: Any, image_size: Any, device: Any, card: Any) -> Call:
+               new_tokens: Any, image_size: Any, device: Any, card: Any, max_memory: Any = None) -> Call:
     source = resolve_model(model)
     if dtype is None:
         dtype = source.preset.dtype if source.preset is not None else torch.bfloat16
@@ -238,7 +255,13 @@ def check_call(model: Any, *, dtype: Any, quantization: Any, attn: Any, batch: A
                          f"({source.config.model_type}); leave it None.")
     if card is not None and not isinstance(card, Card):
         card = card_named(card)
-    return Call(source, DTYPES[dtype], quantization, attn, batch, prompt_tokens, new_tokens, image_size, device, card)
+    if max_memory is not None:
+        if device != "cuda":
+            raise ValueError(f"max_memory was given with device={device!r}; a device map places modules on GPUs: "
+                             "use device='cuda'.")
+        max_memory = check_max_memory(max_memory)
+    return Call(source, DTYPES[dtype], quantization, attn, batch, prompt_tokens, new_tokens, image_size, device, card,
+                max_memory)
 
 
 def supports_sdpa(config: Any) -> bool:
@@ -343,7 +366,8 @@ def dtype_size(dtype: torch.dtype) -> int:
 
 def estimate(model: Any, *, dtype: str | torch.dtype | None = None, quantization: str = "none", attn: str = "sdpa",
              batch: int = 1, prompt_tokens: int = 512, new_tokens: int = 32, image_size: int | None = None,
-             device: str = "cuda", card: str | Card | None = None, exact_decode: bool = False) -> Plan:
+             device: str = "cuda", card: str | Card | None = None, exact_decode: bool = False,
+             max_memory: dict[int | str, int | str] | None = None) -> Plan:
     """Predict one `model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)`.
 
     `model`: a preset name (`presets.preset_names()`, ':tiny' for its tiny variant), a folder with a config.json,
@@ -353,18 +377,20 @@ def estimate(model: Any, *, dtype: str | torch.dtype | None = None, quantization
     VLM (default: the preset's). `device`: "cuda" (allocated and reserved as the caching allocator counts them) or
     "cpu" (the CPU tensor accounting). `card`: a name in `memory.cards.CARDS`, to say whether the call fits.
     `exact_decode`: run every decode step in full (by default the steps between the first and the last skip the
-    layers' passing activations: `replay.fast_forward`).
+    layers' passing activations: `replay.fast_forward`). `max_memory` ({0: "20GiB", 1: "20GiB", "cpu": ...}): the
+    model placed as `from_pretrained(device_map=..., max_memory=...)` places it (`devicemap`); the plan then says
+    where each module went (`device_map`) and each device's weights and allocated peak (`devices`).
     """
     start = time.perf_counter()
     call = check_call(model, dtype=dtype, quantization=quantization, attn=attn, batch=batch,
                       prompt_tokens=prompt_tokens, new_tokens=new_tokens, image_size=image_size, device=device,
-                      card=card)
+                      card=card, max_memory=max_memory)
     if not isinstance(exact_decode, bool):
         raise TypeError(f"exact_decode={exact_decode!r}; pass True or False.")
     return run_plan(call, start, exact_decode)
 
 
-def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
+def run_plan(call: Call, began: float, exact_decode: bool = False) -> Plan:
     from xcomp_lab.plan.build import quantization_config
 
     source, cuda = call.source, call.device == "cuda"
@@ -403,7 +429,16 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
     skipping = contextlib.nullcontext() if exact_decode else fast_forward(fake, call.new_tokens)
     quiet = quiet_int8_cast() if int8 else contextlib.nullcontext()
     marks = phases(fake, source.family, acc, call.new_tokens, cache)
-    with quiet, fake_mode, RealValues(token), acc, kernels, outliers, skipping, marks:
+    dmap, placing, weights_on = None, contextlib.nullcontext(), {}
+    if call.max_memory is not None:
+        dmap = device_map_of(fake, call.max_memory)
+        weights_on = weights_per_device(fake, dmap)
+        start = {first_gpu(dmap): 0, **weights_on}
+        start[first_gpu(dmap)] += inputs_bytes
+        for name in start:  # cuBLAS takes its workspace on each GPU that multiplies
+            start[name] += workspace if name.startswith("cuda") else 0
+        placing = follow_devices(fake, dmap, acc, start)
+    with quiet, fake_mode, RealValues(token), acc, kernels, outliers, skipping, marks, placing:
         acc.mark("generate")
         greedy_generate(fake, inputs, call.new_tokens)
     peaks = {"load": load, **{k: v for k, v in acc.peaks.items() if k in PHASES}}
@@ -414,7 +449,8 @@ def run_plan(call: Call, start: float, exact_decode: bool = False) -> Plan:
         inputs_bytes=inputs_bytes, workspace_bytes=workspace, kv_cache_bytes=cache[0] if cache else 0,
         prompt_tokens=call.prompt_tokens, image_tokens=image_tokens(source, inputs), new_tokens=call.new_tokens,
         phases=peaks, peak_bytes=top.allocated, reserved_peak_bytes=top.reserved, peak_where=top.where,
-        card=call.card, seconds=time.perf_counter() - start, notes=plan_notes(call, exact_decode))
+        card=call.card, seconds=time.perf_counter() - began, notes=plan_notes(call, exact_decode), device_map=dmap,
+        devices=device_peaks(acc, weights_on) if dmap is not None else {})
 
 
 @contextlib.contextmanager
@@ -438,6 +474,9 @@ def plan_notes(call: Call, exact_decode: bool) -> tuple[str, ...]:
     if call.quantization == "int8":
         notes.append("LLM.int8() outlier columns (inputs reaching 6.0) depend on the values: every column is taken "
                      "as one, so the allocated peak is an upper bound (exact when the inputs hold that many).")
+    if call.max_memory is not None:
+        notes.append("Device map: allocated memory per device; the hidden states' copies between devices and "
+                     "offloaded weights brought to a GPU are not counted, reserved is the call on one card.")
     if call.device == "cuda":
         notes.append("Reserved: the model loaded by from_pretrained in a fresh process, the cache emptied before the "
                      "call (earlier calls and models in the same process leave other segments behind).")
