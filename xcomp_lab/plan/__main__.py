@@ -44,7 +44,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-decode", action="store_true", help="run every decode step in full (slower)")
     p.add_argument("--no-inverse", action="store_true", help="skip the largest-value and cheapest-recipe searches")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--max-memory", nargs="+", metavar="DEVICE=SIZE", type=max_memory_entry,
+                   help="a device map, as from_pretrained(max_memory=...): e.g. 0=20GiB 1=20GiB cpu=64GiB; the plan "
+                        "then gives each device's weights and peak")
     return p
+
+
+def max_memory_entry(text: str) -> tuple[int | str, str]:
+    """One DEVICE=SIZE of --max-memory: a GPU index or cpu/disk, and a size accelerate reads ("20GiB")."""
+    device, sep, size = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: write DEVICE=SIZE, e.g. 0=20GiB")
+    return (int(device) if device.isdigit() else device), size
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "image_size": args.image_size}
     try:
         source = resolve_model(args.model)
-        plan = estimate(source, **settings, device=args.device, card=args.card, exact_decode=args.exact_decode)
+        plan = estimate(source, **settings, device=args.device, card=args.card, exact_decode=args.exact_decode,
+                        max_memory=dict(args.max_memory) if args.max_memory else None)
         if args.json:
             print(json.dumps(plan.as_dict(), indent=2))
             return 0
