@@ -265,9 +265,10 @@ else:
 # A planner is only as good as its record against real GPUs. `python -m xcomp_lab.tools.plan_matrix` measured
 # eight architectures that transformers ships (Llama 3 8B, Qwen2.5 7B, Mistral 7B, Gemma 2 9B, Phi-3 mini,
 # Qwen2-VL 7B, LLaVA 1.5 7B, Idefics3 8B) at full size with random weights, in their published dtype, INT8 and
-# NF4, eager and sdpa, batch 1 and 4, two prompt lengths, on an NVIDIA H200; `--compare` predicted every call on a
-# CPU and wrote the planner's figures, and accelerate's `estimate-memory` figure for the same call, beside the
-# measured ones. The committed files are read back here, per architecture and per quantization:
+# NF4, eager and sdpa, batch 1 and 4, two prompt lengths, on an NVIDIA H200, each model loaded in a fresh process
+# (so that a call's reserved memory depends on nothing that ran before); the planner predicted every call on a CPU
+# (`plan.validate`), and `--compare` wrote its figures, and accelerate's `estimate-memory` figure for the same
+# call, beside the measured ones. The committed files are read back here, per architecture and per quantization:
 
 # %%
 from xcomp_lab.core.resources import repository_root
@@ -293,8 +294,9 @@ print(f"Most under-predictions over 1%: quantization {most['group']}, {most['und
 # Errors are predicted / measured - 1: negative is an under-prediction, the dangerous side (the plan says it fits,
 # the card says out of memory). "worst" is the largest error in size, its sign kept; `calls` counts the calls with
 # a prediction (+ those the planner could not predict); accelerate's figure is set against the allocated peak. An
-# INT8 plan says in its notes what it assumes of LLM.int8()'s outlier columns, which depend on the values. What the
-# tables say, computed:
+# INT8 plan counts LLM.int8()'s outlier path with every input column an outlier, an upper bound, since which
+# columns hold a value of 6.0 or more depends on the activations (its notes say so): its errors are on the safe
+# side by design on the allocated peak. What the tables say, computed:
 
 # %%
 from xcomp_lab.lessons.plan_any import matrix_reading

@@ -11,7 +11,7 @@
 - `read_matrix`, `matrix_reading`, `matrix_chart`: the measured validation matrix (`results/plan-matrix-h200`,
   `tools.plan_matrix`) read back, what it says against issue 17's bars, and its chart; the summary per
   architecture or quantization is `plan.validate`'s (`matrix_summary`, `matrix_table`, `matrix_markdown`,
-  `measured_calls`, imported here for the notebook).
+  `measured_calls`, `bars`), which the notebook imports from there.
 - `plan_chart` and `plan_widget`: one plan's phases as bars against the card, and the planner in ipywidgets.
 """
 
