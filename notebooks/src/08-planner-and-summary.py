@@ -29,28 +29,57 @@ print(params)
 # ## Step 1: read back what the course measured
 #
 # The last record of each course step (notebooks 01 to 06 wrote them), with the estimator's prediction for the
-# same step made now, without loading anything. For a step that ran out of memory the measured figure is where the
+# same step made now, without loading anything. With the original's own checkpoint the estimator is the original's
+# (`xcomp_lab.original.estimate.estimate_original`: its `model.chat` replayed on fake tensors, on this device's
+# terms) and each line also names the phase of the peak, measured and predicted; steps it cannot replay say why. For a step that ran out of memory the measured figure is where the
 # call stopped, not its peak: what to compare there is whether the estimator predicted the OOM too.
 
 # %% tags=["nbval-ignore-output"]
-from xcomp_lab.estimate import estimate_step
 from xcomp_lab.course.results import latest_by_step, read_results
 from xcomp_lab.course.steps import STEPS
 from xcomp_lab.core.units import fmt_bytes
 
 measured = latest_by_step(read_results(params.results_path)) if params.results_path.exists() else {}
 course = []
-for name, step in STEPS.items():
-    if name not in measured:
-        continue
-    r = dict(measured[name])
-    predicted = estimate_step(step, params)
-    r["predicted_peak_bytes"], r["predicted_oom"] = predicted.peak_bytes, predicted.oom
-    course.append(r)
-    status = "OOM " if r["oom"] else "fits"
-    print(f"{name:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} | predicted "
-          f"{fmt_bytes(r['predicted_peak_bytes']):>10} ({'OOM' if predicted.oom else 'fits'}) | "
-          f"x{r['peak_bytes'] / r['predicted_peak_bytes']:.2f}")
+if params.original_code:  # the original's own estimator: its model.chat replayed on fake tensors
+    import tempfile
+
+    from xcomp_lab.course.notebook import batch_of_images
+    from xcomp_lab.lessons.planner import predict_original_steps
+
+    with tempfile.TemporaryDirectory(prefix="xcomp-lab-08-") as folder:
+        image_file = f"{folder}/image.png"
+        batch_of_images(params)[0].save(image_file)
+        measured_ok = {name: r for name, r in measured.items() if r.get("peak_bytes") is not None}
+        predictions = predict_original_steps(measured_ok, params.model_name_or_path, scale=params.scale,
+                                             device=params.device, image=image_file,
+                                             max_new_tokens=params.max_new_tokens)
+    for name, p in predictions.items():
+        r = dict(measured_ok[name])
+        status = "OOM " if r["oom"] else "fits"
+        if p.peak_bytes is None:
+            print(f"{name:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} | no estimate: {p.reason}")
+            continue
+        r["predicted_peak_bytes"], r["predicted_oom"] = p.peak_bytes, p.oom
+        course.append(r)
+        phase = (r.get("extra") or {}).get("peak_phase")
+        print(f"{name:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} in {phase} | predicted "
+              f"{fmt_bytes(p.peak_bytes):>10} in {p.peak_phase} ({'OOM' if p.oom else 'fits'}) | "
+              f"x{r['peak_bytes'] / p.peak_bytes:.4f}")
+else:  # the replica's estimator
+    from xcomp_lab.estimate import estimate_step
+
+    for name, step in STEPS.items():
+        if name not in measured:
+            continue
+        r = dict(measured[name])
+        predicted = estimate_step(step, params)
+        r["predicted_peak_bytes"], r["predicted_oom"] = predicted.peak_bytes, predicted.oom
+        course.append(r)
+        status = "OOM " if r["oom"] else "fits"
+        print(f"{name:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} | predicted "
+              f"{fmt_bytes(r['predicted_peak_bytes']):>10} ({'OOM' if predicted.oom else 'fits'}) | "
+              f"x{r['peak_bytes'] / r['predicted_peak_bytes']:.2f}")
 if not course:
     print(f"No course results in {params.results_path} yet: run notebooks 01-07 first (`make course` runs them "
           f"in order); the planner below works without them.")
@@ -61,7 +90,9 @@ if not course:
 
 # %% tags=["nbval-ignore-output"]
 from xcomp_lab.memory.budget import card_bytes, card_limit_bytes
-from xcomp_lab.model.inventory import parameter_count
+
+if not params.original_code:  # the replica's parameter count (the original's budget comes from its own rule)
+    from xcomp_lab.model.inventory import parameter_count
 
 fitted = [(abs(r["peak_bytes"] / r["predicted_peak_bytes"] - 1), r["step"]) for r in course if not r["oom"]]
 if fitted:
@@ -71,7 +102,12 @@ for r in course:
     if r["oom"]:
         print(f"{r['step']} ran out of memory; the estimator predicted "
               f"{'an OOM too' if r['predicted_oom'] else 'that it fits: they disagree'}.")
-card_budget = card_limit_bytes(params.budget_gb, params.device, parameter_count(params.scale) * 4)
+if params.original_code:
+    from xcomp_lab.course.steps import course_budget
+
+    card_budget = course_budget(params, None).limit_bytes
+else:
+    card_budget = card_limit_bytes(params.budget_gb, params.device, parameter_count(params.scale) * 4)
 recorded_budgets = sorted({r["budget_bytes"] for r in course if r["budget_bytes"] is not None})
 print(f"budget_gb={params.budget_gb:g}: {card_bytes(params.budget_gb)[1]}; on {params.device} at this scale "
       f"{fmt_bytes(card_budget)}.")
@@ -172,6 +208,10 @@ else:
 #
 # ## Step 4: the planner
 #
+# The planner predicts the course's replica (its estimator, `estimate.estimate_caption`); with the original's own
+# checkpoint its cells are skipped (`if not params.original_code`): Step 1 predicted the original's steps with the
+# original's own estimator.
+#
 # `plan()` predicts one configuration on one card: by name (`card="L4"`, any card of `xcomp_lab.memory.cards`),
 # by marketed size (`plan(24)`: the course's card of that class) or this machine's (`card=machine_card()`).
 # `planner()` wraps it in widgets (in JupyterLab: change a control, press *Predict*). At `scale="tiny"` each card
@@ -180,39 +220,44 @@ else:
 # on the course's 24 GB card and NF4 on its 16 GB card.
 
 # %%
-from xcomp_lab.lessons.planner import plan, planner
-from xcomp_lab.memory.cards import machine_card
-from xcomp_lab.memory.cards import cards_of_class
+if not params.original_code:  # the planner predicts the replica
+    from xcomp_lab.lessons.planner import plan, planner
+    from xcomp_lab.memory.cards import machine_card
+    from xcomp_lab.memory.cards import cards_of_class
 
-setting = dict(scale=params.scale, device=params.device, new_tokens=params.max_new_tokens)
-class_24 = [plan(card=card, dtype="float16", **setting) for card in cards_of_class(24)]
-examples = class_24 + [plan(24, dtype="float32", **setting), plan(16, dtype="float16", quantization="nf4", **setting)]
-for result in examples:
-    print(result.line())
+    setting = dict(scale=params.scale, device=params.device, new_tokens=params.max_new_tokens)
+    class_24 = [plan(card=card, dtype="float16", **setting) for card in cards_of_class(24)]
+    examples = class_24 + [plan(24, dtype="float32", **setting), plan(16, dtype="float16", quantization="nf4", **setting)]
+    for result in examples:
+        print(result.line())
 
 # %% [markdown]
 # What separates the 24 GB cards, computed from the lines above:
 
 # %%
-spare = {r.card.name: r.budget_bytes - r.estimate.peak_bytes for r in class_24}
-tightest, roomiest = min(spare, key=spare.get), max(spare, key=spare.get)
-print(f"FP16 fits {sum(r.fits for r in class_24)} of the {len(class_24)} 24 GB cards; spare from "
-      f"{fmt_bytes(spare[tightest])} ({tightest}) to {fmt_bytes(spare[roomiest])} ({roomiest}), "
-      f"{fmt_bytes(spare[roomiest] - spare[tightest])} apart for the same marketed size.")
+if not params.original_code:  # the planner predicts the replica
+    spare = {r.card.name: r.budget_bytes - r.estimate.peak_bytes for r in class_24}
+    tightest, roomiest = min(spare, key=spare.get), max(spare, key=spare.get)
+    print(f"FP16 fits {sum(r.fits for r in class_24)} of the {len(class_24)} 24 GB cards; spare from "
+          f"{fmt_bytes(spare[tightest])} ({tightest}) to {fmt_bytes(spare[roomiest])} ({roomiest}), "
+          f"{fmt_bytes(spare[roomiest] - spare[tightest])} apart for the same marketed size.")
 
 # %%
-from xcomp_lab.course.exercises import check
-from xcomp_lab.lessons.planner import largest_batch
+if not params.original_code:  # the planner predicts the replica
+    from xcomp_lab.course.exercises import check
+    from xcomp_lab.lessons.planner import largest_batch
 
-batch_search = largest_batch(params, dtype="float16")
+    batch_search = largest_batch(params, dtype="float16")
 
 # %%
-answer_8_1 = check("8.1", my_largest_batch, measured=batch_search.largest, lower_bound=batch_search.capped,
-                   source="planner", peaks=batch_search.peaks, budget_bytes=batch_search.budget_bytes,
-                   card=batch_search.card.name)
+if not params.original_code:  # the planner predicts the replica
+    answer_8_1 = check("8.1", my_largest_batch, measured=batch_search.largest, lower_bound=batch_search.capped,
+                       source="planner", peaks=batch_search.peaks, budget_bytes=batch_search.budget_bytes,
+                       card=batch_search.card.name)
 
 # %% tags=["nbval-ignore-output"]
-planner(scale=params.scale, device=params.device, card_gb=params.budget_gb)
+if not params.original_code:  # the planner predicts the replica
+    planner(scale=params.scale, device=params.device, card_gb=params.budget_gb)
 
 # %% [markdown]
 # ## What we learned
@@ -234,9 +279,13 @@ if "fp32-no-autocast" in by_name and "nf4" in by_name:
           f"({fp32['weights_bytes'] / nf4['weights_bytes']:.1f}x smaller).")
 if fitted:
     print(f"- The estimator's largest error on a step that fitted: {worst[0]:.1%} ({worst[1]}).")
-print(f"- On the {batch_search.card.name}, the planner fits {batch_search.largest}"
-      f"{' or more' if batch_search.capped else ''} FP16 image(s) at once; across the 24 GB class the spare memory "
-      f"for one image differs by {fmt_bytes(spare[roomiest] - spare[tightest])}.")
+if not params.original_code:
+    print(f"- On the {batch_search.card.name}, the planner fits {batch_search.largest}"
+          f"{' or more' if batch_search.capped else ''} FP16 image(s) at once; across the 24 GB class the spare memory "
+          f"for one image differs by {fmt_bytes(spare[roomiest] - spare[tightest])}.")
+else:
+    phases = {r["step"]: (r.get("extra") or {}).get("peak_phase") for r in course}
+    print(f"- Where the original's peaks fell in this run, measured: {phases}.")
 
 # %% [markdown]
 # **Questions.** (1) Which single change saves the most memory for the least quality, and can the full-scale
