@@ -131,7 +131,10 @@ def test_the_machine_card_is_what_pytorch_sees_on_the_gpu(monkeypatch):
     assert card_choices()[0] == own and len(card_choices()) == len(CARDS) + 1
     props.name = "NVIDIA H200"
     props.total_memory = round(139.8 * 2**30)
-    assert machine_card().marketed_gb == 140  # no catalogue name: the GiB PyTorch sees, rounded up
+    assert machine_card().marketed_gb == 141  # a catalogue name: its marketed size
+    props.name = "NVIDIA B200"
+    props.total_memory = round(178.4 * 2**30)
+    assert machine_card().marketed_gb == 179  # no catalogue name: the GiB PyTorch sees, rounded up
     props.name = "NVIDIA GeForce RTX 4090"
     assert machine_card().marketed_gb == 24
 
