@@ -254,3 +254,73 @@ def test_device_map_places_as_accelerate_and_counts_each_device() -> None:
     with pytest.raises(ValueError, match="device='cuda'"):
         check_call("llama-3-8b:tiny", dtype=None, quantization="none", attn="sdpa", batch=1, prompt_tokens=8,
                    new_tokens=2, image_size=None, device="cpu", card=None, max_memory={0: "1GB"})
+
+
+# ----- quantized loads and LLM.int8()'s outliers, against the H200 matrix -----
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_load_simulation_leaves_the_measured_segments(quantization) -> None:
+    """Llama 3 8B quantized on the fly: the simulated load's allocated bytes and free space in the weights' segments
+    against the H200's (`load_segments`, the large pool; the small pool's 2 MiB segments make the rest)."""
+    import json
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from xcomp_lab.core.resources import repository_root
+    from xcomp_lab.plan.accounting import PlanAccounting
+    from xcomp_lab.plan.build import quantization_config
+    from xcomp_lab.plan.estimate import simulate_load
+    from xcomp_lab.plan.presets import get_preset
+    from xcomp_lab.plan.replay import build_fake_model
+
+    lines = (repository_root() / "results" / "plan-matrix-h200" / "records.jsonl").read_text().splitlines()
+    record = next(r for r in map(json.loads, lines)
+                  if r["preset"] == "llama-3-8b" and r["quantization"] == quantization and "skipped" not in r)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True, static_shapes=True)
+    fake = build_fake_model(get_preset("llama-3-8b").config(), dtype=torch.bfloat16, attn="sdpa",
+                            bnb_config=quantization_config(quantization, torch.bfloat16), fake_mode=fake_mode)
+    allocator = CachingAllocator()
+    simulate_load(allocator, fake, torch.bfloat16, PlanAccounting(0, allocator))
+    allocator.empty_cache()
+    assert abs(allocator.allocated - record["weights_bytes"]) <= 1024  # NF4: bitsandbytes' one shared 1 KiB map
+    measured_slack = sum(size - used for size, used in record["load_segments"])
+    assert abs((allocator.reserved - allocator.allocated) - measured_slack) <= 2 * MIB
+
+
+def test_int8_plan_runs_the_outlier_path_for_every_column() -> None:
+    """On CUDA an INT8 linear's input columns are all taken as outliers: bitsandbytes' composite kernels run, so
+    the columns gathered, dequantized (two FP32 temporaries) and cast, and `addmm`'s second output, are made."""
+    import bitsandbytes as bnb
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from xcomp_lab.plan.accounting import Int8Outliers
+    from xcomp_lab.plan.build import quantization_config
+    from xcomp_lab.plan.presets import get_preset
+    from xcomp_lab.plan.replay import build_fake_model
+
+    made: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    class Made(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend((tuple(o.shape), o.dtype) for o in (out if isinstance(out, tuple) else (out,))
+                        if isinstance(o, torch.Tensor))
+            return out
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True, static_shapes=True)
+    model = build_fake_model(get_preset("llama-3-8b").config(tiny=True), dtype=torch.bfloat16, attn="sdpa",
+                             bnb_config=quantization_config("int8", torch.bfloat16), fake_mode=fake_mode)
+    linear = model.get_submodule("model.layers.0.mlp.down_proj")  # in eval mode: the CUDA path, MatMul8bitLt
+    assert isinstance(linear, bnb.nn.Linear8bitLt) and not linear.training
+    linear.state.threshold = 6.0
+    cols, outs = linear.in_features, linear.out_features
+    with fake_mode:
+        x = torch.empty(8, cols, dtype=torch.bfloat16)
+    with fake_mode, Made(), Int8Outliers():
+        out = linear(x)
+    assert out.shape == (8, outs) and linear.state.idx.shape == (cols,)  # every column, kept on the module
+    for shape, dtype in [((8, cols), torch.bfloat16), ((outs, cols), torch.int8), ((outs, cols), torch.float32),
+                         ((outs, cols), torch.bfloat16), ((8, outs), torch.int32)]:
+        assert (shape, dtype) in made, (shape, dtype)
+    assert made.count(((outs, cols), torch.float32)) == 2 and made.count(((8, outs), torch.bfloat16)) >= 2
