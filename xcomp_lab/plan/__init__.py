@@ -9,12 +9,16 @@ is counted, and for CUDA passed through a simulation of PyTorch's caching alloca
 - `largest(model, knob, card=, ...)` -> `Largest`: the largest batch, prompt, image size or new tokens that fits;
   `cheapest_recipe(model, card=, ...)`: the first quantization and attention that fits.
 - `CachingAllocator`: the allocator simulation; `greedy_generate`: the planned call on a real model.
+- `estimate(..., max_memory={0: "20GiB", 1: "20GiB"})`: the model placed as `from_pretrained(device_map=...,
+  max_memory=...)` places it, each device's weights and allocated peak (`Plan.devices`).
 - `python -m xcomp_lab.plan --model <preset|dir> --card <name> ...`: the table and the inverse answers;
-  `python -m xcomp_lab.plan.validate <matrix folder>`: the prediction of every measured call, and its error.
+  `python -m xcomp_lab.plan.validate <matrix folder>`: the prediction of every measured call, its error, and the
+  summary against issue 17's bars.
 
 Modules, one job each: `families` (the architectures known), `realvalues` (data kept real where code reads it),
 `replay` (the model and its generate call on fake tensors), `accounting` (the counting), `allocator` (the CUDA
-caching allocator), `estimate` (the API and `Plan`), `inverse` (the searches), `validate` (against measurements);
+caching allocator), `estimate` (the API and `Plan`), `devicemap` (a device map's placement and per-device peaks),
+`inverse` (the searches), `validate` (against measurements);
 `presets` and `build` hold the published models and build them for real.
 """
 
