@@ -304,7 +304,8 @@ print(f"decode phase, {decode.markers} steps: {fmt_bytes(decode.at_start_bytes)}
 floors = timeline.floors("decode")[:-1]  # one per decode step; the last step's slice holds the end of the call
 if len(floors) >= 2:
     climb = (floors[-1] - floors[0]) / (len(floors) - 1)
-    print(f"lowest point of decode steps 1 to {len(floors)}: from {fmt_bytes(floors[0] - timeline.start_bytes)} to "
+    offset = 1 if any(label == "decode-1" for _, _, label in timeline.samples) else 0  # the original's first apart
+    print(f"lowest point of decode steps {1 + offset} to {len(floors) + offset}: from {fmt_bytes(floors[0] - timeline.start_bytes)} to "
           f"{fmt_bytes(floors[-1] - timeline.start_bytes)} above the call's start | it climbs {climb:,.0f} bytes per step, the KV cache "
           f"{per_token:,} bytes per token: x{climb / per_token:.3f}")
 else:
@@ -323,19 +324,14 @@ print(f"a 1024-token answer (chat()'s default max_new_tokens) would add {fmt_byt
 # still references the prefill's logits; (3) `torch.cat` builds each layer's new K and V while the old cache is
 # still referenced. With the original's checkpoint, the hooks of Step 2 read the live tensors when decode step 1
 # starts (the cache's views and the storages behind them, and whether the prefill's logits are still
-# referenced); the lines below are this run's. The full-size run of the same code on an H200
+# referenced); the lines below are this FP16 call's. The full-size run of the same code on an H200
 # (`results/original-h200/`, `python -m xcomp_lab.tools.original_gpu_run`) recorded where each step peaked.
-#
-# Then the model goes, in plain PyTorch: drop the references, collect, and on a GPU hand the cached blocks back.
 
 # %%
 from xcomp_lab.lessons.forensics import recorded_peak_phases
 
 if caption.first_decode is not None:
-    first = caption.first_decode
-    print(first.lines(timeline))
-    print(f"this run peaked in the {highest.label} phase; decode step 1 held {fmt_bytes(first.at_start_bytes)} above "
-          f"the call's start when it began, against the prefill's highest {fmt_bytes(spike + prefill.at_start_bytes - timeline.start_bytes)}")
+    print(caption.first_decode.lines(timeline))
     full = recorded_peak_phases(*(f"../results/original-h200/results-{n}.jsonl" for n in (1, 2)))
     print("where the original's steps peaked at full size on the H200 (32 layers): "
           + ", ".join(f"{name}: {phase}" for name, phase in full.items()))
@@ -343,11 +339,60 @@ else:
     print("the first decode step is read apart for the original's own code only (pass its checkpoint as "
           "model_name_or_path); the replica's cache stores its own K and V tensors")
 
+# %% [markdown]
+# Then the model goes, in plain PyTorch: drop the references, collect, and on a GPU hand the cached blocks back.
+
 # %%
 del model, tokenizer
 gc.collect()
 if cuda:
     torch.cuda.empty_cache()
+
+# %% [markdown]
+# With the original's checkpoint, the call DESIGN.md's table traces: FP32 without autocast, loaded and captioned as
+# the course's `fp32-no-autocast` step, read the same way (on a GPU its memory history is recorded as in Step 2, to
+# place the markers). The lines say where this call peaked and what decode step 1 held; the last one scales what
+# decode step 1 holds to the released model's depth and vocabulary, which is where a small build and the full
+# model can disagree on the phase of the peak (the H200's record above says where the full model's peaked).
+
+# %%
+if params.original_code:
+    from xcomp_lab.model.original import original_config
+
+    fp32_step = STEPS["fp32-no-autocast"]
+    model, tokenizer = load_for_step(fp32_step, params)
+    if cuda:
+        torch.cuda.memory._record_memory_history(max_entries=300_000, stacks="python")
+    fp32_call = caption_timeline(model, tokenizer, images, params, step_name=fp32_step.name,
+                                 label="07-original-fp32-timeline")
+    fp32_timeline = fp32_call.timeline(torch.cuda.memory._snapshot() if cuda else None)
+    if cuda:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    fp32_first = fp32_call.first_decode
+    fp32_highest = max(fp32_timeline.phases(), key=lambda p: p.highest_bytes)
+    fp32_prefill = fp32_timeline.phase("prefill")
+    print(fp32_step.describe())
+    print(fp32_timeline.table())
+    print(fp32_first.lines(fp32_timeline))
+    print(f"this FP32 call peaked in the {fp32_highest.label} phase, "
+          f"{fmt_bytes(fp32_highest.highest_bytes - fp32_timeline.start_bytes)} above its start; the prefill's "
+          f"highest was {fmt_bytes(fp32_prefill.highest_bytes - fp32_timeline.start_bytes)}, decode step 1's "
+          f"{fmt_bytes(fp32_timeline.phase('decode-1').highest_bytes - fp32_timeline.start_bytes)}")
+    released = original_config("full")  # the released model's configuration
+    per_layer = fp32_first.cache_storage_bytes // fp32_first.layers
+    print(f"what decode step 1 holds grows with depth and vocabulary: at the released model's "
+          f"{released['num_hidden_layers']} layers the cache's storages come to "
+          f"{fmt_bytes(per_layer * released['num_hidden_layers'])} ({fmt_bytes(per_layer)} per layer), its prefill "
+          f"logits over {released['vocab_size']:,} entries to "
+          f"{fmt_bytes(fp32_first.prompt_tokens * released['vocab_size'] * 4)}; the prefill's rise above its marker, "
+          f"{fmt_bytes(fp32_prefill.highest_bytes - fp32_prefill.at_start_bytes)} here, is one layer's attention at "
+          f"a time (Step 6) at any depth")
+    del model, tokenizer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+else:
+    print("the replica: no FP32 call here (notebooks 01 and 03 measure it)")
 
 # %% [markdown]
 # ## Step 7: what the tools cannot see
@@ -406,11 +451,13 @@ print(f"- The highest sample of the timeline is in the {highest.label} phase. Th
       f"sets the spike.")
 print(f"- The KV cache climbs {fmt_bytes(per_token)} per token: {fmt_bytes(run.memory.kv_cache_bytes)} for this "
       f"{T + new - 1}-token call, {fmt_bytes(1024 * per_token)} more for a 1024-token answer.")
-if caption.first_decode is not None:
-    print(f"- The original's code at decode step 1: its cache keeps {fmt_bytes(first.packed_bytes)} beyond its K and V "
-          f"(the packed wqkv outputs), the prefill's logits "
-          f"{'are still held (' + fmt_bytes(first.prefill_logits_bytes) + ')' if first.prefill_logits_bytes else 'are freed'}; "
-          f"at full size on the H200 its FP32 caption without autocast peaked in {full.get('fp32-no-autocast')}.")
+if params.original_code:
+    print(f"- The original's code at decode step 1 (FP32, no autocast): its cache keeps "
+          f"{fmt_bytes(fp32_first.packed_bytes)} beyond its K and V (the packed wqkv outputs), the prefill's logits "
+          + (f"are still held ({fmt_bytes(fp32_first.prefill_logits_bytes)})" if fp32_first.prefill_logits_bytes
+             else "are freed")
+          + f"; that call peaked in the {fp32_highest.label} phase here, and at full size on the H200 in "
+            f"{full.get('fp32-no-autocast')}.")
 print(f"- The timeline holds {len(timeline.samples):,} samples: "
       + ("every allocation and free of the call, rebuilt from the allocator's recorded history on this GPU." if cuda
          else "one at every allocation of the call, from the tensor accounting on this CPU."))
