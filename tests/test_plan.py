@@ -234,17 +234,20 @@ def test_device_map_places_as_accelerate_and_counts_each_device() -> None:
     from xcomp_lab.plan.presets import get_preset
 
     whole = estimate("llama-3-8b:tiny", batch=2, prompt_tokens=40, new_tokens=NEW_TOKENS)
-    max_memory = {0: whole.weights_bytes // 2, 1: whole.weights_bytes}
-    split = estimate("llama-3-8b:tiny", batch=2, prompt_tokens=40, new_tokens=NEW_TOKENS, max_memory=max_memory)
     meta = meta_model(get_preset("llama-3-8b").config(tiny=True), torch.bfloat16)  # from_pretrained's own skeleton
-    assert split.device_map == infer_auto_device_map(meta, max_memory=max_memory,
-                                                     no_split_module_classes=meta._no_split_modules)
-    assert set(split.device_map.values()) == {0, 1} and list(split.devices) == ["cuda:0", "cuda:1"]
-    assert sum(d.weights for d in split.devices.values()) == split.weights_bytes == whole.weights_bytes
-    layers = {split.device_map[n] for n in split.device_map if n.startswith("model.layers")}
-    cache_device = split.devices[f"cuda:{layers.pop()}"]
-    assert cache_device.peak - cache_device.weights > split.kv_cache_bytes  # the KV cache is where its layers are
-    assert split.peak_bytes == whole.peak_bytes and "cuda:1" in split.table()
+    # Half the weights on GPU 0: the embeddings there, the layers (as one ModuleList) and the head on GPU 1; at 0.8
+    # the layers are split between the two, the hidden state copied across.
+    for share, layers_on in ((0.5, {"model.layers": 1}), (0.8, {"model.layers.0": 0, "model.layers.1": 1})):
+        max_memory = {0: int(whole.weights_bytes * share), 1: whole.weights_bytes}
+        split = estimate("llama-3-8b:tiny", batch=2, prompt_tokens=40, new_tokens=NEW_TOKENS, max_memory=max_memory)
+        assert split.device_map == infer_auto_device_map(meta, max_memory=max_memory,
+                                                         no_split_module_classes=meta._no_split_modules)
+        assert layers_on.items() <= split.device_map.items() and list(split.devices) == ["cuda:0", "cuda:1"]
+        assert sum(d.weights for d in split.devices.values()) == split.weights_bytes == whole.weights_bytes
+        assert split.peak_bytes >= whole.peak_bytes and "cuda:1" in split.table()
+        if share == 0.5:  # the KV cache is where its layers are, with cuBLAS's workspace
+            gpu1 = split.devices["cuda:1"]
+            assert gpu1.peak - gpu1.weights - split.workspace_bytes > split.kv_cache_bytes
     with pytest.raises(ValueError, match="'gpu0'"):
         check_call("llama-3-8b:tiny", dtype=None, quantization="none", attn="sdpa", batch=1, prompt_tokens=8,
                    new_tokens=2, image_size=None, device="cuda", card=None, max_memory={"gpu0": "1GB"})

@@ -5,10 +5,10 @@ the allocated peak of each device during the planned call.
 `infer_auto_device_map`, over the model's own no-split module classes: the first device is filled in module order
 up to its `max_memory`, then the next; "cpu" and "disk" take what no GPU holds. The replay then counts every new
 storage against the device of the module that runs (a forward pre-hook on each module of the map): the KV cache of
-a layer on that layer's device, the logits on the output head's, the inputs on the first device. Not simulated:
-the copies of the hidden states accelerate makes where the layers cross from one device to the next (one hidden
-state, batch x tokens x width, on the new device), and the weights of offloaded modules brought to a GPU for their
-forward. Reserved memory per device is not simulated either: the plan's reserved figures are the call on one card.
+a layer on that layer's device, the logits on the output head's, the inputs on the first device, and a copy on
+the module's device of each tensor argument held on another one (the hidden state where the layers cross from one
+device to the next), as accelerate's hooks make it. Not simulated: the weights of offloaded modules brought to a
+GPU for their forward, and reserved memory per device (the plan's reserved figures are the call on one card).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
 from xcomp_lab.estimate.accounting import round_cuda
@@ -96,14 +97,27 @@ def weights_per_device(model: nn.Module, device_map: dict[str, int | str]) -> di
 def follow_devices(model: nn.Module, device_map: dict[str, int | str], acc: PlanAccounting,
                    start: dict[str, int]) -> Iterator[None]:
     """Count the replay's storages per device (`PlanAccounting.place_on_devices` from `start`), the device set by
-    each mapped module as it starts."""
+    each mapped module as it starts (each module of a mapped container: a ModuleList has no forward). A tensor
+    argument held on another device is copied to the module's, as accelerate's hooks copy it (`send_to_device`)."""
     acc.place_on_devices(start)
 
-    def starts(device: str, *_: Any) -> None:
+    def starts(device: str, _module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         acc.device = device
 
-    handles = [(model.get_submodule(name) if name else model).register_forward_pre_hook(
-        partial(starts, device_name(device))) for name, device in device_map.items()]
+        def to_device(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                held = acc.device_of.get(value.untyped_storage()._cdata)
+                return value.clone() if held is not None and held[0] != device else value
+            return value
+
+        return tuple(to_device(a) for a in args), {k: to_device(v) for k, v in kwargs.items()}
+
+    handles = []
+    for name, device in device_map.items():
+        module = model.get_submodule(name) if name else model
+        targets = list(module.children()) if isinstance(module, (nn.ModuleList, nn.ModuleDict)) else [module]
+        handles += [t.register_forward_pre_hook(partial(starts, device_name(device)), with_kwargs=True)
+                    for t in targets]
     try:
         yield
     finally:

@@ -475,7 +475,7 @@ def plan_notes(call: Call, exact_decode: bool) -> tuple[str, ...]:
         notes.append("LLM.int8() outlier columns (inputs reaching 6.0) depend on the values: every column is taken "
                      "as one, so the allocated peak is an upper bound (exact when the inputs hold that many).")
     if call.max_memory is not None:
-        notes.append("Device map: allocated memory per device; the hidden states' copies between devices and "
+        notes.append("Device map: allocated memory per device, with the copies of tensors that cross devices; "
                      "offloaded weights brought to a GPU are not counted, reserved is the call on one card.")
     if call.device == "cuda":
         notes.append("Reserved: the model loaded by from_pretrained in a fresh process, the cache emptied before the "
