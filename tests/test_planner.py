@@ -159,3 +159,6 @@ def test_original_predictions_say_why_a_step_has_none():
     assert sorted(out) == ["fp32-device-map", "int8"]  # a step the original's code does not have is left out
     assert out["int8"].peak_bytes is None and "transformers" in out["int8"].reason
     assert "device_map=auto" in out["fp32-device-map"].reason
+    chosen = predict_original_steps(measured, "unused", scale="small", device="cpu", image="unused.png",
+                                    max_new_tokens=2, names=["fp16"])
+    assert chosen["int8"].reason == "not among the steps predicted here (fp16)"

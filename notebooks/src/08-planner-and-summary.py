@@ -51,9 +51,12 @@ if params.original_code:  # the original's own estimator: its model.chat replaye
         image_file = f"{folder}/image.png"
         batch_of_images(params)[0].save(image_file)
         measured_ok = {name: r for name, r in measured.items() if r.get("peak_bytes") is not None}
+        # Each replay of the full model takes minutes on one core: at full size, FP32 without autocast (the call
+        # DESIGN.md section 6 traces to decode step 1) and FP16 at load (notebook 07's call).
+        chosen = None if params.scale == "small" else ("fp32-no-autocast", "fp16")
         predictions = predict_original_steps(measured_ok, params.model_name_or_path, scale=params.scale,
                                              device=params.device, image=image_file,
-                                             max_new_tokens=params.max_new_tokens)
+                                             max_new_tokens=params.max_new_tokens, names=chosen)
     for name, p in predictions.items():
         r = dict(measured_ok[name])
         status = "OOM " if r["oom"] else "fits"
@@ -65,7 +68,7 @@ if params.original_code:  # the original's own estimator: its model.chat replaye
         phase = (r.get("extra") or {}).get("peak_phase")
         print(f"{name:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} in {phase} | predicted "
               f"{fmt_bytes(p.peak_bytes):>10} in {p.peak_phase} ({'OOM' if p.oom else 'fits'}) | "
-              f"x{r['peak_bytes'] / p.peak_bytes:.4f}")
+              f"x{r['peak_bytes'] / p.peak_bytes:.4f} | replayed in {p.seconds:.0f} s")
 else:  # the replica's estimator
     from xcomp_lab.estimate import estimate_step
 

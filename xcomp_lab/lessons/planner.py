@@ -16,7 +16,7 @@ the CUDA context on CUDA, that figure scaled to the model on a CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,14 +264,17 @@ class OriginalPrediction:
     peak_phase: str | None
     oom: bool | None  # predicted against the budget the step was measured under
     reason: str | None = None  # why there is no prediction
+    seconds: float | None = None  # how long the replay took
 
 
 def predict_original_steps(measured: Mapping[str, dict[str, Any]], checkpoint: str | Path, *, scale: str, device: str,
-                           image: str | Path, max_new_tokens: int) -> dict[str, OriginalPrediction]:
+                           image: str | Path, max_new_tokens: int,
+                           names: Sequence[str] | None = None) -> dict[str, OriginalPrediction]:
     """Predict each measured step (`{step: record}` from the results file) that is an original-code step, with
     `estimate_original` on `device` ("cpu": the tensor accounting's figure; "cuda": the allocator's simulation);
     the OOM verdict compares the prediction with the budget the record names. Steps the estimator cannot load
-    (transformers' own bitsandbytes and device_map loads) get a reason instead."""
+    (transformers' own bitsandbytes and device_map loads) get a reason instead, and so do steps left out of
+    `names` (None: every step; a replay of the full model takes minutes on one CPU core)."""
     from xcomp_lab.original.estimate import estimate_original
     from xcomp_lab.original.steps import ORIGINAL_STEPS
 
@@ -279,6 +282,9 @@ def predict_original_steps(measured: Mapping[str, dict[str, Any]], checkpoint: s
     for name, record in measured.items():
         step = ORIGINAL_STEPS.get(name)
         if step is None:
+            continue
+        if names is not None and name not in names:
+            out[name] = OriginalPrediction(name, None, None, None, f"not among the steps predicted here ({', '.join(names)})")
             continue
         if step.recipe not in ("load", "plora") or step.device_map is not None:
             out[name] = OriginalPrediction(name, None, None, None, f"loads through from_pretrained ({step.recipe}"
@@ -289,5 +295,6 @@ def predict_original_steps(measured: Mapping[str, dict[str, Any]], checkpoint: s
                                      max_new_tokens=max_new_tokens)
         budget = record.get("budget_bytes")
         out[name] = OriginalPrediction(name, estimate.peak_bytes, estimate.peak_phase,
-                                       None if budget is None else estimate.peak_bytes > budget)
+                                       None if budget is None else estimate.peak_bytes > budget,
+                                       seconds=estimate.seconds)
     return out
