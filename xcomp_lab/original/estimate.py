@@ -124,8 +124,8 @@ class OriginalEstimate:
 
 class RealMasks(TorchDispatchMode):
     """Indexing with a real boolean mask (`x[mask]`, `x[mask] = y`) on a fake tensor: the mask's true positions as
-    real index vectors, so that fake tensors know the output's size; and a truth value read from fake data is False
-    (see the module's docstring)."""
+    real index vectors, so that fake tensors know the output's size; a truth value read from fake data is False
+    (see the module's docstring); and a real tensor's in-place detach runs for real."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -141,6 +141,11 @@ class RealMasks(TorchDispatchMode):
         elif func is _aten._local_scalar_dense.default and isinstance(args[0], FakeTensor) \
                 and args[0].dtype == torch.bool:
             return False
+        elif func is _aten.detach_.default and not isinstance(args[0], FakeTensor):
+            # Inside inference_mode, torch.tensor(data) detaches its new (real) tensor in place, a metadata change
+            # fake tensors refuse to make on a real one: made for real (it allocates nothing).
+            with _disable_current_modes():
+                return func(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 

@@ -136,10 +136,13 @@ def rows_for(record: dict[str, Any], source: Path, files: Path, image: str) -> l
     return rows
 
 
-def design_rows(files: Path, scale: str, image: str) -> list[dict[str, Any]]:
-    """DESIGN.md section 6's rows, predicted at its prompt length and budget (measured on an H100 and an H200)."""
+def design_rows(files: Path, scale: str, image: str, wanted: set[str]) -> list[dict[str, Any]]:
+    """DESIGN.md section 6's rows (those of the `wanted` steps, or all), predicted at its prompt length and budget
+    (measured on an H100 and an H200)."""
     rows = []
     for row, step, measured_gib, result in DESIGN_ROWS:
+        if wanted and step not in wanted:
+            continue
         print(f"[{step}] predicting DESIGN.md's row at {DESIGN_PROMPT_TOKENS} tokens", file=sys.stderr, flush=True)
         predicted = predict(step, files, scale, image, 16, DESIGN_BUDGET_BYTES, DESIGN_PROMPT_TOKENS)
         measured = round(measured_gib * GIB) if measured_gib is not None else None
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     files = model_files(args.files, args.code_dir, scale)
     rows = [row for record, path in records for row in rows_for(record, path, files, image)]
     if args.design:
-        rows += design_rows(files, scale, image)
+        rows += design_rows(files, scale, image, wanted)
     if args.update and args.out.is_file():
         fresh = {(row["step"], row["source"], row["budget"]): row for row in rows}
         kept = read_jsonl(args.out, what="estimate rows")
