@@ -100,6 +100,47 @@ else:
 # loaded without a map, where an earlier notebook recorded it. On two GPUs each card would hold the layers of the
 # plan above, and the hidden state would cross between them.
 #
+# Offloading is the other thing `max_memory` does: give the main device less than the weights and accelerate puts
+# the rest on the CPU (behind a GPU) or on disk (behind a CPU, with `offload_folder`), and its hooks bring each
+# offloaded module's weights in when it runs. The same load with half the FP32 weights allowed on the main device,
+# then the same caption; the outcome is printed as it happens:
+
+# %%
+if params.original_code:
+    import dataclasses
+    import tempfile
+
+    from transformers import AutoModel, AutoTokenizer
+    from xcomp_lab.lessons.quantization import failure_line
+
+    main_device = 0 if params.device == "cuda" else "cpu"
+    limits = {main_device: mapped.memory.weights_bytes // 2, **({"cpu": "64GiB"} if params.device == "cuda" else {})}
+    offload_folder = tempfile.TemporaryDirectory(prefix="xcomp-lab-05-")
+    offload_outcome = None
+    try:
+        model = AutoModel.from_pretrained(params.model_name_or_path, trust_remote_code=True, device_map="auto",
+                                          max_memory=limits, offload_folder=offload_folder.name)
+        tokenizer = AutoTokenizer.from_pretrained(params.model_name_or_path, trust_remote_code=True)
+        print(f"max_memory={limits}: model.hf_device_map {dict(Counter(str(d) for d in model.hf_device_map.values()))} "
+              f"modules per device: {model.hf_device_map}")
+        offload_step = dataclasses.replace(mapped_step, name="05-original-offload", title="FP32, half the weights off")
+        offloaded, offload_record = run_step(offload_step, model, tokenizer, batch_of_images(params)[:1], params,
+                                             course_budget(params, None))
+        record(params, offload_record)
+        offload_outcome = f"the caption ran, peak {fmt_bytes(offloaded.memory.peak_bytes)}"
+    except (KeyError, NotImplementedError, RuntimeError) as error:  # the outcome, as raised
+        offload_outcome = failure_line(error)
+    print(offload_outcome)
+    model = tokenizer = None
+    offload_folder.cleanup()
+else:
+    print("the replica's offloading is measured in Steps 4 and 5")
+
+# %% [markdown]
+# The line says what this load and caption did on this device. Where they fail, the error names the line of the
+# original's code (or of accelerate) it came through: the map above is accelerate's, the code that runs it is the
+# original's and transformers 4.33.2's.
+#
 # ## Step 1: build the full model without its weights
 #
 # `from_pretrained(..., device_map="auto", max_memory=...)` works in two moves, both done by `accelerate`.
@@ -500,6 +541,7 @@ else:
              if sequential_cut else "no undeclared layer."))
     print(f"- Here, device_map='auto' put the model's modules on {len(devices_used)} device(s) ({devices_used}); the "
           f"caption peaked at {fmt_bytes(mapped.memory.peak_bytes)}.")
+    print(f"- With half the FP32 weights allowed on {main_device}: {offload_outcome}.")
 
 # %% [markdown]
 # **Questions.** (1) Why does `infer_auto_device_map` keep room on GPU 0 for the largest module when it
