@@ -134,7 +134,7 @@ if params.original_code:
     model = tokenizer = None
     offload_folder.cleanup()
 else:
-    print("the replica's offloading is measured in Steps 4 and 5")
+    print("the replica: Step 5 offloads half its decoder layers by a map written by hand")
 
 # %% [markdown]
 # The line says what this load and caption did on this device. Where they fail, the error names the line of the
