@@ -7,7 +7,14 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from xcomp_lab.course.editions import METADATA_KEY, editions, rerun_command, source_digest, stale_copies, stamp
+from xcomp_lab.course.editions import (
+    METADATA_KEY,
+    editions,
+    rerun_command,
+    source_digest,
+    stale_copies,
+    stamp,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = REPO / "notebooks" / "src"
