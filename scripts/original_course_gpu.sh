@@ -19,7 +19,8 @@
 # checkpoint is built there with random FP16 weights by xcomp_lab.model.original.build_original_checkpoint from the
 # carried remote-code files (17 GB of shards, under $XCOMP_LAB_CACHE), and the course runs on it:
 # python -m xcomp_lab.tools.course --model-name-or-path <it>. Knobs: SCALE (full), DEVICE (cuda), ONLY (notebook
-# prefixes, e.g. "00 01"; all by default), EDITION_NAME (original-full-h200).
+# prefixes, e.g. "00 01"; all by default), EDITION_NAME (original-full-h200), NOTEBOOKS (the folder of executed
+# notebooks the course runs, default notebooks/: rebuild them from notebooks/src first, scripts/build_notebooks.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CODE_DIR=${CODE_DIR:-../shared/reference/internlm-xcomposer2-vl-7b}
@@ -51,4 +52,4 @@ echo "checkpoint: $checkpoint"
 only=()
 [ -n "${ONLY:-}" ] && only=(--only $ONLY)
 python3 -m xcomp_lab.tools.course --scale "$SCALE" --device "$DEVICE" --model-name-or-path "$checkpoint" \
-  --output "$OUT/course" --edition "$OUT/$EDITION_NAME" "${only[@]}"
+  --notebooks "${NOTEBOOKS:-notebooks}" --output "$OUT/course" --edition "$OUT/$EDITION_NAME" "${only[@]}"

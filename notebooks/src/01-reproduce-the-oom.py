@@ -332,7 +332,7 @@ print(f"- Without autocast the peak is {no_autocast.memory.peak_bytes / budget.l
       f"under inference_mode {inference_run.memory.peak_bytes / budget.limit_bytes:.0%}.")
 print(f"- After the {'OOM' if not quickstart.ok else 'quick start'} run_step's memory came back to {fmt_bytes(left)} above its value before the call"
       + (f"; with cuBLAS's workspaces freed ({fmt_bytes(cleared)}), memory is {fmt_bytes(above)} above its value "
-         f"before the first failed call" if params.device == "cuda" else "")
+         f"before Step 3's model.chat" if params.device == "cuda" else "")
       + (": the kernel needs no restart." if above <= 0 else "."))
 
 # %% [markdown]
