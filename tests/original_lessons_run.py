@@ -1,11 +1,11 @@
-"""Notebooks 05 and 07's lesson helpers on the original's own code, small checkpoint, CPU; run by
+"""Notebooks 05, 06 and 07's lesson helpers on the original's own code, small checkpoint, CPU; run by
 tests/test_original_lessons.py in .venv-original (transformers 4.33.2):
 
     PYTHONPATH=<repository> .venv-original/bin/python tests/original_lessons_run.py CODE_DIR IMAGE REPORT_JSON
 
 Writes REPORT_JSON with what each helper returned: `forensics` (an FP32 chat without autocast read at decode step
-1, and the timeline's phases), `device_map` (the full original planned on two cards where accelerate cuts a vision
-layer). (`load_in_8bit`'s failure on the original is tests/test_original_code.py's; the helpers that print it,
+1, and the timeline's phases), `plora` (PLoRA on and off on the original's own prompt), `device_map` (the full
+original planned on two cards where accelerate cuts a vision layer). (`load_in_8bit`'s failure on the original is tests/test_original_code.py's; the helpers that print it,
 `projection_classes` and `failure_line`, are tested in tests/test_quantization.py.)
 """
 
@@ -33,6 +33,7 @@ def main(code_dir: str, image: str, report_path: str) -> None:
         plan_original,
     )
     from xcomp_lab.lessons.forensics import original_chat_timeline
+    from xcomp_lab.lessons.quantization import original_plora_check
     from xcomp_lab.original.steps import QUERY, get_original_step, pretrained_loader
 
     report: dict = {}
@@ -51,6 +52,11 @@ def main(code_dir: str, image: str, report_path: str) -> None:
             k: getattr(model.config, k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
                                                    "vocab_size", "num_hidden_layers")},
     }
+    check = original_plora_check(model, tokenizer, image, device="cpu", use_autocast=False)
+    report["plora"] = {"acts": check.plora_acts, "verdict": check.verdict(), "quantization": check.quantization,
+                       "first_image_position": check.as_loaded.first_image_position,
+                       "first_difference": check.as_loaded.first_difference,
+                       "image_tokens": check.as_loaded.image_tokens, "positions": check.as_loaded.positions}
     del model
 
     original = original_meta_model(built.path, "full", "float32")

@@ -1,4 +1,4 @@
-"""Notebooks 05 and 07's lesson helpers on the original model's own code (small checkpoint, CPU, .venv-original).
+"""Notebooks 05, 06 and 07's lesson helpers on the original model's own code (small checkpoint, CPU, .venv-original).
 
 One subprocess (tests/original_lessons_run.py) runs them; the tests read its report. Skips with a clear message
 where ../shared (the original code, a test fixture) or .venv-original is absent.
@@ -55,3 +55,11 @@ def test_the_original_declares_only_its_decoder_layer_and_accelerate_cuts_a_clip
     assert len(d["cut_clip"]) == 1 and d["cut_clip"][0].startswith("vit.vision_tower.vision_model.encoder.layers.")
     assert d["describe"].splitlines()[0].startswith("GPU 0:")
 
+
+
+def test_plora_acts_from_the_first_image_token_on_the_originals_own_prompt(report):
+    p = report["plora"]
+    assert p["quantization"] == "none" and p["image_tokens"] == 1225
+    assert p["first_difference"] == p["first_image_position"] > 0  # the system prompt comes first
+    assert p["positions"] == report["forensics"]["prompt_tokens"]
+    assert p["acts"] and p["verdict"].startswith("PLoRA acts from the first image token on")

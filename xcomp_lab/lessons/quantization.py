@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,6 +479,11 @@ def plora_check(model: Any, tokenizer: Any, images: Sequence[Any], params: Cours
         raise ValueError("images is empty: pass the images the notebook captions")
     with torch.inference_mode():
         embeds, im_mask = prompt_batch(model, tokenizer, list(images[:1]), image_size=params.image_size)  # (1, T, C)
+    return plora_check_on(model, embeds, im_mask)
+
+
+def plora_check_on(model: Any, embeds: torch.Tensor, im_mask: torch.Tensor) -> PLoRACheck:
+    """`plora_check` on a prompt already embedded: `embeds` (1, T, C) and its image positions `im_mask` (1, T)."""
     as_loaded = plora_effect(model, embeds, im_mask)
     layers = int8_layers(model)
     if not layers:
@@ -724,6 +730,7 @@ class RecipeRun:
     modules: list[ModuleKind]  # module_precisions() of the loaded model: what was quantized, what stayed
     run: CaptionRun
     record: dict[str, Any]
+    plora: PLoRACheck  # does PLoRA still act from the first image token on, and only there?
 
     def module_table(self) -> str:
         """The modules holding tensors, by class: which were quantized and which stayed 16-bit."""
@@ -732,8 +739,9 @@ class RecipeRun:
 
 def run_original_recipes(params: CourseParams, images: Sequence[Any], names: Sequence[str]) -> list[RecipeRun]:
     """Load, measure and caption each original-code step of `names` (`xcomp_lab.original.steps.ORIGINAL_STEPS`, e.g.
-    "fp16", "int8-plora", "nf4-skip") with the course's `load_for_step`/`run_step`, one model at a time; each
-    record is appended to the results file."""
+    "fp16", "int8-plora", "nf4-skip") with the course's `load_for_step`/`run_step`, one model at a time, and check
+    its PLoRA layers on the original's own prompt (`original_plora_check`); each record is appended to the results
+    file."""
     from xcomp_lab.course.steps import run_step
     from xcomp_lab.original.steps import get_original_step
 
@@ -749,8 +757,12 @@ def run_original_recipes(params: CourseParams, images: Sequence[Any], names: Seq
         projection = projection_classes(model)
         run, record_ = run_step(step, model, tokenizer, list(images[:1]), params, budget,
                                 extra={"original_step": name, "statistics_bytes": statistics_bytes(model)})
+        with tempfile.TemporaryDirectory(prefix="xcomp-lab-plora-") as folder:
+            image = Path(folder) / "image.png"
+            images[0].save(image)
+            plora = original_plora_check(model, tokenizer, image, device=params.device, use_autocast=step.use_autocast)
         out.append(RecipeRun(name, step.title, projection, weights + statistics_bytes(model), module_precisions(model),
-                             run, record(params, record_)))
+                             run, record(params, record_), plora))
         del model, tokenizer
         _free(params.device)
     return out
@@ -769,3 +781,35 @@ def recipe_table(runs: Sequence[RecipeRun], reference: str = "fp16") -> str:
                      f"{reference}'s) | peak {fmt_bytes(m.peak_bytes):>11s} of {fmt_bytes(m.budget_bytes or 0)}: "
                      f"{verdict} | {r.projection.removeprefix('decoder projections: ')}")
     return "\n".join(lines)
+
+
+def original_prompt(model: Any, tokenizer: Any, image: str | Path, query: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt the original's `chat()` embeds for `image` and `query`: (inputs_embeds (1, T, C), im_mask (1, T)),
+    as its decoder receives them (one chat of one new token, read by a hook on the decoder's first call)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_module: Any, _args: tuple, kwargs: dict) -> None:
+        if not seen:
+            seen["embeds"], seen["im_mask"] = kwargs["inputs_embeds"].detach(), kwargs["im_mask"].detach().bool()
+
+    handle = model.model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model.chat(tokenizer, query, image=str(image), history=[], do_sample=False, max_new_tokens=1)
+    finally:
+        handle.remove()
+    return seen["embeds"], seen["im_mask"]
+
+
+def original_plora_check(model: Any, tokenizer: Any, image: str | Path, *, device: str,
+                         use_autocast: bool = True) -> PLoRACheck:
+    """`plora_check` for the original's code: its own prompt (`original_prompt`), PLoRA on (`im_mask`) and off, under
+    the autocast its FP16 and quantized models need; on a CPU the FP16 products in FP32 (`original.matmul`)."""
+    from xcomp_lab.original.matmul import FloatMatmul
+    from xcomp_lab.original.steps import QUERY
+    from xcomp_lab.run.modes import autocast
+
+    speed = FloatMatmul() if device == "cpu" else contextlib.nullcontext()
+    with speed, autocast(device, use_autocast):
+        embeds, im_mask = original_prompt(model, tokenizer, image, QUERY)
+        return plora_check_on(model, embeds, im_mask)
