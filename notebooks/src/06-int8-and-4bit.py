@@ -92,6 +92,9 @@ if params.original_code:
           f"skipping the PLoRA layers keeps x{recipes['int8-skip'].weights_bytes / recipes['fp16'].weights_bytes:.2f} "
           f"(INT8) and x{recipes['nf4-skip'].weights_bytes / recipes['fp16'].weights_bytes:.2f} (NF4): the decoder stays FP16")
     print(f"\nint8-plora's modules by class:\n{recipes['int8-plora'].module_table()}")
+    print("\nPLoRA on (im_mask) against off, on the original's own prompt:")
+    for r in recipes.values():
+        print(f"{r.name}: {r.plora}\n  verdict: {r.plora.verdict()}")
     folder.cleanup()
 else:
     print("the replica's INT8 and NF4 follow (Steps 1 to 10)")
@@ -99,6 +102,10 @@ else:
 # %% [markdown]
 # The table's last column says which class each decoder projection became: `QuantizedPLoRA` (the base weight in
 # bitsandbytes, the branch kept) for `quantize_plora`, the original `PLoRA` left in FP16 for the skip list. The
+# last lines run each model's prefill on the original's own prompt twice, with `im_mask` and without it (PLoRA off):
+# the text before the image sees only text in both runs, so where PLoRA acts only at image tokens its logits do not
+# change there, and from the first image token on they do. For LLM.int8() the check is repeated without its
+# outlier decomposition, which picks columns over all positions at once (Step 6 below explains it for the replica). The
 # module table lists, for `quantize_plora`'s INT8 model, which classes hold bitsandbytes weights and which kept 16
 # bits (its vision tower, projector, embeddings, norms and output head: the recipe quantizes the PLoRA bases only). The
 # ratios are this checkpoint's: the original's small build has one decoder layer of the real width beside the
@@ -537,6 +544,9 @@ else:
     fp16_bytes = recipes["fp16"].weights_bytes
     print("- Weights against FP16's, statistics included: " + ", ".join(
         f"{r.name} x{r.weights_bytes / fp16_bytes:.2f}" for r in recipes.values() if r.name != "fp16") + ".")
+    acting = [r.name for r in recipes.values() if r.plora.plora_acts]
+    print(f"- PLoRA acts from the first image token on, and only there once positions are apart, in {len(acting)} "
+          f"of the {len(recipes)} models ({', '.join(acting) or 'none'}).")
     print("- Caption peaks: " + ", ".join(f"{r.name} {fmt_bytes(r.run.memory.peak_bytes)} "
                                         f"({'OOM' if r.run.memory.oom else 'fits'})" for r in recipes.values())
           + f" under {fmt_bytes(recipes['fp16'].run.memory.budget_bytes)}.")
