@@ -4,10 +4,12 @@ One rule, `uses_original_code(model_name_or_path)`: a local checkpoint whose con
 remote code (`auto_map`) and was written by transformers 4 (`transformers_version`, 4.33.2 for the released
 InternLM-XComposer2-VL-7B and for `xcomp_lab.model.original.build_original_checkpoint`'s builds), or the released
 model's hub id. The course's replica checkpoints are written by transformers 5 and run in the course's own
-environment. Reading the rule imports nothing but the standard library, so both environments apply it alike.
+environment. The rule reads config.json only and imports no transformers, so both environments apply it alike;
+`is_original_model(model)` applies it to a loaded model's config.
 
-`is_original_model(model)` applies the same rule to a loaded model's config. `is_build(path)` tells the course's random-weight builds from a download, `original_scale(path)` says which size such a checkpoint is (a build's own record; a download is the full model),
-`checkpoint_environment(path)` what a build needs set before transformers is imported (its hub cache with CLIP).
+`is_build(path)` tells the course's random-weight builds from a download, `original_scale(path)` says which size
+such a checkpoint is (a build's own record; a download is the full model), `checkpoint_environment(path)` what a
+build needs set before transformers is imported (its hub cache with CLIP).
 """
 
 from __future__ import annotations
