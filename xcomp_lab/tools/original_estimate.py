@@ -9,7 +9,8 @@ one's: results-2.jsonl re-measured three steps), predicts each with `xcomp_lab.o
 on this CPU (the same step, image, new tokens, scale and budget as the record; a step that ran out of memory is
 also predicted without a budget, against its `extra.unbudgeted` figures; a step whose call failed is predicted
 too, and the prediction's error is set against the measured one), writes one JSON line per row to `--out` and
-prints the markdown table (`--update`: only the rows predicted now are replaced in an existing `--out`).
+prints the markdown table (`--update`: only the rows predicted now are replaced in an existing `--out`; `--show`:
+the table of an existing `--out`, nothing predicted).
 `--design` adds the rows of DESIGN.md section 6's "The original model, reproduced" table, predicted at that
 table's prompt (1387 tokens, the real tokenizer's) with its 48 x 10^9-byte budget.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -47,8 +49,8 @@ DESIGN_PROMPT_TOKENS = 1387  # DESIGN.md section 6: 150 system + 1225 image + 12
 DESIGN_BUDGET_BYTES = 48 * 10**9  # its 48 GB card, as 48 x 10^9 bytes (44.70 GiB allowed)
 # DESIGN.md section 6's rows: (row, step, measured peak GiB, note of the measured result)
 DESIGN_ROWS = (
-    ("FP32 quick start (no_grad + autocast)", "fp32-quickstart-48e9", None,
-     "OOM at attn_weights + attention_mask, 44.27 GiB allocated, asking 236 MiB"),
+    ("FP32 quick start (no_grad + autocast)", "fp32-quickstart-48e9", 44.38,
+     "OOM at `attn_weights + attention_mask`, 44.27 GiB allocated, asking 236 MiB"),
     ("FP32, no autocast", "fp32-no-autocast", 35.41, "fits"),
     ("FP32, autocast inside inference_mode", "fp32-inference-mode", 35.30, "fits"),
     (".half(), quick start", "fp16-half", 18.06, "fits"),
@@ -119,8 +121,10 @@ def rows_for(record: dict[str, Any], source: Path, files: Path, image: str) -> l
     base = {"step": step, "source": os.fspath(source), "device_name": record["device_name"],
             "prompt_tokens_measured": extra.get("prompt_tokens"), "prompt": "records' (this checkpoint's tokenizer)"}
     error = record["error"] if not record["oom"] else None
+    requested = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", record["error"] or "")
     measured = {"peak_bytes": record["peak_bytes"], "peak_phase": extra.get("peak_phase"), "oom": record["oom"],
                 "oom_in_use_bytes": extra.get("oom_in_use_bytes"), "oom_location": extra.get("oom_location"),
+                "oom_requested": requested.group(1) if requested else None,
                 "error": error, "budget_bytes": record["budget_bytes"]}
     print(f"[{step}] predicting ({os.fspath(source)})", file=sys.stderr, flush=True)
     predicted = predict(step, files, scale, image, new_tokens, record["budget_bytes"] if record["oom"] else None)
@@ -196,17 +200,19 @@ def percent(value: float | None) -> str:
 
 
 def outcome(side: dict[str, Any], predicted: bool) -> str:
-    """How the call ended: fits, OOM (where, allocated then, asking), or the error."""
+    """How the call ended: fits, OOM (the line, allocated then, and the request where known), or the error."""
     if side.get("error"):
-        return f"**{side['error'].split(':')[0]}**"
+        return f"**{side['error'][:70]}**"
     if side.get("result"):
         return side["result"]
     if not side.get("oom"):
         return "fits"
+    place, _, line = (side["oom_location"] or "").partition(" in forward: ")
+    where = f"`{line.strip().rstrip('(')}` ({place})"
     if predicted:
-        return (f"OOM at {side['oom_location']}, {gib(side['oom_allocated_bytes'])} allocated, asking "
+        return (f"OOM at {where}, {gib(side['oom_allocated_bytes'])} GiB allocated, asking "
                 f"{side['oom_requested_bytes'] / 2**20:.0f} MiB")
-    return f"OOM at {side['oom_location']}, {gib(side['oom_in_use_bytes'])} allocated"
+    return f"OOM at {where}, {gib(side['oom_in_use_bytes'])} GiB allocated, asking {side['oom_requested']}"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -217,7 +223,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         m, p = row["measured"], row["predicted"]
         name = row.get("row") or row["step"]
-        lines.append(f"| {name} | {p.get('prompt_tokens', row['prompt_tokens_measured'])} | {row['budget']} | "
+        tokens = p.get("prompt_tokens", row["prompt_tokens_measured"]) or "-"
+        lines.append(f"| {name} | {tokens} | {row['budget']} | "
                      f"{gib(m.get('peak_bytes'))} | {gib(p.get('peak_bytes'))} | {percent(row['error'])} | "
                      f"{m.get('peak_phase') or '-'} / {p.get('peak_phase') or '-'} | {outcome(m, False)} | "
                      f"{outcome(p, True)} |")
@@ -232,10 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code-dir", type=Path, help="the original's remote-code folder, to write the files")
     parser.add_argument("--steps", default="", help="comma-separated steps to predict (default: every record's)")
     parser.add_argument("--design", action="store_true", help="also DESIGN.md section 6's rows at 1387 tokens")
+    parser.add_argument("--show", action="store_true", help="print the table of an existing --out, predict nothing")
     parser.add_argument("--update", action="store_true", help="keep --out's rows of the steps not predicted now")
     parser.add_argument("--check-cpu", action="store_true", help="predict and measure --steps on this CPU instead")
     parser.add_argument("--max-new-tokens", type=int, default=2, help="with --check-cpu: new tokens per caption")
     args = parser.parse_args(argv)
+    if args.show:
+        print(markdown(read_jsonl(args.out, what="estimate rows", hint="written by this command")))
+        return 0
     from xcomp_lab.original.environment import prepare_transformers
 
     prepare_transformers({"HF_HOME": tempfile.mkdtemp(prefix="hf-home-"), "HF_HUB_OFFLINE": "1",
