@@ -202,7 +202,7 @@ def percent(value: float | None) -> str:
 def outcome(side: dict[str, Any], predicted: bool) -> str:
     """How the call ended: fits, OOM (the line, allocated then, and the request where known), or the error."""
     if side.get("error"):
-        return f"**{side['error'][:70]}**"
+        return f"**{side['error'].split(',')[0]}**"
     if side.get("result"):
         return side["result"]
     if not side.get("oom"):
