@@ -6,9 +6,10 @@ first). `estimate_original(step, files)` does what `xcomp_lab.original.steps` do
 shapes and dtypes but no data (`FakeTensorMode`, so the full size needs no memory):
 
 1. the model is built by `steps.direct_loader`, the remote code's own classes from the checkpoint's files, in the
-   step's dtype (then the step's cast, `.half()`), while the accounting watches: on CUDA each parameter, buffer and
-   temporary of the construction goes through the allocator simulation (`xcomp_lab.plan.allocator`) in the order
-   the GPU allocates them, then the cache is emptied and the peaks reset, as `memory.measure` does at its start;
+   step's dtype, then given the step's cast (`.half()`, `cast_model`) or its PLoRA-aware INT8/NF4 recipe
+   (`quantize_plora_fake`), while the accounting watches: on CUDA each parameter, buffer and temporary of the
+   construction goes through the allocator simulation (`xcomp_lab.plan.allocator`) in the order the GPU allocates
+   them, then the cache is emptied and the peaks reset, as `memory.measure` does at its start;
 2. `model.chat(tokenizer, QUERY, image=..., history=[], do_sample=False, max_new_tokens=N)` runs exactly as
    `steps.chat_once` calls it (the step's gradient mode and autocast): the original's image preprocessing, prompt
    wrapping, decoder and transformers 4.33.2's own `generate` and greedy loop (its logits processors, its tuple
@@ -27,7 +28,9 @@ value the model produces and the code reads, the next token (`argmax` of fake lo
 never end-of-sequence: every new token is generated, as on the GPU (16 of 16). One truth value is read from the
 model's own data: generate's `pad_token_id in inputs_embeds` (transformers 4.33.2 asks it of any input); it cannot
 change the path (the inputs are embeddings, not ids, so the answer is never used) and is answered False, as a
-float embedding never equals the pad id; it still allocates its comparison, as on the GPU.
+float embedding never equals the pad id; it still allocates its comparison, as on the GPU. `PromptLength` makes
+the prompt as long as another tokenizer would (the real checkpoint's). LLM.int8() outlier columns depend on the
+activations' values: none are assumed (`estimate.fake.quantize_fake_linear`).
 
 **CUDA from a CPU.** The fake tensors are CPU tensors; what CUDA does differently for this model's ops is applied:
 allocations through the caching allocator's rules (512-byte blocks, pools, segments, whole blocks handed out;
@@ -36,9 +39,10 @@ FP16 into FP32 as one kernel (`estimate.accounting.CudaSoftmax`), and `torch.cud
 autocast at float16 (the same lower-precision list for the ops the original calls: linear, matmul, bmm, conv2d;
 the same weight cache, kept for parameters that require grad, none inside `inference_mode` from torch 2.10), plus
 `CudaAutocastPolicy`: CUDA's autocast runs a softmax called without a dtype in FP32 (its `fp32_set_opt_dtype`
-list: CLIP's attention) and layer_norm of FP16 in FP32, which CPU autocast does not. A budget is the allocator's limit: a segment that would
-exceed it raises, as `set_per_process_memory_fraction` does, and the estimate names that allocation, the op, the
-model line and the memory allocated then.
+list: CLIP's attention) and layer_norm of FP16 in FP32, which CPU autocast does not. Kernel workspaces other than
+cuBLAS's (cuDNN's convolution) are not simulated. A budget is the allocator's limit: a segment that would exceed it
+raises, as `set_per_process_memory_fraction` does, and the estimate names that allocation, the op, the model line
+and the memory allocated then.
 
 On CPU (`device="cpu"`) the prediction is `memory.measure("cpu")`'s figure for the real call, to the byte
 (`tests/test_original_estimate.py` checks it on the small checkpoint).
