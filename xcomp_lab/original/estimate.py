@@ -327,18 +327,23 @@ def ordinary_token(tokenizer: Any) -> int:
 def estimate_original(step: str | OriginalStep, files: str | Path, *, scale: str, image: str | Path,
                       device: str = "cuda", budget_bytes: int | None = None, max_new_tokens: int = 16,
                       workspace_bytes: int | None = None, prompt_tokens: int | None = None) -> OriginalEstimate:
-    """Predict `model.chat` of the original code as `xcomp_lab.original.steps` runs `step` (a name of
-    `ORIGINAL_STEPS`) on `device` ("cuda": `max_memory_allocated` by the allocator's simulation; "cpu":
-    `memory.measure`'s accounting). `files`: the checkpoint's files without weights (`model.original.
+    """Predict `model.chat` of the original code as `xcomp_lab.original.steps` runs `step` (a name of `ORIGINAL_STEPS`
+    whose model `steps.direct_loader` builds: not those loaded by transformers' bitsandbytes path or a device map,
+    nor sdpa, which the original refuses) on `device` ("cuda": `max_memory_allocated` by the allocator's simulation;
+    "cpu": `memory.measure`'s accounting). `files`: the checkpoint's files without weights (`model.original.
     write_model_files`) at `scale`; `image`: the image captioned. `budget_bytes` (CUDA): the allocator's limit, to
-    predict whether and where the call runs out of memory. `workspace_bytes`: cuBLAS's (CUDA;
-    default the H100/H200's, `plan.estimate.cublas_workspace`). `prompt_tokens`: make the prompt this long
-    (`PromptLength`; default: as the checkpoint's tokenizer splits it).
+    predict whether and where the call runs out of memory. `workspace_bytes`: cuBLAS's (CUDA; default the
+    H100/H200's, `plan.estimate.cublas_workspace`). `prompt_tokens`: make the prompt this long (`PromptLength`;
+    default: as the checkpoint's tokenizer splits it).
     """
     from xcomp_lab.plan.estimate import cublas_workspace
 
     start = time.perf_counter()
     step = step if isinstance(step, OriginalStep) else get_original_step(step)
+    if step.step.attn_implementation is not None:
+        raise ValueError(f"step {step.name!r} asks for attn_implementation={step.step.attn_implementation!r}, which "
+                         "the original's constructor refuses (TypeError at the load): there is no call to predict; "
+                         "choose a step of the original's eager attention.")
     check_choice("device", device, DEVICES, "the device whose memory is predicted")
     check_int("max_new_tokens", max_new_tokens, hint="new tokens per caption, as chat(max_new_tokens=...)")
     if budget_bytes is not None:
