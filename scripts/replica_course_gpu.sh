@@ -7,7 +7,8 @@
 #
 #   OUT=/some/folder scripts/replica_course_gpu.sh   # writes $OUT/full-h200.tgz (the edition and the run's folder)
 #
-# Knobs: ONLY (notebook prefixes, e.g. "00 01"; all by default), EDITION_NAME (full-h200).
+# Knobs: ONLY (notebook prefixes, e.g. "00 01"; all by default), EDITION_NAME (full-h200), LIMIT_S (seconds after
+# which the course is interrupted as Ctrl-C would: it records where it stopped and the tar still gets made).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to (the device machine sets it)}"
@@ -19,7 +20,7 @@ python3 -c "from xcomp_lab.model.checkpoint import build_checkpoint as b; print(
 only=()
 [ -n "${ONLY:-}" ] && only=(--only $ONLY)
 status=0
-python3 -m xcomp_lab.tools.course --scale full --device cuda --output "$OUT/course" --edition "$OUT/$EDITION_NAME" \
+timeout -s INT -k 30 "${LIMIT_S:-86400}" python3 -m xcomp_lab.tools.course --scale full --device cuda --output "$OUT/course" --edition "$OUT/$EDITION_NAME" \
   "${only[@]}" || status=$?
 tar czf "$OUT/$EDITION_NAME.tgz" -C "$OUT" course $([ -d "$OUT/$EDITION_NAME" ] && echo "$EDITION_NAME")
 rm -rf "$OUT/course" "$OUT/$EDITION_NAME"
