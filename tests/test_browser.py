@@ -36,7 +36,7 @@ FULL = os.environ.get("BROWSER_TEST") == "full"
 # Notebook 08's cells to run, by how their source starts: parameters, start(), the read-back (it imports
 # fmt_bytes), the plan() examples (they import planner) and the planner; the last one shows the planner.
 CELLS_08 = ("scale = ", "from xcomp_lab.course.notebook import start", "from xcomp_lab.estimate import estimate_step",
-            "from xcomp_lab.lessons.planner import", "planner(")
+            "from xcomp_lab.lessons.planner import plan, planner", "display(planner(")
 # The planner view: what notebook 08's planner cell needs, then that cell as it is in notebook 08.
 PLANNER_IMPORTS = ("from xcomp_lab.course.params import check_params\nfrom xcomp_lab.lessons.planner import planner\n\n"
                    'params = check_params(scale="tiny", device="auto")')
@@ -79,8 +79,10 @@ class Lab:
 
 
 def cell_index(cells: list, prefix: str) -> int:
-    """The one code cell whose source starts with `prefix`; fails loudly if notebook 08 changed shape."""
-    found = [i for i, c in enumerate(cells) if c.cell_type == "code" and c.source.startswith(prefix)]
+    """The one code cell with a line that starts with `prefix` once indented blocks are read flat (notebook 08's
+    replica cells sit under `if not params.original_code:`); fails loudly if notebook 08 changed shape."""
+    found = [i for i, c in enumerate(cells)
+             if c.cell_type == "code" and any(line.strip().startswith(prefix) for line in c.source.splitlines())]
     assert len(found) == 1, f"expected one code cell starting with {prefix!r} in {NOTEBOOK_08.name}, found {len(found)}"
     return found[0]
 

@@ -259,8 +259,8 @@ if not params.original_code:  # the planner predicts the replica
                        card=batch_search.card.name)
 
 # %% tags=["nbval-ignore-output"]
-if not params.original_code:  # the planner predicts the replica
-    planner(scale=params.scale, device=params.device, card_gb=params.budget_gb)
+if not params.original_code:  # the planner predicts the replica; display() shows a widget made inside a block
+    display(planner(scale=params.scale, device=params.device, card_gb=params.budget_gb))
 
 # %% [markdown]
 # ## What we learned
