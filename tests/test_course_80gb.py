@@ -1,7 +1,9 @@
 """The course run with a second parameter set: an 80 GB card, sdpa attention, 4 new tokens.
 
-It runs the notebooks that measure the course's steps (01-07): the tour (00) and the two planning notebooks
-(08, 09) record no step whose fit depends on the card, and `test_course.py` runs all ten with the defaults.
+It runs the notebooks whose steps come close to the 48 GB budget at tiny scale (01: the quick start; 03: the
+gradient modes; 04: the sequence sweeps, with sdpa): on an 80 GB card each must fit. The others' steps fit the 48 GB
+card already (`test_course.py` runs all ten notebooks with the defaults and asserts it), and the tour (00) and the
+planning notebooks (08, 09) record no step.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import pytest
 from xcomp_lab.course.results import latest_by_step, read_results
 from xcomp_lab.tools.course import run_course
 
-STEP_NOTEBOOKS = ["01", "02", "03", "04", "05", "06", "07"]
+STEP_NOTEBOOKS = ["01", "03", "04"]
 
 
 @pytest.fixture(scope="module")
