@@ -151,7 +151,7 @@ def _original_chat(step: Step, model: Any, tokenizer: Any, images: Sequence[Any]
         cpu = params.device == "cpu"
         with FloatMatmul() if cpu else nullcontext():
             result, probe, seconds = chat_once(model, tokenizer, str(image), original_step_for(step), params.device,
-                                               budget, params.max_new_tokens, 1 if cpu else 256)
+                                               budget, params.max_new_tokens)
     run = CaptionRun(captions=[result.value] if result.ok else None, prompt_tokens=probe.prompt_tokens,
                      new_tokens=probe.decoder_calls, seconds=seconds, memory=result.memory,
                      oom_report=None if result.ok else result.report(), after_release_bytes=result.after_release_bytes)

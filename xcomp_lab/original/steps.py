@@ -328,9 +328,14 @@ def original_step_for(step: Step) -> OriginalStep:
 
 
 def chat_once(model: Any, tokenizer: Any, image: str, step: OriginalStep, device: str, budget: Budget | None,
-              max_new_tokens: int, sample_every: int) -> tuple[GuardedResult, _Probe, float]:
-    """One `model.chat` under the step's gradient mode and autocast, measured; returns (result, probe, seconds)."""
+              max_new_tokens: int) -> tuple[GuardedResult, _Probe, float]:
+    """One `model.chat` under the step's gradient mode and autocast, measured; returns (result, probe, seconds).
+
+    The timeline is sampled at every allocation on a CPU, so the phase of the peak is exact there; on CUDA at every
+    256th (the peak itself is the allocator's counter).
+    """
     probe = _Probe()
+    sample_every = 1 if device == "cpu" else 256
 
     def call() -> str:
         with grad_mode(step.step.grad), autocast(device, step.step.use_autocast), _probe(model, probe):
@@ -364,7 +369,7 @@ def run_steps(names: Sequence[str], loader: Loader, *, image: str, device: str, 
     Consecutive steps with the same `load_key` share one loaded model; a step with a cast (`.half()`) casts it in
     place, so put the uncast steps of a load first (ORIGINAL_STEPS' order does). `float_matmul` (default: on a
     CPU) computes FP16/BF16 products in FP32 (`xcomp_lab.original.matmul`), which changes their speed, not the
-    tensors measured: tokens/s are then not recorded. `sample_every=1` on a CPU, so the peak's phase is exact.
+    tensors measured: tokens/s are then not recorded. On a CPU the peak's phase is exact (`chat_once`).
     """
     steps = [get_original_step(name) for name in names]
     check_int("max_new_tokens", max_new_tokens)
@@ -410,14 +415,11 @@ def run_steps(names: Sequence[str], loader: Loader, *, image: str, device: str, 
         budget = step_budget(step, device, budget_gb, scale)
         extra["budget"] = budget.describe()
         speed = FloatMatmul() if float_matmul else nullcontext()
-        sample_every = 1 if device == "cpu" else 256
         try:
             with speed:
-                result, probe, seconds = chat_once(model, tokenizer, image, step, device, budget, max_new_tokens,
-                                                   sample_every)
+                result, probe, seconds = chat_once(model, tokenizer, image, step, device, budget, max_new_tokens)
                 if not result.ok and rerun_unbudgeted:
-                    again, again_probe, _ = chat_once(model, tokenizer, image, step, device, None, max_new_tokens,
-                                                      sample_every)
+                    again, again_probe, _ = chat_once(model, tokenizer, image, step, device, None, max_new_tokens)
                     extra["unbudgeted"] = {"ok": again.ok, "peak_bytes": again.memory.peak_bytes,
                                            "activations_bytes": again.memory.activations_bytes,
                                            "kv_cache_bytes": again.memory.kv_cache_bytes,

@@ -181,7 +181,7 @@ def check_cpu(steps: list[str], files: Path, scale: str, image: str, new_tokens:
         if step.step.cast is not None:
             model = model.to(check_dtype(step.step.cast))
         with FloatMatmul():  # outside the measurement: FP16 products at FP32 speed, the same tensors seen
-            result, probe, _ = chat_once(model, tokenizer, image, step, "cpu", None, new_tokens, 1)
+            result, probe, _ = chat_once(model, tokenizer, image, step, "cpu", None, new_tokens)
         rows.append({"step": name, "predicted": predicted.as_dict(),
                      "measured": {"peak_bytes": result.memory.peak_bytes, "start_bytes": result.memory.start_bytes,
                                   "peak_phase": peak_phase(result, probe), "kv_cache_bytes": probe.kv_bytes,
