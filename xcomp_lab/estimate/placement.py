@@ -24,7 +24,7 @@ import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 from accelerate import infer_auto_device_map
@@ -33,8 +33,9 @@ from accelerate.utils import compute_module_sizes, get_balanced_memory, get_max_
 from xcomp_lab.core.checks import check_int
 from xcomp_lab.core.dtypes import check_dtype, dtype_name
 from xcomp_lab.core.units import fmt_bytes
-from xcomp_lab.model.inventory import as_config
-from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
+
+if TYPE_CHECKING:
+    from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
 
 OFFLOAD_DEVICES = ("cpu", "disk")
 LAYER_PREFIX = "model.layers."
@@ -45,6 +46,9 @@ def meta_model(target: Any, dtype: str | torch.dtype | None = None) -> InternLMX
 
     Built under `dtype` as the default dtype, as `from_pretrained(dtype=...)` builds it (buffers included).
     """
+    from xcomp_lab.model.inventory import as_config
+    from xcomp_lab.model.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
+
     config = target.config if isinstance(target, torch.nn.Module) else target
     previous = torch.get_default_dtype()
     try:
@@ -192,10 +196,20 @@ def plan_device_map(config_or_model: Any, max_memory: Mapping[int | str, int | s
     A GPU need not exist on this machine: the plan only reads shapes. `balanced=True` evens out the GPUs as
     `from_pretrained(device_map="auto")` does when there are several.
     """
-    if not max_memory:
-        raise ValueError("max_memory is empty; give each device's limit, e.g. {0: '24GB', 'cpu': '64GiB'}.")
     torch_dtype = _planning_dtype(dtype)
     model = config_or_model if isinstance(config_or_model, torch.nn.Module) else meta_model(config_or_model)
+    device_map, sizes, resolved, notes = accelerate_device_map(model, max_memory, torch_dtype, balanced=balanced)
+    return _plan(model, device_map, sizes, torch_dtype, resolved, notes)
+
+
+def accelerate_device_map(model: torch.nn.Module, max_memory: Mapping[int | str, int | str], torch_dtype: torch.dtype,
+                          *, balanced: bool = False) -> tuple[dict[str, Any], Mapping[str, int], dict[Any, int],
+                                                               tuple[str, ...]]:
+    """accelerate's map for any (meta) model with its `_no_split_modules`, after `get_balanced_memory` where
+    `balanced`: (device map, module sizes in bytes as accelerate gives them, 0 for a module without tensors, each
+    device's limit in bytes, accelerate's warnings)."""
+    if not max_memory:
+        raise ValueError("max_memory is empty; give each device's limit, e.g. {0: '24GB', 'cpu': '64GiB'}.")
     no_split = list(model._no_split_modules)
     limits = dict(max_memory)
     with quiet_accelerate() as caught:
@@ -205,8 +219,7 @@ def plan_device_map(config_or_model: Any, max_memory: Mapping[int | str, int | s
         sizes = compute_module_sizes(model, dtype=torch_dtype)
     with quiet_accelerate():
         resolved = get_max_memory(dict(limits))
-    return _plan(model, device_map, sizes, torch_dtype, {k: int(v) for k, v in resolved.items()},
-                 tuple(str(w.message) for w in caught))
+    return (dict(device_map), sizes, {k: int(v) for k, v in resolved.items()}, tuple(str(w.message) for w in caught))
 
 
 def plan_from_pretrained(config_or_model: Any, max_memory: Mapping[int | str, int | str], *,

@@ -204,40 +204,10 @@ def plan_original(model: Any, max_memory: dict[Any, int | str], *, dtype: str = 
     """The map transformers 4.33.2's `from_pretrained` computes for the original's (meta) model: accelerate's
     `infer_auto_device_map` with the model's `_no_split_modules`, after `get_balanced_memory` where `balanced`
     (as `device_map="auto"` does on several GPUs; `device_map="sequential"` skips it). GPUs need not exist here."""
-    import logging
-    import warnings
-
-    from accelerate import infer_auto_device_map
-    from accelerate.utils import (
-        compute_module_sizes,
-        get_balanced_memory,
-        get_max_memory,
-    )
-
     from xcomp_lab.core.dtypes import check_dtype
+    from xcomp_lab.estimate.placement import accelerate_device_map
 
-    if not max_memory:
-        raise ValueError("max_memory is empty; give each device's limit, e.g. {0: '24GB', 1: '24GB'}.")
-    torch_dtype = check_dtype(dtype)
-    no_split = list(model._no_split_modules)
-    quiet = [logging.getLogger(name) for name in ("accelerate.utils.modeling", "accelerate.big_modeling")]
-    levels = [logger.level for logger in quiet]
-    try:
-        for logger in quiet:
-            logger.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no GPU here: accelerate warns that the planned ones are absent
-            limits = dict(max_memory)
-            if balanced:
-                limits = get_balanced_memory(model, max_memory=limits, no_split_module_classes=no_split,
-                                             dtype=torch_dtype)
-            device_map = infer_auto_device_map(model, max_memory=limits, no_split_module_classes=no_split,
-                                               dtype=torch_dtype)
-            sizes = compute_module_sizes(model, dtype=torch_dtype)
-            resolved = get_max_memory(dict(limits))
-    finally:
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
+    device_map, sizes, resolved, _ = accelerate_device_map(model, max_memory, check_dtype(dtype), balanced=balanced)
     per_device: dict[Any, int] = {}
     for name, device in device_map.items():
         per_device[device] = per_device.get(device, 0) + int(sizes[name])
@@ -249,4 +219,4 @@ def plan_original(model: Any, max_memory: dict[Any, int | str], *, dtype: str = 
                 layers.setdefault(device, []).append(int(unit[len(LAYER_PREFIX):]))
             else:
                 others.setdefault(device, []).append(unit)
-    return OriginalPlan(dict(device_map), {k: int(v) for k, v in resolved.items()}, per_device, layers, others)
+    return OriginalPlan(device_map, resolved, per_device, layers, others)
