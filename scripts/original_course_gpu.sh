@@ -9,7 +9,7 @@
 #                                              # transformers 5 and its pins, so that one carried folder (about
 #                                              # 37 MB) holds all
 #   scripts/original_course_gpu.sh             # on the GPU machine (carry .cache/original-gpu), writes
-#                                              # $OUT/original-full-h200 (the edition) and $OUT/course (the run)
+#                                              # $OUT/original-full-h200.tgz: the edition and the run's folder
 #
 # On the GPU machine the course's driver (papermill, nbconvert) runs from /tmp/site; the original's environment is
 # /tmp/original-site (the same wheels for the kernel, then transformers 4.33.2, huggingface_hub 0.36.2, accelerate
@@ -19,7 +19,10 @@
 # checkpoint is built there with random FP16 weights by xcomp_lab.model.original.build_original_checkpoint from the
 # carried remote-code files (17 GB of shards, under $XCOMP_LAB_CACHE), and the course runs on it:
 # python -m xcomp_lab.tools.course --model-name-or-path <it>. Knobs: SCALE (full), DEVICE (cuda), ONLY (notebook
-# prefixes, e.g. "00 01"; all by default), EDITION_NAME (original-full-h200), NOTEBOOKS (the folder of executed
+# prefixes, e.g. "00 01"; all by default), EDITION_NAME (original-full-h200), SEED (a folder holding an earlier
+# call's run folder, copied into the run's before it starts: an --only run then publishes its notebooks with those
+# of the earlier call), LIMIT_S (seconds after which the course is interrupted as Ctrl-C would: it records where it
+# stopped and the tar still gets made), NOTEBOOKS (the folder of executed
 # notebooks the course runs, default notebooks/: rebuild them from notebooks/src first, scripts/build_notebooks.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +30,8 @@ CODE_DIR=${CODE_DIR:-../shared/reference/internlm-xcomposer2-vl-7b}
 PREPARED=.cache/original-gpu
 if [ "${1:-}" = "--prepare" ]; then
   [ -d .whl ] || scripts/device_wheels.sh
-  [ -d $PREPARED/wheels ] || .venv/bin/python -m xcomp_lab.tools.original_gpu_run --prepare --code-dir "$CODE_DIR"
+  # the tokenizer is trained with sentencepiece, which only the original's environment has (make venv-original)
+  [ -d $PREPARED/wheels ] || .venv-original/bin/python -m xcomp_lab.tools.original_gpu_run --prepare --code-dir "$CODE_DIR"
   rm -rf $PREPARED/course-wheels && mkdir -p $PREPARED/course-wheels
   cp $(ls .whl/*.whl | grep -v -E '/(transformers|tokenizers|huggingface_hub|accelerate|bitsandbytes|hf_xet)-') \
     $PREPARED/course-wheels/
@@ -51,5 +55,12 @@ print(b(sys.argv[1], sys.argv[2]).path)" "$PREPARED/files/full/internlm-xcompose
 echo "checkpoint: $checkpoint"
 only=()
 [ -n "${ONLY:-}" ] && only=(--only $ONLY)
-python3 -m xcomp_lab.tools.course --scale "$SCALE" --device "$DEVICE" --model-name-or-path "$checkpoint" \
-  --notebooks "${NOTEBOOKS:-notebooks}" --output "$OUT/course" --edition "$OUT/$EDITION_NAME" "${only[@]}"
+mkdir -p "$OUT/course"
+[ -n "${SEED:-}" ] && cp -r "$SEED"/. "$OUT/course/"
+status=0
+timeout -s INT -k 30 "${LIMIT_S:-86400}" python3 -m xcomp_lab.tools.course --scale "$SCALE" --device "$DEVICE" \
+  --model-name-or-path "$checkpoint" --notebooks "${NOTEBOOKS:-notebooks}" --output "$OUT/course" \
+  --edition "$OUT/$EDITION_NAME" "${only[@]}" || status=$?
+tar czf "$OUT/$EDITION_NAME.tgz" -C "$OUT" course $([ -d "$OUT/$EDITION_NAME" ] && echo "$EDITION_NAME")
+rm -rf "$OUT/course" "$OUT/$EDITION_NAME"
+exit $status

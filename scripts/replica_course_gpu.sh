@@ -7,7 +7,9 @@
 #
 #   OUT=/some/folder scripts/replica_course_gpu.sh   # writes $OUT/full-h200.tgz (the edition and the run's folder)
 #
-# Knobs: ONLY (notebook prefixes, e.g. "00 01"; all by default), EDITION_NAME (full-h200), LIMIT_S (seconds after
+# Knobs: ONLY (notebook prefixes, e.g. "00 01"; all by default), EDITION_NAME (full-h200), SEED (a folder holding
+# an earlier run's executed notebooks, results.jsonl and timings.json, copied into the run's folder first: an ONLY
+# run then publishes its notebooks with the earlier ones, e.g. SEED=results/full-h200/notebooks plus its files), LIMIT_S (seconds after
 # which the course is interrupted as Ctrl-C would: it records where it stopped and the tar still gets made).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,8 @@ export PYTHONPATH=/tmp/site:$PWD JUPYTER_PATH=/tmp/site/share/jupyter
 python3 -c "from xcomp_lab.model.checkpoint import build_checkpoint as b; print(b('full', 'float16', seed=0, device='cuda'))"
 only=()
 [ -n "${ONLY:-}" ] && only=(--only $ONLY)
+mkdir -p "$OUT/course"
+[ -n "${SEED:-}" ] && cp -r "$SEED"/. "$OUT/course/"
 status=0
 timeout -s INT -k 30 "${LIMIT_S:-86400}" python3 -m xcomp_lab.tools.course --scale full --device cuda --output "$OUT/course" --edition "$OUT/$EDITION_NAME" \
   "${only[@]}" || status=$?
