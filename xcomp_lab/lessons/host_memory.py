@@ -256,10 +256,17 @@ def check_load(load: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _run_load(path: str, load: Mapping[str, Any]) -> Any:
-    """What a measured load does: plain `from_pretrained`, then the cast `then` asks for."""
+    """What a measured load does: plain `from_pretrained`, then the cast `then` asks for.
+
+    The dtype and attention go in as the checkpoint's code takes them (`model.loading.pretrained_keywords`: for the
+    original's code, transformers 4.33.2's `torch_dtype` and no `attn_implementation`).
+    """
     from transformers import AutoModel
 
-    kwargs = {k: v for k, v in load.items() if k != "then"}
+    from xcomp_lab.model.loading import pretrained_keywords
+
+    kwargs = {k: v for k, v in load.items() if k not in ("then", "dtype", "attn_implementation")}
+    kwargs.update(pretrained_keywords(path, load.get("dtype", "auto"), load.get("attn_implementation")))
     model = AutoModel.from_pretrained(path, trust_remote_code=True, **kwargs)
     if load.get("then") == "half":
         model = model.half()
@@ -471,7 +478,8 @@ def compare_loads(path: str | os.PathLike, loads: Mapping[str, Mapping[str, Any]
 
     Each load runs in a fresh Python process (see the module docstring); the loads take turns (a, b, c, a, b,
     c, ...) so that a drift of the machine shows as spread, not as a gap between loads. A load's keywords are
-    plain JSON: {"dtype": "float32", "then": "half"} is `from_pretrained(path, dtype=torch.float32).half()`.
+    plain JSON: {"dtype": "float32", "then": "half"} is `from_pretrained(path, dtype=torch.float32).half()`, and for a
+    checkpoint of the original's code `torch_dtype=torch.float32` (its transformers 4.33.2's name; `_run_load`).
     """
     if not isinstance(loads, Mapping) or not loads:
         raise ValueError(f"loads must be a non-empty mapping of name -> load, got {loads!r}: e.g. "

@@ -13,6 +13,10 @@ parameters load random weights (`CourseParams.random_weights`), caption and top-
 `fp32_reference()` captions a held-out subset and keeps the prefill logits of a few prompts once;
 `drift_from()` then scores any other model against it (captions vs the truth and vs FP32, logit stats), and
 `run_precision_step()` adds one measured captioning call whose results record carries both.
+
+A model of the original's own code is captioned and scored through its own `chat()` prompt and `model.chat`
+(`xcomp_lab.run.captioning`), on a CPU with its 16-bit products computed in FP32 (`original.matmul.products_for`);
+`file_chat_line()` says whether the quick start's call, the image given as a file, runs under a step's settings.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from xcomp_lab.memory.budget import Budget, resolve_device
 from xcomp_lab.memory.footprint import resident_bytes
 from xcomp_lab.memory.measure import CUDA_KIND, MemoryResult, measure
 from xcomp_lab.run.call import CaptionRun
-from xcomp_lab.run.captioning import caption_images, reference_logits
+from xcomp_lab.original.detect import is_original_model
+from xcomp_lab.original.matmul import products_for
+from xcomp_lab.run.captioning import caption_images, reference_logits, vision_size
 from xcomp_lab.run.speed import Speed
 
 T = TypeVar("T")
@@ -162,11 +168,12 @@ def fp32_reference(model: Any, tokenizer: Any, *, n: int = 16, n_logits: int = 4
         check_int(name, value)
     if n_logits > n:
         raise ValueError(f"n_logits={n_logits} is more than n={n}; compare logits on at most the captioned images.")
-    size = model.config.image_size if image_size is None else IMAGE_SIZE.check("image_size", image_size)
+    size = vision_size(model) if image_size is None else IMAGE_SIZE.check("image_size", image_size)
     data = scenes.held_out_dataset(n, image_size=size)
     images = [image for image, _ in data]
-    captions = caption_images(model, tokenizer, images, max_new_tokens=max_new_tokens, image_size=size)
-    logits = reference_logits(model, tokenizer, images[:n_logits], image_size=size)
+    with products_for(model):
+        captions = caption_images(model, tokenizer, images, max_new_tokens=max_new_tokens, image_size=size)
+        logits = reference_logits(model, tokenizer, images[:n_logits], image_size=size)
     return Reference(images, [text for _, text in data], captions, logits, max_new_tokens, size)
 
 
@@ -180,10 +187,11 @@ class Drift:
 
 def drift_from(reference: Reference, model: Any, tokenizer: Any) -> Drift:
     """Captions of `model` against the truth and against the reference's, and its logits against the reference's."""
-    captions = caption_images(model, tokenizer, reference.images, max_new_tokens=reference.max_new_tokens,
-                              image_size=reference.image_size)
     n_logits = reference.logits.shape[0]
-    logits = reference_logits(model, tokenizer, reference.images[:n_logits], image_size=reference.image_size)
+    with products_for(model):
+        captions = caption_images(model, tokenizer, reference.images, max_new_tokens=reference.max_new_tokens,
+                                  image_size=reference.image_size)
+        logits = reference_logits(model, tokenizer, reference.images[:n_logits], image_size=reference.image_size)
     return Drift(captions, quality_report(captions, reference.truths, reference.captions, logits, reference.logits))
 
 
@@ -241,3 +249,30 @@ def with_speed(record_: dict[str, Any], speed: Speed) -> dict[str, Any]:
     """A copy of a results record whose `tokens_per_s` is `speed`'s, timed outside any memory measurement."""
     return {**record_, "tokens_per_s": speed.tokens_per_s,
             "extra": {**record_.get("extra", {}), "tokens_per_s_timed_outside_measurement": True}}
+
+
+def file_chat_line(step: Step, model: Any, tokenizer: Any, image: Any, device: str) -> str:
+    """Whether the original's `model.chat`, given the image as a file as its quick start does, runs under `step`'s
+    gradient mode and autocast (one new token), and if not, the error as raised and how the step gives the image."""
+    import tempfile
+
+    from xcomp_lab.lessons.quantization import failure_line
+    from xcomp_lab.original.steps import QUERY, original_step_for
+    from xcomp_lab.run.modes import autocast, grad_mode
+
+    if not is_original_model(model):
+        raise ValueError(f"{type(model).__name__} is not a model of the original's own code: the replica's chat() takes "
+                         "a PIL image in any dtype.")
+    how = original_step_for(step).image
+    given = "as a file" if how == "file" else f"preprocessed, in {model.vit.dtype}"
+    settings = f"{step.grad}, {'autocast' if step.use_autocast else 'no autocast'}, weights in {model.dtype}"
+    with tempfile.TemporaryDirectory(prefix="xcomp-lab-file-chat-") as folder:
+        path = Path(folder) / "image.png"
+        image.save(path)
+        try:
+            with products_for(model), grad_mode(step.grad), autocast(device, step.use_autocast):
+                model.chat(tokenizer, QUERY, image=str(path), history=[], do_sample=False, max_new_tokens=1)
+        except (RuntimeError, TypeError) as error:
+            return (f"the quick start's call, chat(image=<file>) ({settings}), fails: {failure_line(error)}; this "
+                    f"step gives chat() the image {given}")
+    return f"the quick start's call, chat(image=<file>) ({settings}), runs; this step gives chat() the image {given}"

@@ -55,6 +55,25 @@ def check_attn_implementation(attn_implementation: str | None, original_code: bo
     return attn_implementation
 
 
+def pretrained_keywords(model_name_or_path: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
+                        attn_implementation: str | None = None) -> dict[str, Any]:
+    """The dtype and attention keywords of `from_pretrained` for this checkpoint's code, checked.
+
+    The replica (transformers 5): `dtype=` and `attn_implementation=`. The original's code (transformers 4.33.2,
+    `original.detect.uses_original_code`): `torch_dtype=` (as a torch dtype: 4.33.2 takes no names but "auto") and no
+    `attn_implementation`, which its constructor refuses (eager, its only attention, is what it builds).
+    """
+    torch_dtype = check_dtype(dtype)
+    original = uses_original_code(model_name_or_path)
+    check_attn_implementation(attn_implementation, original)
+    if original:
+        return {"torch_dtype": torch_dtype or "auto"}
+    keywords: dict[str, Any] = {"dtype": torch_dtype or "auto"}
+    if attn_implementation is not None:
+        keywords["attn_implementation"] = attn_implementation
+    return keywords
+
+
 def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.float16) -> BitsAndBytesConfig | None:
     """A bitsandbytes config for "int8" (LLM.int8()), "nf4" or "fp4" (4-bit, double quantization), or None."""
     if quantization not in QUANTIZATIONS:
@@ -124,23 +143,18 @@ def load_model(
     is given `torch_dtype` and never `attn_implementation` (see the module docstring); its quantized recipes that
     work are `xcomp_lab.original.quantize`'s.
     """
-    torch_dtype = check_dtype(dtype)
-    original = uses_original_code(model_name_or_path)
-    check_attn_implementation(attn_implementation, original)
+    keywords = pretrained_keywords(model_name_or_path, dtype, attn_implementation)
     if quantization_config is not None and not isinstance(quantization_config, BitsAndBytesConfig):
         raise TypeError(
             f"quantization_config must be a transformers.BitsAndBytesConfig, got {type(quantization_config).__name__}; "
             "xcomp_lab.model.loading.quantization_config('int8' | 'nf4') builds one."
         )
     path = resolve_checkpoint(model_name_or_path, scale)
-    dtype_key = "torch_dtype" if original else "dtype"
-    options: dict[str, Any] = {"trust_remote_code": True, dtype_key: torch_dtype or "auto", **kwargs}
+    options: dict[str, Any] = {"trust_remote_code": True, **keywords, **kwargs}
     if device_map is not None:
         options["device_map"] = device_map
     if quantization_config is not None:
         options["quantization_config"] = quantization_config
-    if attn_implementation is not None and not original:
-        options["attn_implementation"] = attn_implementation
     model = AutoModel.from_pretrained(path, **options)
     if quantization_config is not None and quantization_config.load_in_4bit:
         apply_cpu_path(model)  # the same 4-bit CPU kernels on every processor (see bnb_cpu)

@@ -11,12 +11,18 @@ they arrive whole) on FP16/BF16 CPU tensors as FP32 products rounded to the same
 `xcomp_lab.memory.measure`: the accounting mode then sits above it, sees each op with its FP16 output, a new
 storage of the same size as ATen's own kernel returns, and never sees the FP32 temporaries (as it never sees a
 kernel's scratch memory). Values differ from ATen's kernel by rounding only (both accumulate in FP32).
+`products_for(model)` applies it where it is wanted: a model of the original's code on a CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from xcomp_lab.original.detect import is_original_model
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 _ops = torch.ops.aten
@@ -36,3 +42,17 @@ class FloatMatmul(TorchDispatchMode):
                 widened = [arg.float() if isinstance(arg, torch.Tensor) else arg for arg in args]
                 return func(*widened, **kwargs).to(dtype)
         return func(*args, **kwargs)
+
+
+def _original_on_cpu(model: Any) -> bool:
+    return getattr(model, "device", torch.device("cpu")).type == "cpu" and is_original_model(model)
+
+
+def products_for(model: Any) -> contextlib.AbstractContextManager:
+    """`FloatMatmul()` for a model of the original's code on a CPU, else a context that changes nothing."""
+    return FloatMatmul() if _original_on_cpu(model) else contextlib.nullcontext()
+
+
+def emulated(model: Any) -> bool:
+    """True where `products_for(model)` computes the model's 16-bit products in FP32: not the hardware's speed."""
+    return _original_on_cpu(model) and getattr(model, "dtype", None) in LOW_PRECISION

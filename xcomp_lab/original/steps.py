@@ -43,6 +43,7 @@ from xcomp_lab.memory.oom import GuardedResult, model_frame, run_guarded
 from xcomp_lab.model.original import CODE_FILES, original_parameter_count
 from xcomp_lab.original.environment import versions
 from xcomp_lab.original.matmul import FloatMatmul
+from xcomp_lab.original.prompts import model_image
 from xcomp_lab.original.quantize import quantize_plora, skip_plora_config
 from xcomp_lab.run.modes import autocast, grad_mode
 
@@ -57,6 +58,11 @@ STEP_FAILURES = (TypeError, RuntimeError, ValueError)
 # image's dtype, so an FP16 projector receives FP32 features and F.linear refuses them ("mat1 and mat2 must have
 # the same dtype") unless autocast casts them, as the quick start's autocast does.
 NEEDS_AUTOCAST = "FP16 weights need autocast in the original's chat(): its image features come back in FP32"
+# The same without autocast, where the step has none (BF16 at load): the image is given as chat() also takes it, a
+# preprocessed tensor, in the dtype the tower casts it to anyway, so its features come back in the projector's.
+IMAGE_AS_TENSOR = ("without autocast chat() refuses a file's FP32 image features in a 16-bit projector: the image is "
+                   "passed preprocessed, in the vision tower's dtype (original.prompts.model_image)")
+IMAGE_INPUTS = ("file", "tensor")
 CODE_NAME = "original remote code (InternLM-XComposer2-VL-7B, transformers 4.33.2)"
 
 
@@ -66,7 +72,8 @@ class OriginalStep:
 
     `recipe`: "load" (as the course step loads: dtype, cast), "transformers" (bitsandbytes through transformers'
     own `quantization_config`, as the usual advice says), "plora" (`quantize_plora` after an FP16 load), "skip"
-    (`skip_plora_config`). `budget_rule`: "course" or DESIGN_RULE (CUDA only).
+    (`skip_plora_config`). `budget_rule`: "course" or DESIGN_RULE (CUDA only). `image`: how `chat()` gets the
+    image, "file" (the quick start's path) or "tensor" (`original.prompts.model_image`, see IMAGE_AS_TENSOR).
     """
 
     name: str
@@ -75,6 +82,10 @@ class OriginalStep:
     device_map: str | None = None
     budget_rule: str = "course"
     note: str = ""
+    image: str = "file"
+
+    def __post_init__(self) -> None:
+        check_choice("image", self.image, IMAGE_INPUTS, "how chat() gets the image: the file, or a tensor")
 
     @property
     def load_key(self) -> tuple[Any, ...]:
@@ -101,7 +112,7 @@ ORIGINAL_STEPS: dict[str, OriginalStep] = {s.name: s for s in (
                                                    title="FP32 load, then .half(), without autocast",
                                                    use_autocast=False)),
     OriginalStep("fp16", STEPS["fp16"]),
-    OriginalStep("bf16", STEPS["bf16"]),
+    OriginalStep("bf16", STEPS["bf16"], image="tensor", note=IMAGE_AS_TENSOR),
     OriginalStep("fp16-sdpa", STEPS["fp16-sdpa"],
                  note="the original has eager attention and (on CUDA, transformers >= 4.34) flash-attention 2 only"),
     OriginalStep("int8", STEPS["int8"], recipe="transformers", note="load_in_8bit as the usual advice says"),
@@ -332,14 +343,16 @@ def chat_once(model: Any, tokenizer: Any, image: str, step: OriginalStep, device
     """One `model.chat` under the step's gradient mode and autocast, measured; returns (result, probe, seconds).
 
     The timeline is sampled at every allocation on a CPU, so the phase of the peak is exact there; on CUDA at every
-    256th (the peak itself is the allocator's counter).
+    256th (the peak itself is the allocator's counter). `image` is a file; the chat gets it as the step says
+    (`OriginalStep.image`), preprocessed inside the measurement where it is a tensor.
     """
     probe = _Probe()
     sample_every = 1 if device == "cpu" else 256
 
     def call() -> str:
         with grad_mode(step.step.grad), autocast(device, step.step.use_autocast), _probe(model, probe):
-            response, _ = model.chat(tokenizer, QUERY, image=image, history=[], do_sample=False,
+            given = model_image(model, image) if step.image == "tensor" else image
+            response, _ = model.chat(tokenizer, QUERY, image=given, history=[], do_sample=False,
                                      max_new_tokens=max_new_tokens)
         probe.meter.set_kv_cache_bytes(probe.kv_bytes)
         return response

@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from xcomp_lab.model.modeling_internlm_xcomposer2 import ImageInput
 
 
+def vision_size(model: PreTrainedModel) -> int:
+    """The side in pixels the model's vision tower sees by default: the replica's `config.image_size` (112 px at
+    tiny scale, 490 at full), the original's `config.img_size` (490 at every scale)."""
+    return int(model.config.img_size if is_original_model(model) else model.config.image_size)
+
+
 def caption_query(query: str | None) -> str:
     """`query`, or the course's caption query (`xcomp_lab.core.prompts.CAPTION_QUERY`) when None."""
     return CAPTION_QUERY if query is None else query
@@ -133,7 +139,7 @@ def evaluate_captioner(
     vision tower's own size (112 px at tiny scale, 490 at full).
     """
     check_int("n", n)
-    size = model.config.image_size if image_size is None else IMAGE_SIZE.check("image_size", image_size)
+    size = vision_size(model) if image_size is None else IMAGE_SIZE.check("image_size", image_size)
     data = scenes.held_out_dataset(n, image_size=size)
     images = [image for image, _ in data]
     predictions = caption_images(model, tokenizer, images, batch_size=batch_size, image_size=size)

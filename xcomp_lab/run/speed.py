@@ -6,6 +6,12 @@ does the same work), best of a few repeats after a warm-up call. On a CPU it run
 with two or more threads, other processes on a shared machine stall PyTorch's thread pool and the timings
 swing by a factor of ten; one thread is slower but steady, and the same for every dtype compared. Timings are
 still noisy: notebooks print them in cells nbval does not compare.
+
+A model of the original's own code (`xcomp_lab.original.detect.is_original_model`, transformers 4.33.2) is timed on
+its own prompt and its own `generate` (`xcomp_lab.original.prompts`: `chat()`'s prompt, `generate_exactly` for
+exactly `new_tokens` tokens). On a CPU its 16-bit products are computed in FP32 (`xcomp_lab.original.matmul`: ATen's
+16-bit kernels take minutes per call at its real widths), so such a speed is not the CPU's 16-bit speed: `Speed`
+says so (`emulated_products`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from xcomp_lab.core.checks import check_int
+from xcomp_lab.core.prompts import CAPTION_QUERY
 from xcomp_lab.memory.budget import resolve_device
-from xcomp_lab.model.tokenizer import CAPTION_QUERY
+from xcomp_lab.original import prompts as original_prompts
+from xcomp_lab.original.detect import is_original_model
+from xcomp_lab.original.matmul import emulated, products_for
 from xcomp_lab.run.call import autocast, grad_mode
 from xcomp_lab.run.captioning import prompt_batch
-from xcomp_lab.run.generate import greedy_generate
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class Speed:
     prompt_tokens: int = 0  # tokens of one prompt
     prefill_seconds: float | None = None  # one forward pass over the `batch` prompts, without cache
     cpu_threads: int | None = None  # CPU threads PyTorch used; None on CUDA
+    emulated_products: bool = False  # 16-bit products computed in FP32 (the original's code on a CPU): not its speed
 
     @property
     def tokens_per_s(self) -> float:
@@ -58,8 +67,10 @@ class Speed:
                    f"prefill {self.prefill_tokens_per_s:.0f} prompt tokens/s ({self.batch} x {self.prompt_tokens} "
                    f"in {self.prefill_seconds:.3f} s) | ")
         threads = "" if self.cpu_threads is None else f", {self.cpu_threads} CPU thread{'s' * (self.cpu_threads > 1)}"
+        emulated_note = (" | 16-bit products computed in FP32 (xcomp_lab.original.matmul): not this CPU's 16-bit "
+                         "speed" if self.emulated_products else "")
         return (f"{prefill}generation {self.tokens_per_s:.1f} tokens/s ({self.batch} x {self.new_tokens} new tokens "
-                f"in {self.seconds:.3f} s), best of {self.repeats}{threads}")
+                f"in {self.seconds:.3f} s), best of {self.repeats}{threads}{emulated_note}")
 
 
 def generation_speed(model: Any, tokenizer: Any, images: Sequence[Any], *, device: str, new_tokens: int = 16,
@@ -77,7 +88,7 @@ def generation_speed(model: Any, tokenizer: Any, images: Sequence[Any], *, devic
     with _threads(cpu_threads if device == "cpu" else None) as threads:
         speed = _timed_generation(model, tokenizer, images, device, new_tokens, repeats, image_size, use_autocast,
                                   query)
-    return replace(speed, cpu_threads=threads if device == "cpu" else None)
+    return replace(speed, cpu_threads=threads if device == "cpu" else None, emulated_products=emulated(model))
 
 
 @contextlib.contextmanager
@@ -102,13 +113,19 @@ def _timed_generation(model: Any, tokenizer: Any, images: Sequence[Any], device:
             torch.cuda.synchronize(device)
         return perf_counter() - start
 
-    with grad_mode("inference_mode"), autocast(device, use_autocast):
+    original = is_original_model(model)
+    with grad_mode("inference_mode"), autocast(device, use_autocast), products_for(model):
         embeds, im_mask = prompt_batch(model, tokenizer, list(images), query, image_size)  # (N, T, C), (N, T)
 
         def prefill() -> None:
             model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False)
 
         def generate() -> None:
+            if original:
+                original_prompts.generate_exactly(model, tokenizer, embeds, im_mask, new_tokens)
+                return
+            from xcomp_lab.run.generate import greedy_generate
+
             greedy_generate(model, tokenizer, embeds, im_mask, max_new_tokens=new_tokens, stop_at_end_of_turn=False)
 
         generate()  # warm-up: first-call allocations and kernel selection
