@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import platform
 import warnings
 from typing import Any
@@ -30,7 +31,6 @@ def start(**parameters: Any) -> CourseParams:
     """Validate the notebook parameters, seed everything and print versions and the device."""
     params = check_params(**parameters)
     warnings.filterwarnings("ignore", message=".*repetition_penalty.*")
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     if params.original_code:  # transformers 4.33.2 and its hub client on today's torch, and chat()'s own top_p
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -41,6 +41,9 @@ def start(**parameters: Any) -> CourseParams:
     notes = prepare_original(params) if params.original_code else []
     import transformers
 
+    # bitsandbytes logs (not warns) on every LLM.int8() product whose inputs are not FP16, e.g. the original's
+    # FP32 activations under transformers' skip-modules recipe: hundreds of identical lines per caption
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     params.results_path.parent.mkdir(parents=True, exist_ok=True)

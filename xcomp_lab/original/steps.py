@@ -37,7 +37,7 @@ from xcomp_lab.core.dtypes import check_dtype
 from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.results import append_result, build_record
 from xcomp_lab.course.step_table import STEPS, Step
-from xcomp_lab.memory.budget import Budget, card_budget, card_bytes
+from xcomp_lab.memory.budget import Budget, card_budget, card_bytes, resolve_device
 from xcomp_lab.memory.measure import Measurement
 from xcomp_lab.memory.oom import GuardedResult, model_frame, run_guarded
 from xcomp_lab.model.original import CODE_FILES, original_parameter_count
@@ -156,8 +156,9 @@ def pretrained_loader(path: str | Path, device: str) -> Loader:
         quantized = step.step.quantization != "none" and step.recipe in ("transformers", "skip")
         if step.device_map is not None:
             options["device_map"] = step.device_map
-        elif quantized:
-            options["device_map"] = {"": device}
+        elif quantized:  # "cuda:0", not "cuda": accelerate 0.23 re-wraps a parameter whose device differs from
+            # the map's by name, which re-quantizes a Params4bit already quantized (ValueError: ... got torch.uint8)
+            options["device_map"] = {"": resolve_device(device)}
         if quantized and step.recipe == "skip":
             options["quantization_config"] = skip_plora_config(step.step.quantization, dtype)
         elif quantized and step.step.quantization == "int8":
