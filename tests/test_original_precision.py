@@ -52,6 +52,22 @@ def test_an_original_step_takes_the_image_as_a_file_or_a_tensor():
         OriginalStep("x", STEPS["bf16"], image="pixels")
 
 
+def test_hub_cached_dtypes_reads_a_cached_snapshot_and_nothing_else(tmp_path):
+    from safetensors.torch import save_file
+
+    from xcomp_lab.lessons.precision import hub_cached_dtypes
+
+    repo = tmp_path / "models--someone--clip"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (snapshot / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(3, 4, dtype=torch.float16)}, snapshot / "model.safetensors")
+    assert hub_cached_dtypes("someone/clip", cache_dir=tmp_path) == {"F16": 24}
+    assert hub_cached_dtypes("someone/other", cache_dir=tmp_path) == {}
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory, original_code: tuple[Path, Path], scene_image) -> dict[str, Any]:
     code_dir, python = original_code

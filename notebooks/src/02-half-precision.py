@@ -36,7 +36,9 @@ print(params)
 #
 # ## Step 1: load the FP32 reference and measure the load
 #
-# Every comparison needs a reference: the FP32 model, loaded as in notebook 01 (`dtype=torch.float32`). First
+# Every comparison needs a reference: the FP32 model, loaded as in notebook 01 (`dtype=torch.float32`; the
+# original's own code, under its transformers 4.33.2, takes `torch_dtype=torch.float32` and no
+# `attn_implementation`, which its constructor refuses: `pretrained_keywords` gives each code its own). First
 # the measurement in plain PyTorch. On a GPU the CUDA caching allocator counts every byte it hands out:
 # `torch.cuda.reset_peak_memory_stats()` before the load, `torch.cuda.max_memory_allocated()` after it. On a CPU
 # the counterpart is the course's tensor accounting (`xcomp_lab.memory.measure`, a `TorchDispatchMode` that
@@ -50,10 +52,11 @@ from xcomp_lab.lessons.precision import free
 from xcomp_lab.memory.budget import resolve_device
 from xcomp_lab.memory.footprint import resident_bytes
 from xcomp_lab.memory.measure import measure
-from xcomp_lab.model.loading import resolve_checkpoint
+from xcomp_lab.model.loading import pretrained_keywords, resolve_checkpoint
 
 path = resolve_checkpoint(params.model_name_or_path, params.scale)
-fp32_kwargs = dict(trust_remote_code=True, dtype=torch.float32, attn_implementation=params.attn_implementation)
+fp32_kwargs = dict(trust_remote_code=True, **pretrained_keywords(path, torch.float32, params.attn_implementation))
+print(f"from_pretrained(path, {', '.join(f'{k}={v!r}' for k, v in fp32_kwargs.items())})")
 if params.device == "cuda":  # the CUDA allocator's own counters
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -96,22 +99,23 @@ stored = stored_dtypes(path)
 print(fp32_load)
 if params.device == "cuda":
     print(f"measure_load's peak is the plain idiom's: {fp32_load.peak_bytes == plain_peak}")
+buffer_kinds = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()})
 print(f"{n_params:,} parameters x 4 bytes = {fmt_bytes(n_params * 4)} | parameters measured {fmt_bytes(fp32_params)} "
-      f"| buffers (rotary tables) {fmt_bytes(fp32_load.after_bytes - fp32_params)}")
+      f"| buffers {fmt_bytes(fp32_load.after_bytes - fp32_params)} ({', '.join(buffer_kinds)})")
 print(f"prediction for 16 bits: {n_params:,} x 2 bytes = {fmt_bytes(n_params * 2)} of parameters, "
       f"{fmt_bytes(fp32_load.after_bytes / 2)} with the buffers")
 print("the checkpoint stores: " + (", ".join(f"{dtype} {fmt_bytes(n)}" for dtype, n in stored.items())
                                    or "unknown (a hub id: no local file to read)"))
 
 # %% [markdown]
-# The resident weights are the parameter count times 4 bytes plus the buffers the count misses (the rotary
-# tables of notebook 00); the second-to-last line is what every 16-bit model below should keep, and the last one
+# The resident weights are the parameter count times 4 bytes plus the buffers the count misses (named in the
+# line: the rotary tables of notebook 00 among them); the second-to-last line is what every 16-bit model below should keep, and the last one
 # what the checkpoint holds on disk, by dtype (read from its safetensors headers).
 #
 # Now the reference itself: greedy captions of a held-out subset of scenes the model never saw in training, and
 # the prefill logits (the scores of every vocabulary entry at every prompt position) of the first few prompts.
-# At full scale the course's checkpoint holds random weights: its captions are noise, and every caption figure
-# below says so when that is the case.
+# The course's full-scale checkpoint and its builds of the original's code hold random weights: their captions are
+# noise, and every caption figure below says so when that is the case.
 
 # %%
 from xcomp_lab.data.quality import quality_report
@@ -133,6 +137,8 @@ print(f"first scene | truth: {reference.truths[0]!r} | FP32: {reference.captions
 # Speed is timed outside any memory measurement (the CPU accounting slows every operation), with the same work for
 # every model: the prefill (one forward pass over the prompt, big matrix products) and a generation of exactly
 # `max_new_tokens` tokens (one token at a time, where per-step overhead weighs as much as arithmetic at tiny scale).
+# The original's code is timed on its own `chat()` prompt and its own `generate` (transformers 4.33.2's), held to
+# the same number of tokens.
 # On a CPU the timing runs on one thread, so that other processes on a shared machine do not stall PyTorch's
 # thread pool in the middle of a timing.
 
@@ -148,7 +154,8 @@ def speed_of(step):
 def versus_fp32(name):
     s, f = speeds[name], speeds["FP32"]
     return (f"{name} against FP32: prefill x{s.prefill_tokens_per_s / f.prefill_tokens_per_s:.2f}, "
-            f"generation x{s.tokens_per_s / f.tokens_per_s:.2f}")
+            f"generation x{s.tokens_per_s / f.tokens_per_s:.2f}"
+            + (" (16-bit products computed in FP32: not this CPU's 16-bit speed)" if s.emulated_products else ""))
 
 
 speeds = {"FP32": speed_of(fp32_step)}
@@ -192,6 +199,7 @@ half_step = STEPS["fp16-half"]
 print(half_step.describe())
 model, half_cast = measure_cast(model, torch.float16, params.device, label=".half()")  # model.half()  <- changed line
 half_load_peak = max(fp32_load.peak_or_lower_bound, half_cast.peak_or_lower_bound)
+half_buffers = {name: buffer.dtype for name, buffer in model.named_buffers()}  # .half() casts the buffers too
 print(half_cast)
 print(f"peak while loading by this path: {'' if half_cast.peak_bytes is not None else 'at least '}"
       f"{fmt_bytes(half_load_peak)} = {half_load_peak / half_cast.after_bytes:.2f} x the FP16 weights it keeps")
@@ -208,7 +216,9 @@ print(f".half(): {speeds['.half()']}\n{versus_fp32('.half()')}")
 # The factors compare with FP32 on the same device and the same work. On NVIDIA GPUs, FP16 matrix products run on
 # the tensor cores since Volta, BF16 ones since Ampere; on a CPU, 16-bit arithmetic is fast only with the instructions for it
 # (AVX512-FP16, AVX512-BF16, AMX), and otherwise the values are converted on the fly. The factors printed above
-# are this machine's (timings on a shared machine are noisy).
+# are this machine's (timings on a shared machine are noisy), unless the line says the 16-bit products were
+# computed in FP32: the original's code on a CPU runs them so (`xcomp_lab.original.matmul`), because ATen's
+# 16-bit CPU kernels would take minutes per caption at its real widths; its factors then measure that detour.
 #
 # Now the same measured caption as in Step 1, with the quick start's settings (`no_grad` and autocast), and the
 # drift from FP32:
@@ -243,13 +253,18 @@ print(fp16_step.describe())
 (model, tokenizer), fp16_load = measure_load(lambda: load_for_step(fp16_step, params), params.device,
                                              label="dtype=torch.float16 at load")  # <- changed line
 print(fp16_load)
-print(f"the same weights as the .half() path kept: {fp16_load.after_bytes == half_cast.after_bytes} | peak while "
-      f"loading {'' if fp16_load.peak_bytes is not None else 'at least '}{fmt_bytes(fp16_load.peak_or_lower_bound)} "
-      f"against {'' if half_cast.peak_bytes is not None else 'at least '}{fmt_bytes(half_load_peak)} by .half()")
+other_dtype = {name.rsplit(".", 1)[-1]: (buffer.dtype, half_buffers[name]) for name, buffer in model.named_buffers()
+               if buffer.dtype != half_buffers[name]}  # buffers the model's code makes in a dtype of its own
+print(f"the same bytes as the .half() path kept: {fp16_load.after_bytes == half_cast.after_bytes}"
+      + "".join(f" (buffer {name}: {here} here, {there} after .half())" for name, (here, there) in other_dtype.items())
+      + f" | peak while loading {'' if fp16_load.peak_bytes is not None else 'at least '}"
+      f"{fmt_bytes(fp16_load.peak_or_lower_bound)} against {'' if half_cast.peak_bytes is not None else 'at least '}"
+      f"{fmt_bytes(half_load_peak)} by .half()")
 
 # %% [markdown]
-# The last line compares the two paths: the weights each keeps, and the peak each needed on the way (on a CPU
-# both peaks are floors: the resident weights).
+# The last line compares the two paths: the bytes each keeps (`.half()` casts every floating buffer too, while a
+# load in FP16 keeps any buffer the model's code makes in FP32, which the line names), and the peak each needed on
+# the way (on a CPU both peaks are floors: the resident weights).
 
 # %% tags=["nbval-ignore-output"]
 speeds["FP16"] = speed_of(fp16_step)
@@ -279,7 +294,9 @@ print(f"same captions and logit figures as the .half() path: {fp16.drift.caption
 #
 # BF16 trades precision for range: FP32's exponent, so no value overflows where FP32 would not, but each weight
 # is rounded more coarsely than in FP16. A checkpoint stored in FP16 is rounded once more on the way to BF16.
-# The course runs BF16 without autocast (autocast would compute in FP16) and under `inference_mode`.
+# The course runs BF16 without autocast (autocast would compute in FP16) and under `inference_mode`. The original's
+# `chat()` makes an image file into an FP32 tensor and its vision tower hands the features back in the image's
+# dtype; for a model of that code, the next cell tries the quick start's call as it is.
 
 # %%
 del model
@@ -290,14 +307,19 @@ print(bf16_step.describe())
                                              label="dtype=torch.bfloat16 at load")  # <- changed line
 print(bf16_load)
 print(f"the same bytes as FP16 at load: {bf16_load.after_bytes == fp16_load.after_bytes}")
+if params.original_code:
+    from xcomp_lab.lessons.precision import file_chat_line
+
+    print(file_chat_line(bf16_step, model, tokenizer, images[0], params.device))
 
 # %% tags=["nbval-ignore-output"]
 speeds["BF16"] = speed_of(bf16_step)
 print(f"BF16: {speeds['BF16']}\n{versus_fp32('BF16')}")
 
 # %% [markdown]
-# BF16 needs no autocast and works on a CPU; whether it is faster than FP16 there depends on the CPU's
-# instructions, printed with all the speeds in the last cell.
+# BF16 needs no autocast and works on a CPU (with the original's code, given its image as a BF16 tensor, as the
+# line above says where it ran); whether it is faster than FP16 there depends on the CPU's instructions, printed
+# with all the speeds in the last cell.
 
 # %%
 bf16 = run_precision_step(bf16_step, model, tokenizer, images, params, budget, reference, bf16_load,
@@ -305,7 +327,7 @@ bf16 = run_precision_step(bf16_step, model, tokenizer, images, params, budget, r
 record(params, bf16.record)
 print(drift_line(bf16.drift.report, noise=random_weights))
 bf16_mean, fp16_mean = (r.drift.report.logit_stats["mean_abs_diff"] for r in (bf16, fp16))
-print(f"BF16's mean |logit diff| from FP32 is "
+print("BF16's mean |logit diff| from FP32 is "
       + (f"x{bf16_mean / fp16_mean:.1f} FP16's" if fp16_mean > 0 else f"{bf16_mean:.2g}, FP16's is 0"))
 
 # %% [markdown]
@@ -333,7 +355,7 @@ from xcomp_lab.lessons.host_memory import compare_loads, host_peaks_chart, peak_
 
 del model
 free(params.device)
-fp16_kwargs = {**fp32_kwargs, "dtype": torch.float16}
+fp16_kwargs = dict(trust_remote_code=True, **pretrained_keywords(path, torch.float16, params.attn_implementation))
 
 
 def status_bytes(field):  # a "kB" line of /proc/self/status, in bytes
@@ -360,8 +382,9 @@ else:
 # which makes a load look cheaper than it is by an amount that depends on what ran before: `compare_loads()` therefore runs each load in a
 # fresh Python process (forked from one that has imported torch and transformers and loaded nothing), as a
 # learner's script would, with the idiom above inside it. Three loads, each plain `from_pretrained(path,
-# trust_remote_code=True, **load)`: (a) FP32, then `.half()` in host RAM; (b) `dtype=torch.float16`; (c) the same
-# with `device_map={"": params.device}`, which sends each tensor to the device as it is read. They take turns,
+# trust_remote_code=True, **load)` with the dtype as the checkpoint's code takes it (`dtype=`, or `torch_dtype=` for
+# the original's): (a) FP32, then `.half()` in host RAM; (b) `dtype=torch.float16`; (c) the same with
+# `device_map={"": params.device}`, which sends each tensor to the device as it is read. They take turns,
 # twice over: the spread of the repeats is the noise a difference has to stand out from.
 
 # %% tags=["nbval-ignore-output"]
@@ -400,14 +423,22 @@ print(f"- {host.difference(half_path, fp16_path).line()}")
 if anon_known:
     print(f"- {host.difference(half_path, fp16_path, of='anon').line()}")
 print(f"- {host.difference(map_path, fp16_path).line()}")
-if stored_bytes and host.rise(fp16_path) >= stored_bytes:
-    print(f"- (b) rose {fmt_bytes(host.rise(fp16_path))} for {fmt_bytes(stored_bytes)} of stored weights: the "
-          f"{fmt_bytes(host.rise(fp16_path) - stored_bytes)} beyond them ({host.rise(fp16_path) / stored_bytes - 1:.0%} "
-          f"of the weights) is what a fresh process's first load spends besides the weights.")
-elif stored_bytes:
-    print(f"- (b) rose {fmt_bytes(host.rise(fp16_path))}, less than its {fmt_bytes(stored_bytes)} of stored weights: "
-          f"the load left at least {fmt_bytes(stored_bytes - host.rise(fp16_path))} of the checkpoint unread in its "
-          f"memory map, to be read when the model first uses it.")
+for name, rise in ((name, host.rise(name)) for name in (fp16_path, map_path) if stored_bytes):
+    if rise >= stored_bytes:
+        print(f"- {name} rose {fmt_bytes(rise)} for {fmt_bytes(stored_bytes)} of stored weights: the "
+              f"{fmt_bytes(rise - stored_bytes)} beyond them ({rise / stored_bytes - 1:.0%} of the weights) is what a "
+              f"fresh process's first load spends besides the weights.")
+    else:
+        print(f"- {name} rose {fmt_bytes(rise)}, less than its {fmt_bytes(stored_bytes)} of stored weights: the load "
+              f"left at least {fmt_bytes(stored_bytes - rise)} of the checkpoint unread in its memory map, to be read "
+              f"when the model first uses it.")
+if params.original_code:
+    from xcomp_lab.lessons.precision import hub_cached_dtypes
+    from xcomp_lab.model.original import CLIP_REPO
+
+    clip = sum(hub_cached_dtypes(CLIP_REPO).values())
+    print(f"- The original's constructor first loads CLIP ({CLIP_REPO}) from the hub cache, {fmt_bytes(clip)} stored "
+          f"there, before the checkpoint's own vit.* weights replace it: every load above reads those too.")
 if params.device != "cpu":
     print(f"- (c) held {fmt_bytes(host.held(map_path))} of host RAM when it returned, its weights on {params.device}; "
           f"its peak of {fmt_bytes(host.rise(map_path))} was the load passing through.")
@@ -448,7 +479,9 @@ for name, load, load_peak, run, q in rows:
     print(f"{name:13s} {floor + fmt_bytes(load_peak):>13s} {fmt_bytes(load.after_bytes):>10s} "
           f"{fmt_bytes(run.memory.peak_bytes):>13s}{quality} {stats['max_abs_diff']:9.3g}")
 if random_weights:
-    print("caption and top-1 columns left out: random weights (full scale, the course's own checkpoint)")
+    print("caption and top-1 columns left out: random weights ("
+          + ("a build of the original's code" if params.original_code else "full scale, the course's own checkpoint")
+          + ")")
 
 # %%
 from xcomp_lab.course.charts import steps_chart
@@ -473,7 +506,7 @@ print(f"- On the device, `.half()` after an FP32 load needs {'' if params.device
       f"at load keeps ({'' if params.device == 'cuda' else 'at least '}"
       f"{fmt_bytes(fp16_load.peak_or_lower_bound)} on its way).")
 if random_weights:
-    print(f"- Drift from FP32, logits only (random weights: captions and top-1 are noise): mean |diff| "
+    print("- Drift from FP32, logits only (random weights: captions and top-1 are noise): mean |diff| "
           + ", ".join(f"{name} {r.drift.report.logit_stats['mean_abs_diff']:.2g}"
                       for name, r in ((".half()", half), ("FP16", fp16), ("BF16", bf16))) + ".")
 else:
@@ -506,9 +539,12 @@ cpu = torch.backends.cpu.get_cpu_capability()
 where = torch.cuda.get_device_name(0) if params.device == "cuda" else f"CPU ({cpu})"
 print(f"- Speed on {where}, prefill | generation: " + ", ".join(
     f"{name} {s.prefill_tokens_per_s:.0f} | {s.tokens_per_s:.1f} tokens/s" for name, s in speeds.items()) + ".")
+emulated = [name for name, s in speeds.items() if s.emulated_products]
 for phase, speed in (("prefill", lambda s: s.prefill_tokens_per_s), ("generation", lambda s: s.tokens_per_s)):
     ratios = [speed(s) / speed(speeds["FP32"]) for name, s in speeds.items() if name != "FP32"]
-    verdict = "faster" if min(ratios) > 1 else "slower" if max(ratios) < 1 else "neither faster nor slower throughout"
+    verdict = ("no verdict on this CPU's 16-bit speed: " + ", ".join(emulated) + " computed their products in FP32"
+               if emulated else "faster" if min(ratios) > 1 else "slower" if max(ratios) < 1 else
+               "neither faster nor slower throughout")
     print(f"- 16-bit {phase} runs at x{min(ratios):.2f} to x{max(ratios):.2f} FP32's speed here: {verdict}.")
 
 # %% [markdown]

@@ -149,6 +149,19 @@ def stored_dtypes(checkpoint: str | Path) -> dict[str, int]:
     return stored
 
 
+def hub_cached_dtypes(repo_id: str, cache_dir: str | Path | None = None) -> dict[str, int]:
+    """`stored_dtypes` of `repo_id`'s snapshot in the Hugging Face hub cache (`cache_dir`, default `HF_HUB_CACHE`),
+    empty where it is not cached: e.g. the CLIP tower the original's constructor loads before the checkpoint's own
+    weights."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    if not isinstance(config, str):
+        return {}
+    folder = Path(config).parent
+    return stored_dtypes(folder) if any(folder.glob("*.safetensors")) else {}
+
+
 @dataclass(frozen=True)
 class Reference:
     """A model's captions of a held-out subset and its prefill logits on the first few, to compare others with."""
