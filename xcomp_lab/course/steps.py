@@ -9,7 +9,9 @@ For a checkpoint of the original model's own code (`params.original_code`, run i
 three functions apply the original's rules from `xcomp_lab.original.steps`: its budget (`original_budget`), its
 loading (`pretrained_loader`: `torch_dtype`, no `attn_implementation`; sdpa refused, the original has eager only)
 and its call, `model.chat(tokenizer, query, image=<file>, history=[], do_sample=False)` as the quick start makes it
-(`chat_once`), one image per call.
+(`chat_once`), one image per call; several images (notebook 04's batch and longer prompts) as prompts of
+`images_per_prompt` images through the original's `chat()` or, several prompts at once, its `generate`
+(`prompts_once`).
 """
 
 from __future__ import annotations
@@ -97,11 +99,19 @@ def run_step(
     *,
     predicted_peak_bytes: int | None = None,
     extra: dict[str, Any] | None = None,
+    images_per_prompt: int = 1,
 ) -> tuple[CaptionRun, dict[str, Any]]:
-    """Caption `images` under the step's settings; returns the run and its results record."""
+    """Caption `images` under the step's settings; returns the run and its results record.
+
+    `images_per_prompt`: how many of `images` each prompt holds (the original's code only; the replica's prompt
+    holds one image).
+    """
     if params.original_code:
-        run, extra = _original_chat(step, model, tokenizer, images, params, budget, extra)
+        run, extra = _original_chat(step, model, tokenizer, images, params, budget, extra, images_per_prompt)
     else:
+        if images_per_prompt != 1:
+            raise ValueError(f"images_per_prompt={images_per_prompt}: the replica's caption prompt holds one image; "
+                             f"pass 1, or an original-code checkpoint, whose chat() takes several.")
         run = run_caption(
             model,
             tokenizer,
@@ -127,8 +137,14 @@ def run_step(
 
 
 def _original_chat(step: Step, model: Any, tokenizer: Any, images: Sequence[Any], params: CourseParams,
-                   budget: Budget | None, extra: dict[str, Any] | None) -> tuple[CaptionRun, dict[str, Any]]:
+                   budget: Budget | None, extra: dict[str, Any] | None,
+                   images_per_prompt: int) -> tuple[CaptionRun, dict[str, Any]]:
     """One quick-start `model.chat` of the original code on the image saved as a file, measured (`chat_once`).
+
+    Several images: prompts of `images_per_prompt` images each (`prompts_once`): one prompt is one `model.chat` with
+    its images at one placeholder each; several prompts run stacked through the `generate` call `chat()` makes. The
+    record's extra holds the storage the KV cache keeps alive (`kv_storage_bytes`: its values are views of the
+    packed wqkv outputs in the original's tuple cache).
 
     On a CPU, FP16/BF16 products are computed in FP32 as `original.steps.run_steps` does (`original.matmul`): the
     same tensors are measured, but their speed is not the hardware's, which the record's extra says.
@@ -141,22 +157,27 @@ def _original_chat(step: Step, model: Any, tokenizer: Any, images: Sequence[Any]
         chat_once,
         original_step_for,
         peak_phase,
+        prompts_once,
     )
 
-    if len(images) != 1:
-        raise ValueError(f"{len(images)} images: the original's chat() captions one image per call (its quick start "
-                         f"passes one file); pass batch_size=1 with an original-code checkpoint.")
-    with tempfile.TemporaryDirectory(prefix="xcomp-lab-chat-") as folder:
-        image = images[0] if isinstance(images[0], (str, Path)) else _saved(images[0], Path(folder) / "image.png")
-        cpu = params.device == "cpu"
-        with FloatMatmul() if cpu else nullcontext():
+    cpu = params.device == "cpu"
+    with tempfile.TemporaryDirectory(prefix="xcomp-lab-chat-") as folder, FloatMatmul() if cpu else nullcontext():
+        if len(images) == 1 and images_per_prompt == 1:  # the quick start's call
+            image = images[0] if isinstance(images[0], (str, Path)) else _saved(images[0], Path(folder) / "image.png")
             result, probe, seconds = chat_once(model, tokenizer, str(image), original_step_for(step), params.device,
                                                budget, params.max_new_tokens)
-    run = CaptionRun(captions=[result.value] if result.ok else None, prompt_tokens=probe.prompt_tokens,
-                     new_tokens=probe.decoder_calls, seconds=seconds, memory=result.memory,
-                     oom_report=None if result.ok else result.report(), after_release_bytes=result.after_release_bytes)
+            captions = [result.value] if result.ok else None
+        else:
+            result, probe, seconds = prompts_once(model, tokenizer, images, original_step_for(step), params.device,
+                                                  budget, params.max_new_tokens, images_per_prompt)
+            captions = result.value if result.ok else None
+    prompts = len(images) // images_per_prompt
+    run = CaptionRun(captions=captions, prompt_tokens=probe.prompt_tokens, new_tokens=probe.decoder_calls * prompts,
+                     seconds=seconds, memory=result.memory, oom_report=None if result.ok else result.report(),
+                     after_release_bytes=result.after_release_bytes)
     matmul = "FP16/BF16 products computed in FP32 (xcomp_lab.original.matmul)" if cpu else "ATen's"
-    return run, {"code": CODE_NAME, "peak_phase": peak_phase(result, probe), "matmul": matmul, **(extra or {})}
+    return run, {"code": CODE_NAME, "peak_phase": peak_phase(result, probe), "matmul": matmul,
+                 "kv_storage_bytes": probe.kv_storage_bytes, "images_per_prompt": images_per_prompt, **(extra or {})}
 
 
 def _saved(image: Any, path: Path) -> Path:

@@ -43,7 +43,8 @@ from xcomp_lab.memory.oom import GuardedResult, model_frame, run_guarded
 from xcomp_lab.model.original import CODE_FILES, original_parameter_count
 from xcomp_lab.original.environment import versions
 from xcomp_lab.original.matmul import FloatMatmul
-from xcomp_lab.original.prompts import model_image
+from xcomp_lab.original.multi_image import answer_prompts, prompt_images
+from xcomp_lab.original.prompts import IMAGE_PLACEHOLDER, model_image
 from xcomp_lab.original.quantize import quantize_plora, skip_plora_config
 from xcomp_lab.run.modes import autocast, grad_mode
 
@@ -248,7 +249,8 @@ class _Probe:
     prompt_tokens: int = 0
     decoder_calls: int = 0
     marks: list[tuple[str, int]] = field(default_factory=list)  # (phase, peak so far when it began), CUDA only
-    kv_bytes: int = 0
+    kv_bytes: int = 0  # the cache's keys and values, as tensors
+    kv_storage_bytes: int = 0  # the storages they keep alive (the values are views of the packed wqkv outputs)
 
 
 @contextmanager
@@ -272,7 +274,10 @@ def _probe(model: Any, probe: _Probe) -> Iterator[None]:
 
     def after_decoder(_module: Any, _args: Any, output: Any) -> None:
         cache = getattr(output, "past_key_values", None) or ()
-        probe.kv_bytes = sum(t.numel() * t.element_size() for layer in cache for t in layer)
+        tensors = [t for layer in cache for t in layer]
+        probe.kv_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        probe.kv_storage_bytes = sum(storages.values())
 
     handles = [model.vit.register_forward_pre_hook(on_vision),
                model.model.register_forward_pre_hook(on_decoder, with_kwargs=True),
@@ -347,22 +352,43 @@ def chat_once(model: Any, tokenizer: Any, image: str, step: OriginalStep, device
     256th (the peak itself is the allocator's counter). `image` is a file; the chat gets it as the step says
     (`OriginalStep.image`), preprocessed inside the measurement where it is a tensor.
     """
+    def chat() -> str:
+        given = model_image(model, image) if step.image == "tensor" else image
+        response, _ = model.chat(tokenizer, QUERY, image=given, history=[], do_sample=False,
+                                 max_new_tokens=max_new_tokens)
+        return response
+
+    return _measured(chat, model, step, device, budget)
+
+
+def prompts_once(model: Any, tokenizer: Any, images: Sequence[Any], step: OriginalStep, device: str,
+                 budget: Budget | None, max_new_tokens: int, images_per_prompt: int = 1
+                 ) -> tuple[GuardedResult, _Probe, float]:
+    """Answer the quick start's query on prompts of `images_per_prompt` images each (PIL images), measured as
+    `chat_once`; the value is the list of answers. One prompt is one `model.chat`; several run stacked through
+    the `generate` call `chat()` makes (`original.multi_image.answer_prompts`)."""
+    prompt_images(images, images_per_prompt)  # refuse a batch the prompts cannot hold before measuring
+    query = QUERY.removeprefix(IMAGE_PLACEHOLDER)
+    return _measured(lambda: answer_prompts(model, tokenizer, images, query, max_new_tokens, images_per_prompt),
+                     model, step, device, budget)
+
+
+def _measured(call: Callable[[], Any], model: Any, step: OriginalStep, device: str,
+              budget: Budget | None) -> tuple[GuardedResult, _Probe, float]:
     probe = _Probe()
     sample_every = 1 if device == "cpu" else 256
 
-    def call() -> str:
+    def guarded() -> Any:
         with grad_mode(step.step.grad), autocast(device, step.step.use_autocast), _probe(model, probe):
-            given = model_image(model, image) if step.image == "tensor" else image
-            response, _ = model.chat(tokenizer, QUERY, image=given, history=[], do_sample=False,
-                                     max_new_tokens=max_new_tokens)
+            value = call()
         probe.meter.set_kv_cache_bytes(probe.kv_bytes)
-        return response
+        return value
 
     def keep(meter: Measurement) -> None:
         probe.meter = meter
 
     start = perf_counter()
-    result = run_guarded(call, device, model=model, budget=budget, label=step.name, on_start=keep,
+    result = run_guarded(guarded, device, model=model, budget=budget, label=step.name, on_start=keep,
                          sample_every=sample_every)
     probe.meter = None  # the measurement holds the model: let it go with the step
     return result, probe, perf_counter() - start
