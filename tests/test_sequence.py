@@ -10,8 +10,12 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from xcomp_lab.lessons.sequence import (
+    ModelShape,
     PeakTerms,
+    PromptShape,
+    attention_kind,
     crossover_tokens,
+    default_prompt,
     eager_scores_bytes,
     image_tokens,
     kv_cache_formula,
@@ -21,6 +25,9 @@ from xcomp_lab.lessons.sequence import (
     peak_setter,
     peak_vs_tokens_chart,
     prefill_logits_bytes,
+    prompt_shapes,
+    scale_shapes,
+    shape_of_config,
 )
 from xcomp_lab.model.scales import config_for_scale
 from xcomp_lab.run.call import cache_bytes
@@ -110,6 +117,46 @@ def test_peak_setter_reads_the_gap():
     assert peak_setter(logits_win, 300 * 1024).startswith("the logits set both peaks")
     assert peak_setter(logits_win, -300 * 1024).startswith("the logits set both peaks")
     assert "no more than sdpa" in peak_setter(PeakTerms(1, 1, 1, 1, 1), 0)
+
+
+def test_peak_setter_without_sdpa_reads_the_prefill_activations():
+    scores = 4 * 2**20
+    terms = PeakTerms(tokens=1349, scores_bytes=scores, eager_bytes=5 * scores, sdpa_bytes=None, logits_bytes=scores // 8)
+    assert peak_setter(terms, None).startswith("no sdpa run to compare (eager attention only): one layer's eager "
+                                               "attention holds x40.00 the logits")
+    assert peak_setter(terms, None, 6 * scores).endswith("x0.83 of the prefill's 24.00 MiB of activations, sets the peak")
+    assert "is not most of them" in peak_setter(terms, None, 20 * scores)
+
+
+def test_the_replica_sweeps_image_sizes_and_its_shape_is_its_config(tiny_model):
+    model, _ = tiny_model
+    tiny = config_for_scale("tiny")
+    shape = shape_of_config(tiny)
+    assert (shape.head_dim, shape.image_size, shape.patch_size, shape.fixed_image_size) == (tiny.head_dim, 112, 14, False)
+    assert kv_cache_formula(shape, 2, 100) == kv_cache_formula(tiny, 2, 100)
+    assert image_tokens(shape, 224) == image_tokens(tiny, 224) == 256
+    shapes = prompt_shapes(shape, text_tokens=132)
+    assert [(s.image_size, s.images, s.describe(), s.name) for s in shapes] == [
+        (112, 1, " 112 px", "112px"), (224, 1, " 224 px", "224px"), (336, 1, " 336 px", "336px")]
+    assert default_prompt(shape) == shapes[0] and default_prompt(shape, 224) == shapes[1]
+    assert shapes[1].tokens(shape, 132) == 132 + 256 and shapes[1].image_size_parameter == 224
+    assert list(scale_shapes(model)) == ["tiny", "full"] and scale_shapes(model)["full"].image_size == 490
+    assert attention_kind(model) == model.config._attn_implementation
+
+
+def test_a_fixed_image_side_grows_the_prompt_by_images():
+    shape = ModelShape(vocab_size=92544, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                       num_hidden_layers=32, head_dim=128, image_size=490, patch_size=14, fixed_image_size=True,
+                       max_prompt_tokens=4096)
+    shapes = prompt_shapes(shape, text_tokens=162)
+    assert [s.images for s in shapes] == [1, 2, 3]  # 162 + 3 x 1225 = 3837 <= 4096 < 162 + 4 x 1225
+    assert [s.describe() for s in shapes[:2]] == ["1 image of 490 px", "2 images of 490 px"]
+    assert shapes[2].name == "3img" and shapes[2].image_size_parameter is None and shapes[2].tokens(shape, 162) == 3837
+    with pytest.raises(ValueError, match="resizes every image to its 490 px"):
+        image_tokens(shape, 224)
+    with pytest.raises(ValueError, match="leave no room"):
+        prompt_shapes(shape, text_tokens=3000)
+    assert PromptShape(490, 1, True) == default_prompt(shape)
 
 
 def test_leaf_ops_shows_the_attention_kernels():

@@ -416,7 +416,7 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in (
              "every image brings its own activations and KV cache: that part grows four times.",
              "the weights are loaded once, whatever the batch: only activations and KV cache are per image.",
              _batch_peak),
-    Exercise("4.2", "my_activation_growth_x", "activations at the largest image size / at the smallest", RATIO,
+    Exercise("4.2", "my_activation_growth_x", "activations at the longest prompt / at the shortest", RATIO,
              "every activation grows with the prompt; eager's T x T scores add more only where they outweigh the "
              "logits of every position.",
              "only the attention scores grow with T²; everything else grows with T.",

@@ -18,12 +18,23 @@ the prompt length at which one layer's eager attention catches up with the logit
 measured gap between the eager and the sdpa peaks against those terms.
 
 `leaf_ops` lists the ATen kernels a call really ran (composite ops decomposed), so a notebook can show which
-attention kernel `sdpa` picked on this machine, and `peak_vs_tokens_chart` draws peak memory against prompt
-length, one line per attention kind.
+attention kernel `sdpa` picked on this machine (`attention_kernels`: one prefill pass), and `peak_vs_tokens_chart`
+draws peak memory against prompt length, one line per attention kind.
+
+The same functions take a model of the original's own code (`original.detect.is_original_model`, transformers
+4.33.2). Its config names no head size, image side or patch, so the formulas read a `ModelShape` (`model_shape`:
+the replica's config, or the original's config and CLIP tower; `scale_shapes`: both scales of either). The original
+resizes every image to its own side (`img_size`, 490 px), so its prompts grow by images, not pixels
+(`prompt_shapes`: 1, 2, ... images in one prompt, as long as its `chat()` keeps the prompt, `max_length`). It has
+eager attention only (`attention_kind`, `attention_code`, `attention_refusal` say so from its code), and
+`measure_peak_terms` measures its layer 0's attention module (`lessons.forensics.measure_original_prefill_parts`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,10 +49,147 @@ from xcomp_lab.core.checks import check_int
 from xcomp_lab.core.dtypes import check_dtype
 from xcomp_lab.core.units import fmt_bytes
 from xcomp_lab.course.charts import COLORS, AxisUnit, finish, new_axes
+from xcomp_lab.course.params import CourseParams
+from xcomp_lab.course.step_table import Step
 from xcomp_lab.memory import measure
-from xcomp_lab.model.modeling_internlm_xcomposer2 import eager_attention, sdpa_attention
+from xcomp_lab.original.detect import is_original_model
 
 FP32_BYTES = 4
+SWEEP_SIZES = (112, 224, 336)  # the image sides notebook 04 sweeps besides the tower's own (the replica)
+ATTENTION_OPS = ("attention", "softmax", "bmm")  # the kernels `attention_kernels` lists
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the formulas read, named as the replica's config names them, for the replica or the original."""
+
+    vocab_size: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    head_dim: int
+    image_size: int  # the side the vision tower sees by default
+    patch_size: int
+    fixed_image_size: bool = False  # the original resizes every image to image_size
+    max_prompt_tokens: int | None = None  # where the original's chat() cuts a prompt (max_length); None: no cut
+
+
+def shape_of_config(config: Any) -> ModelShape:
+    """The replica's configuration as a `ModelShape`."""
+    return ModelShape(config.vocab_size, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                      config.num_hidden_layers, config.head_dim, config.image_size, config.vision_config.patch_size)
+
+
+def original_shape(config: Mapping[str, Any], patch_size: int) -> ModelShape:
+    """The original's configuration (its config.json fields) and its CLIP tower's patch as a `ModelShape`: head size
+    hidden / heads, as its attention computes it; every image at `img_size`; prompts cut at `max_length`."""
+    return ModelShape(config["vocab_size"], config["hidden_size"], config["num_attention_heads"],
+                      config["num_key_value_heads"], config["num_hidden_layers"],
+                      config["hidden_size"] // config["num_attention_heads"], config["img_size"], patch_size,
+                      fixed_image_size=True, max_prompt_tokens=config["max_length"])
+
+
+def model_shape(model: Any) -> ModelShape:
+    """The loaded model's `ModelShape` (the original's: its config and its CLIP tower's patch)."""
+    if is_original_model(model):
+        return original_shape(model.config.to_dict(), model.vit.vision_tower.config.patch_size)
+    return shape_of_config(model.config)
+
+
+def scale_shapes(model: Any) -> dict[str, ModelShape]:
+    """Both scales of the model's code by name: the replica's "tiny" and "full", the original's "small" build and
+    the released "full" model (their configs as `model.original` writes them)."""
+    if is_original_model(model):
+        from xcomp_lab.model.original import clip_config, original_config
+
+        return {scale: original_shape(original_config(scale), clip_config(scale)["vision_config"]["patch_size"])
+                for scale in ("small", "full")}
+    from xcomp_lab.model.scales import config_for_scale
+
+    return {scale: shape_of_config(config_for_scale(scale)) for scale in ("tiny", "full")}
+
+
+@dataclass(frozen=True)
+class PromptShape:
+    """One prompt of notebook 04's sweep: `images` images of `image_size` px; `fixed` where the model resizes every
+    image to that side (the original), so its prompts differ by their number of images."""
+
+    image_size: int
+    images: int = 1
+    fixed: bool = False
+
+    @property
+    def name(self) -> str:
+        """For record names: "224px", or "2img" where the size is fixed."""
+        return f"{self.images}img" if self.fixed else f"{self.image_size}px"
+
+    @property
+    def image_size_parameter(self) -> int | None:
+        """The notebook's `image_size` for this prompt: None where the model fixes it."""
+        return None if self.fixed else self.image_size
+
+    def describe(self) -> str:
+        """" 224 px", or "2 images of 490 px" where the size is fixed."""
+        if not self.fixed:
+            return f"{self.image_size:4d} px"
+        return f"{self.images} image{'s' if self.images > 1 else ''} of {self.image_size} px"
+
+    def tokens(self, shape: ModelShape, text_tokens: int) -> int:
+        """The prompt's length: `text_tokens` and every image's tokens."""
+        return text_tokens + self.images * image_tokens(shape, self.image_size)
+
+
+def default_prompt(shape: ModelShape, image_size: int | None = None) -> PromptShape:
+    """The notebook's own prompt: one image at `image_size` (default: the tower's own side)."""
+    return PromptShape(image_size or shape.image_size, 1, shape.fixed_image_size)
+
+
+def prompt_shapes(shape: ModelShape, text_tokens: int) -> list[PromptShape]:
+    """The prompts notebook 04 grows, shortest first: one image at each of SWEEP_SIZES and the tower's own side; for
+    the original (one fixed side), 1, 2, ... images in one prompt, as many as fit in `max_prompt_tokens`."""
+    if not shape.fixed_image_size:
+        return [PromptShape(size) for size in sorted({*SWEEP_SIZES, shape.image_size})]
+    per_image = image_tokens(shape)
+    most = (shape.max_prompt_tokens - check_int("text_tokens", text_tokens)) // per_image
+    if most < 1:
+        raise ValueError(f"text_tokens={text_tokens} leave no room for a {per_image}-token image in a prompt of "
+                         f"{shape.max_prompt_tokens} tokens; pass the text tokens of one caption prompt.")
+    return [PromptShape(shape.image_size, k, True) for k in range(1, most + 1)]
+
+
+def attention_kind(model: Any) -> str:
+    """The attention the loaded model runs: the replica's `config._attn_implementation`; for the original, the
+    one its decoder layer chose ("eager", or "flash_attention_2" where its config enables flash-attention 2)."""
+    if is_original_model(model):
+        return "flash_attention_2" if getattr(model.config, "_flash_attn_2_enabled", False) else "eager"
+    return model.config._attn_implementation
+
+
+def attention_code(model: Any) -> str:
+    """One line read from the code of the loaded model's attention: its attention classes, the one layer 0 runs,
+    and whether that code calls `scaled_dot_product_attention`."""
+    layer = type(model.model.layers[0].attention)
+    module = sys.modules[layer.__module__]
+    classes = sorted(name for name, obj in vars(module).items()
+                     if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and "Attention" in name)
+    calls = "scaled_dot_product_attention" in inspect.getsource(module)
+    return (f"{Path(module.__file__).name} defines {', '.join(classes)}; layer 0 runs {layer.__name__}; "
+            f"the file {'calls' if calls else 'never calls'} scaled_dot_product_attention")
+
+
+def attention_refusal(step: Step, params: CourseParams) -> str | None:
+    """Why `step`'s attention cannot be loaded with these parameters (the original's code has eager attention only:
+    `course.steps.check_original_attention`), None where it can."""
+    if not params.original_code:
+        return None
+    from xcomp_lab.course.steps import check_original_attention
+
+    try:
+        check_original_attention(step, params)
+    except ValueError as refused:
+        return str(refused)
+    return None
 
 
 def _element_size(dtype: str | torch.dtype) -> int:
@@ -49,9 +197,15 @@ def _element_size(dtype: str | torch.dtype) -> int:
 
 
 def image_tokens(config: Any, image_size: int | None = None) -> int:
-    """Image tokens per image at `image_size` px (default: the vision tower's own size): (side / patch)^2."""
-    patch = config.vision_config.patch_size
-    size = config.image_size if image_size is None else check_int("image_size", image_size)
+    """Image tokens per image at `image_size` px (default: the vision tower's own size): (side / patch)^2.
+
+    `config`: the replica's config or a `ModelShape`; the original (a fixed side) takes its own size only."""
+    shape = config if isinstance(config, ModelShape) else shape_of_config(config)
+    patch = shape.patch_size
+    size = shape.image_size if image_size is None else check_int("image_size", image_size)
+    if shape.fixed_image_size and size != shape.image_size:
+        raise ValueError(f"image_size={size}: the original's code resizes every image to its {shape.image_size} px; "
+                         f"pass None (or {shape.image_size}).")
     if size % patch:
         raise ValueError(f"image_size={size} is not a multiple of the {patch} px patch; use e.g. {max(patch, size // patch * patch)}.")
     return (size // patch) ** 2
@@ -64,7 +218,8 @@ def eager_scores_bytes(config: Any, batch: int, tokens: int, dtype: str | torch.
 
 
 def kv_cache_formula(config: Any, batch: int, tokens: int, dtype: str | torch.dtype = "float16") -> int:
-    """Bytes of the KV cache: 2 x layers x KV heads x head dim x batch x tokens x bytes per element."""
+    """Bytes of the KV cache: 2 x layers x KV heads x head dim x batch x tokens x bytes per element (`config`: the
+    replica's or a `ModelShape`)."""
     return (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
             * check_int("batch", batch) * check_int("tokens", tokens) * _element_size(dtype))
 
@@ -88,8 +243,9 @@ class PeakTerms:
 
     tokens: int
     scores_bytes: int  # one layer's B x H x T x T in the activations' dtype (formula)
-    eager_bytes: int  # one layer's eager attention: scores, mask added, FP32 softmax and its cast back
-    sdpa_bytes: int  # one layer's sdpa attention
+    eager_bytes: int  # one layer's eager attention: scores, mask added, FP32 softmax and its cast back (the
+    # original's: its whole attention module, the packed wqkv and wo projections with their PLoRA included)
+    sdpa_bytes: int | None  # one layer's sdpa attention; None for the original, which has none
     logits_bytes: int  # the output head over every position and the FP32 upcast
 
     @property
@@ -102,13 +258,29 @@ class PeakTerms:
         """Which of one layer's eager attention and the logits holds more: "eager attention" or "logits"."""
         return "eager attention" if self.eager_bytes > self.logits_bytes else "logits"
 
+    def line(self) -> str:
+        """One row: the prompt, one layer's eager (and sdpa) attention, the logits and which is larger."""
+        sdpa = "no sdpa    " if self.sdpa_bytes is None else f"sdpa {fmt_bytes(self.sdpa_bytes):>10s}"
+        return (f"{self.tokens:5d} tokens | one layer: eager {fmt_bytes(self.eager_bytes):>10s} "
+                f"(x{self.eager_multiple:.1f} its scores), {sdpa} | logits {fmt_bytes(self.logits_bytes):>10s} | "
+                f"larger: {self.larger}")
 
-def measure_peak_terms(model: torch.nn.Module, tokens: int, *, device: str, batch: int = 1) -> PeakTerms:
+
+def measure_peak_terms(model: torch.nn.Module, tokens: int, *, device: str, batch: int = 1,
+                       image_tokens: int = 0) -> PeakTerms:
     """Measure, at a prompt of `tokens`, one layer's eager and sdpa attention and the output head with its
-    FP32 upcast, on zero inputs of the model's shapes and dtype, each as its peak above its inputs."""
-    config = model.config
+    FP32 upcast, on zero inputs of the model's shapes and dtype, each as its peak above its inputs.
+
+    For the original's code (batch 1): its layer 0's attention module and its head, on a hidden state of the
+    prompt's shape with `image_tokens` of its positions marked as image tokens (where its PLoRA runs; where they
+    sit does not change the memory), by `lessons.forensics.measure_original_prefill_parts`; it has no sdpa."""
     check_int("tokens", tokens)
     check_int("batch", batch)
+    if is_original_model(model):
+        return _original_peak_terms(model, tokens, device, batch, image_tokens)
+    from xcomp_lab.model.modeling_internlm_xcomposer2 import eager_attention, sdpa_attention
+
+    config = model.config
     dtype = model.output.weight.dtype
     heads, head_dim = config.num_attention_heads, config.head_dim
     on = model.output.weight.device
@@ -130,6 +302,20 @@ def measure_peak_terms(model: torch.nn.Module, tokens: int, *, device: str, batc
     )
 
 
+def _original_peak_terms(model: Any, tokens: int, device: str, batch: int, image_tokens: int) -> PeakTerms:
+    from xcomp_lab.lessons.forensics import measure_original_prefill_parts
+
+    if batch != 1:
+        raise ValueError(f"batch={batch}: the original's terms are measured on one prompt; pass batch=1.")
+    check_int("image_tokens", image_tokens, minimum=0, maximum=tokens)
+    im_mask = torch.zeros(1, tokens, dtype=torch.bool)
+    im_mask[:, :image_tokens] = True
+    dtype = model.output.weight.dtype
+    parts = measure_original_prefill_parts(model, im_mask, device=device, dtype=dtype)
+    return PeakTerms(tokens=tokens, scores_bytes=eager_scores_bytes(model_shape(model), 1, tokens, dtype),
+                     eager_bytes=parts.attention_bytes, sdpa_bytes=None, logits_bytes=parts.logits_bytes)
+
+
 def crossover_tokens(config: Any, eager_multiple: float, dtype: str | torch.dtype = "float16") -> float:
     """The prompt length at which one layer's eager attention, `eager_multiple` x B x H x T x T x bytes, equals
     the prefill's logits, B x T x vocab x (bytes + 4): T* = vocab x (bytes + 4) / (multiple x heads x bytes)."""
@@ -140,12 +326,25 @@ def crossover_tokens(config: Any, eager_multiple: float, dtype: str | torch.dtyp
     return per_token_logits / (eager_multiple * config.num_attention_heads * _element_size(dtype))
 
 
-def peak_setter(terms: PeakTerms, gap_bytes: int) -> str:
+def peak_setter(terms: PeakTerms, gap_bytes: int | None, activations_bytes: int | None = None) -> str:
     """What set the eager peak, read from the measured eager-minus-sdpa peak gap at the same prompt.
 
     Eager attention sets its peak when the gap is a sizeable part (a quarter or more) of what one layer's eager
-    attention holds beyond sdpa; otherwise both peaks are set by the same term, one both kinds share.
+    attention holds beyond sdpa; otherwise both peaks are set by the same term, one both kinds share. Without an
+    sdpa run (`gap_bytes` None: the original has eager only) the two terms are read against the prefill's measured
+    `activations_bytes` instead: the larger sets the peak where it alone is more than half of them.
     """
+    if gap_bytes is None or terms.sdpa_bytes is None:
+        line = (f"no sdpa run to compare (eager attention only): one layer's eager attention holds "
+                f"x{terms.eager_bytes / terms.logits_bytes:.2f} the logits")
+        if not activations_bytes:
+            return line
+        larger = max(terms.eager_bytes, terms.logits_bytes)
+        share = f"x{larger / activations_bytes:.2f} of the prefill's {fmt_bytes(activations_bytes)} of activations"
+        if larger > activations_bytes / 2:
+            setter = "it, " if terms.larger == "eager attention" else "the logits, "
+            return f"{line}; {setter}{share}, {'sets' if setter == 'it, ' else 'set'} the peak"
+        return f"{line}; the larger, {share}, is not most of them: the terms every layer keeps add up to the peak"
     extra = terms.eager_bytes - terms.sdpa_bytes
     if extra <= 0:
         return "eager attention holds no more than sdpa here: the same term sets both peaks"
@@ -186,6 +385,23 @@ def leaf_ops(fn: Callable[[], Any], contains: Sequence[str] = ()) -> dict[str, i
     with mode:
         fn()
     return {name: n for name, n in sorted(mode.calls.items()) if not contains or any(c in name for c in contains)}
+
+
+def attention_kernels(model: Any, tokenizer: Any, images: Sequence[Any], device: str) -> dict[str, int]:
+    """The attention kernels (`ATTENTION_OPS`) one prefill pass over the first image's caption prompt ran, no cache.
+
+    The original's FP16 products run in FP32 on a CPU (`original.matmul.FloatMatmul`, outside the listing: the
+    kernels listed are the ones its code called)."""
+    from xcomp_lab.run.captioning import prompt_batch
+
+    speed = contextlib.nullcontext()
+    if is_original_model(model) and device == "cpu":
+        from xcomp_lab.original.matmul import FloatMatmul
+
+        speed = FloatMatmul()
+    with speed, torch.inference_mode():
+        embeds, im_mask = prompt_batch(model, tokenizer, images[:1])
+        return leaf_ops(lambda: model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False), contains=ATTENTION_OPS)
 
 
 def peak_vs_tokens_chart(series: Mapping[str, Sequence[tuple[int, int]]], *, budget_bytes: int | None = None,
