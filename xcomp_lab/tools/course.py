@@ -69,7 +69,7 @@ from xcomp_lab.original.kernel import (
 CELL_TIMEOUT_S = 900
 # The notebooks that run a checkpoint of the original model's own code (transformers 4.33.2, `.venv-original`);
 # the others still call the replica's internals and are left out of such a run, with a line saying so.
-ORIGINAL_NOTEBOOKS = ("00", "01", "02", "03", "05", "06", "07", "08")
+ORIGINAL_NOTEBOOKS = ("00", "01", "02", "03", "04", "05", "06", "07", "08")
 RESULTS_NAME = "results.jsonl"
 TIMINGS_NAME = "timings.json"
 INTERRUPTED = "the course was interrupted while this cell ran; this notebook did not finish and the course stopped"
