@@ -162,3 +162,8 @@ def test_original_predictions_say_why_a_step_has_none():
     chosen = predict_original_steps(measured, "unused", scale="small", device="cpu", image="unused.png",
                                     max_new_tokens=2, names=["fp16"])
     assert chosen["int8"].reason == "not among the steps predicted here (fp16)"
+    assert predict_original_steps(measured, "unused", scale="full", device="cuda", image="unused.png",
+                                  max_new_tokens=2)["int8"].peak_bytes is None  # nothing to replay: no process
+    with pytest.raises(ValueError, match="workers"):
+        predict_original_steps(measured, "unused", scale="full", device="cuda", image="unused.png", max_new_tokens=2,
+                               workers=0)

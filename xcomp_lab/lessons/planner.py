@@ -16,8 +16,12 @@ the CUDA context on CUDA, that figure scaled to the model on a CPU.
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -268,33 +272,63 @@ class OriginalPrediction:
 
 
 def predict_original_steps(measured: Mapping[str, dict[str, Any]], checkpoint: str | Path, *, scale: str, device: str,
-                           image: str | Path, max_new_tokens: int,
-                           names: Sequence[str] | None = None) -> dict[str, OriginalPrediction]:
+                           image: str | Path, max_new_tokens: int, names: Sequence[str] | None = None,
+                           workers: int | None = None) -> dict[str, OriginalPrediction]:
     """Predict each measured step (`{step: record}` from the results file) that is an original-code step, with
     `estimate_original` on `device` ("cpu": the tensor accounting's figure; "cuda": the allocator's simulation);
     the OOM verdict compares the prediction with the budget the record names. Steps the estimator cannot load
     (transformers' own bitsandbytes and device_map loads) get a reason instead, and so do steps left out of
-    `names` (None: every step; a replay of the full model takes minutes on one CPU core)."""
-    from xcomp_lab.original.estimate import estimate_original
+    `names` (None: every step; a replay of the full model takes minutes on one CPU core).
+
+    Each replay runs on one core: `workers` processes run them side by side, each started fresh and prepared for
+    transformers 4.33.2 (`original.environment`), which costs seconds; by default one per step (at most the
+    machine's cores) at full scale, where a replay takes minutes, and none (this process) at the small one.
+    """
     from xcomp_lab.original.steps import ORIGINAL_STEPS
 
     out: dict[str, OriginalPrediction] = {}
-    for name, record in measured.items():
+    todo: list[str] = []
+    for name in measured:
         step = ORIGINAL_STEPS.get(name)
         if step is None:
             continue
         if names is not None and name not in names:
             out[name] = OriginalPrediction(name, None, None, None, f"not among the steps predicted here ({', '.join(names)})")
-            continue
-        if step.recipe not in ("load", "plora") or step.device_map is not None:
+        elif step.recipe not in ("load", "plora") or step.device_map is not None:
             out[name] = OriginalPrediction(name, None, None, None, f"loads through from_pretrained ({step.recipe}"
                                            f"{', device_map=' + step.device_map if step.device_map else ''}), which "
                                            "the estimator does not replay")
-            continue
-        estimate = estimate_original(step, checkpoint, scale=scale, image=image, device=device,
-                                     max_new_tokens=max_new_tokens)
-        budget = record.get("budget_bytes")
+        else:
+            todo.append(name)
+    if workers is None:
+        workers = max(1, min(len(todo), os.cpu_count() or 1)) if scale == "full" else 1
+    check_int("workers", workers, minimum=1, hint="processes replaying steps side by side")
+    replay = functools.partial(_replay_step, checkpoint=checkpoint, scale=scale, image=image, device=device,
+                               max_new_tokens=max_new_tokens)
+    if workers == 1 or len(todo) < 2:
+        estimates = map(replay, todo)
+    else:
+        pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_prepare_worker)
+        with pool:
+            estimates = list(pool.map(replay, todo))
+    for name, estimate in zip(todo, estimates):
+        budget = measured[name].get("budget_bytes")
         out[name] = OriginalPrediction(name, estimate.peak_bytes, estimate.peak_phase,
                                        None if budget is None else estimate.peak_bytes > budget,
                                        seconds=estimate.seconds)
-    return out
+    return {name: out[name] for name in measured if name in out}
+
+
+def _prepare_worker() -> None:
+    """A replay process: transformers 4.33.2 prepared as in the notebook's kernel (its variables are inherited)."""
+    from xcomp_lab.original.environment import prepare_transformers
+
+    prepare_transformers({})
+
+
+def _replay_step(name: str, *, checkpoint: str | Path, scale: str, image: str | Path, device: str,
+                 max_new_tokens: int) -> Any:
+    from xcomp_lab.original.estimate import estimate_original
+
+    return estimate_original(name, checkpoint, scale=scale, image=image, device=device, max_new_tokens=max_new_tokens)
