@@ -29,7 +29,7 @@ ORIGINAL_VENV = REPO / ".venv-original"
 # course run finishing alone at the end.
 SLOW_FILES = ("test_course.py", "test_course_80gb.py", "test_cpu_kernel_paths.py", "test_original_steps.py",
               "test_original_memory.py", "test_original_estimate.py", "test_original_course.py",
-              "test_original_lessons.py", "test_browser.py", "test_estimate.py")
+              "test_original_lessons.py", "test_original_sequence.py", "test_browser.py", "test_estimate.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
