@@ -410,7 +410,7 @@ host_peaks_chart(host, references={"FP16 weights": fp16_load.after_bytes, "FP32 
 # Read the two kinds of memory apart. Pages mapped from a file are resident only once something reads them, and
 # the kernel can drop them under pressure and read them again from the disk: a model loaded on the CPU in the
 # checkpoint's own dtype can keep its weights in safetensors' memory map, read only as far as the load touched
-# them, and a `device_map` load reads every tensor through the map to copy it to the device. The process's own
+# them, and a `device_map` load to a GPU reads every tensor through the map to copy it there. The process's own
 # (anonymous) memory, such as an FP32 copy of the weights, has nowhere to go without swap: it is what the host
 # must hold for the load. The lines below compare two loads only where the gap is over three times the noise of
 # this run and over 5% of the larger figure; otherwise they say that this run cannot tell.
@@ -438,7 +438,8 @@ if params.original_code:
 
     clip = sum(hub_cached_dtypes(CLIP_REPO).values())
     print(f"- The original's constructor first loads CLIP ({CLIP_REPO}) from the hub cache, {fmt_bytes(clip)} stored "
-          f"there, before the checkpoint's own vit.* weights replace it: every load above reads those too.")
+          f"there, before the checkpoint's own vit.* weights replace it: part of what a load of this code reads "
+          f"besides the checkpoint.")
 if params.device != "cpu":
     print(f"- (c) held {fmt_bytes(host.held(map_path))} of host RAM when it returned, its weights on {params.device}; "
           f"its peak of {fmt_bytes(host.rise(map_path))} was the load passing through.")

@@ -282,10 +282,21 @@ def _uses_cuda(load: Mapping[str, Any]) -> bool:
 
 
 def _child(request: Mapping[str, Any]) -> HostPhase:
-    """In the fresh process: import the checkpoint's code, then measure one load (or nothing, when `load` is None)."""
+    """In the fresh process: import the checkpoint's code, then measure one load (or nothing, when `load` is None).
+
+    For the original's code, transformers 4.33.2 is prepared first where the server could not import it (its
+    import-time check refuses a newer tokenizers, as on the GPU image: `original.environment`).
+    """
+    path, load = request["path"], request.get("load")
+    if "transformers" not in sys.modules:
+        from xcomp_lab.original.detect import checkpoint_environment, uses_original_code
+
+        if uses_original_code(path):
+            from xcomp_lab.original.environment import prepare_transformers
+
+            prepare_transformers(checkpoint_environment(path))
     from transformers import AutoConfig, AutoModel
 
-    path, load = request["path"], request.get("load")
     config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     with torch.device("meta"):
         AutoModel.from_config(config, trust_remote_code=True)  # imports the checkpoint's code; allocates nothing
