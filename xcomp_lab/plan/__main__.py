@@ -3,6 +3,7 @@
     python -m xcomp_lab.plan --model llama-3-8b --card "L40S"
     python -m xcomp_lab.plan --model qwen2-vl-7b --card "RTX 4090" --quantization nf4 --batch 4 --image-size 896
     python -m xcomp_lab.plan --model ./my-model-folder --card "A100 40GB" --prompt-tokens 4096 --no-inverse
+    python -m xcomp_lab.plan --model llama-3-8b --quantization int8 --int8-outliers counts.json --no-inverse
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from xcomp_lab.plan.estimate import (
     resolve_model,
 )
 from xcomp_lab.plan.inverse import KNOBS, cheapest_recipe, largest
+from xcomp_lab.plan.outliers import STATISTICS, check_int8_outliers
 from xcomp_lab.plan.presets import preset_names
 
 
@@ -43,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="cuda")
     p.add_argument("--exact-decode", action="store_true", help="run every decode step in full (slower)")
     p.add_argument("--no-inverse", action="store_true", help="skip the largest-value and cheapest-recipe searches")
+    p.add_argument("--int8-outliers", metavar="FRACTION|FILE", type=fraction_or_file,
+                   help="INT8: the LLM.int8() outlier columns of each input, a fraction from 0 to 1 of its width or "
+                        "a JSON file of counts (plan.outliers.calibrate_int8_outliers on the real model); default: "
+                        "every column (an upper bound)")
+    p.add_argument("--int8-statistic", choices=STATISTICS, default="mean",
+                   help="with a counts file: the mean columns per input, or the most one input held (default mean)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--max-memory", nargs="+", metavar="DEVICE=SIZE", type=max_memory_entry,
                    help="a device map, as from_pretrained(max_memory=...): e.g. 0=20GiB 1=20GiB cpu=64GiB; the plan "
@@ -58,11 +66,21 @@ def max_memory_entry(text: str) -> tuple[int | str, str]:
     return (int(device) if device.isdigit() else device), size
 
 
+def fraction_or_file(text: str) -> float | str:
+    """--int8-outliers: a number (a fraction of the columns) or the path of a counts file."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     settings = {"dtype": args.dtype, "quantization": args.quantization, "attn": args.attn, "batch": args.batch,
                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "image_size": args.image_size}
     try:
+        if args.int8_outliers is not None:
+            settings["int8_outliers"] = check_int8_outliers(args.int8_outliers, args.int8_statistic)
         source = resolve_model(args.model)
         plan = estimate(source, **settings, device=args.device, card=args.card, exact_decode=args.exact_decode,
                         max_memory=dict(args.max_memory) if args.max_memory else None)

@@ -9,16 +9,18 @@ auxiliary outputs of CUDA's attention kernels (`cuda_kernels`).
 
 LLM.int8() (bitsandbytes 0.50.2, `MatMul8bitLt.forward` with transformers' threshold 6.0) keeps in higher precision
 the input columns where any row reaches the threshold: which columns depends on the activations' values, which a
-plan does not have. `Int8Outliers` runs that path with every column an outlier, the most it can take: the
-columns of the input copied (rows x columns), the weight's columns gathered (int8), dequantized (two FP32
-temporaries) and cast, a second output from `addmm`, and the column indices kept on the module (`state.idx`).
-Every size in it grows with the number of outlier columns, so the plan is an upper bound of an INT8 call; the
-rest of the call is exact.
+plan does not have. `Int8Outliers` runs that path with a given number of outlier columns (`outliers.OutlierColumns`;
+by default every column, the most it can take): the columns of the input copied (rows x columns), the weight's
+columns gathered (int8), dequantized (two FP32 temporaries) and cast, a second output from `addmm`, and the column
+indices kept on the module (`state.idx`). Every size in it grows with the number of outlier columns, so with every
+column the plan is an upper bound of an INT8 call, and with the columns a real call had it is that call; the rest
+of the call is exact.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from xcomp_lab.estimate.accounting import bnb_cuda_scratch, round_cuda
 from xcomp_lab.memory.measure import CpuAccounting
 from xcomp_lab.plan.allocator import BothOrders, CachingAllocator
+from xcomp_lab.plan.outliers import OutlierColumns
 
 
 @dataclass(frozen=True)
@@ -164,12 +167,17 @@ COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutogr
 
 
 class Int8Outliers(TorchFunctionMode):
-    """LLM.int8()'s mixed-precision path with every input column an outlier (see the module's docstring).
+    """LLM.int8()'s mixed-precision path with `columns` outlier columns in each input (see the module's docstring).
 
-    `int8_vectorwise_quant` with a threshold returns every column index; `int8_mixed_scaled_mm`, `int8_scaled_mm`
-    and `int8_vectorwise_dequant` run bitsandbytes' own composite kernels (those CUDA runs too) instead of their
-    fake kernels, so that each tensor they make is counted.
+    `int8_vectorwise_quant` with a threshold returns the indices of `columns.columns(phase(), width)` columns (every
+    column when `columns` is None); `int8_mixed_scaled_mm`, `int8_scaled_mm` and `int8_vectorwise_dequant` run
+    bitsandbytes' own composite kernels (those CUDA runs too) instead of their fake kernels, so that each tensor
+    they make is counted.
     """
+
+    def __init__(self, columns: OutlierColumns | None = None, phase: Callable[[], str] = lambda: "prefill") -> None:
+        super().__init__()
+        self.outliers, self.phase = columns, phase
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -178,18 +186,21 @@ class Int8Outliers(TorchFunctionMode):
         if name == "bitsandbytes::int8_vectorwise_quant":
             named = dict(zip((a.name for a in op._schema.arguments), args)) | kwargs
             if named.get("threshold", 0.0) > 0.0:
-                return every_column_outlier(op, named["A"])
+                width = named["A"].shape[-1]
+                count = width if self.outliers is None else self.outliers.columns(self.phase(), width)
+                return outlier_columns(op, named["A"], count)
         elif name.startswith("bitsandbytes::") and name.split("::")[1] in INT8_COMPOSITES:
             with self:
                 return op.redispatch(COMPOSITE, *args, **kwargs)
         return func(*args, **kwargs)
 
 
-def every_column_outlier(op: Any, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`int8_vectorwise_quant(A, threshold)` as CUDA runs it when every column holds an outlier: the quantized rows
-    and their statistics, every column's index, and those columns of the quantized rows zeroed."""
+def outlier_columns(op: Any, a: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`int8_vectorwise_quant(A, threshold)` as CUDA runs it when `count` columns hold an outlier: the quantized
+    rows and their statistics, the outlier columns' indices (empty for none), and those columns of the quantized
+    rows zeroed."""
     out_row, row_stats, _ = op(a, 0.0)
-    columns = torch.arange(a.shape[-1], dtype=torch.int64)
+    columns = torch.arange(count, dtype=torch.int64)
     if a.numel() // a.shape[-1] > 1:
         out_row[:, columns] = 0
     return out_row, row_stats, columns

@@ -39,6 +39,7 @@ from xcomp_lab.plan.devicemap import (
     weights_per_device,
 )
 from xcomp_lab.plan.families import Family, family_of
+from xcomp_lab.plan.outliers import OutlierColumns, check_int8_outliers
 from xcomp_lab.plan.realvalues import RealValues
 from xcomp_lab.plan.replay import (
     build_fake_model,
@@ -194,6 +195,8 @@ class Plan:
         out["phases"] = {k: {"allocated": v.allocated, "reserved": v.reserved, "where": v.where}
                          for k, v in self.phases.items()}
         out["card"] = self.card.name if self.card else None
+        if self.settings.get("int8_outliers") is not None:
+            out["settings"] = {**self.settings, "int8_outliers": str(self.settings["int8_outliers"])}
         out["notes"] = list(self.notes)
         return out
 
@@ -220,15 +223,17 @@ class Call:
     device: str
     card: Card | None
     max_memory: dict[int | str, int] | None = None
+    int8_outliers: OutlierColumns | None = None  # None: every column an outlier (the bound)
 
     def settings(self) -> dict[str, Any]:
         return {"dtype": next(k for k, v in DTYPES.items() if v == self.dtype), "quantization": self.quantization,
                     "attn": self.attn, "batch": self.batch, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
-                    "image_size": self.image_size}
+                    "image_size": self.image_size, "int8_outliers": self.int8_outliers}
 
 
 def check_call(model: Any, *, dtype: Any, quantization: Any, attn: Any, batch: Any, prompt_tokens: Any,
-               new_tokens: Any, image_size: Any, device: Any, card: Any, max_memory: Any = None) -> Call:
+               new_tokens: Any, image_size: Any, device: Any, card: Any, max_memory: Any = None,
+               int8_outliers: Any = None) -> Call:
     source = resolve_model(model)
     if dtype is None:
         dtype = source.preset.dtype if source.preset is not None else torch.bfloat16
@@ -260,8 +265,15 @@ def check_call(model: Any, *, dtype: Any, quantization: Any, attn: Any, batch: A
             raise ValueError(f"max_memory was given with device={device!r}; a device map places modules on GPUs: "
                              "use device='cuda'.")
         max_memory = check_max_memory(max_memory)
+    outliers = check_int8_outliers(int8_outliers)
+    if outliers is not None and quantization != "int8":
+        raise ValueError(f"int8_outliers={int8_outliers!r} was given with quantization={quantization!r}; outlier "
+                         "columns are LLM.int8()'s: use quantization='int8', or leave int8_outliers None.")
+    if outliers is not None and device != "cuda":
+        raise ValueError(f"int8_outliers={int8_outliers!r} was given with device={device!r}; the outlier path is "
+                         "replayed as bitsandbytes' CUDA kernels run it: use device='cuda'.")
     return Call(source, DTYPES[dtype], quantization, attn, batch, prompt_tokens, new_tokens, image_size, device, card,
-                max_memory)
+                max_memory, outliers)
 
 
 def supports_sdpa(config: Any) -> bool:
@@ -367,7 +379,7 @@ def dtype_size(dtype: torch.dtype) -> int:
 def estimate(model: Any, *, dtype: str | torch.dtype | None = None, quantization: str = "none", attn: str = "sdpa",
              batch: int = 1, prompt_tokens: int = 512, new_tokens: int = 32, image_size: int | None = None,
              device: str = "cuda", card: str | Card | None = None, exact_decode: bool = False,
-             max_memory: dict[int | str, int | str] | None = None) -> Plan:
+             max_memory: dict[int | str, int | str] | None = None, int8_outliers: Any = None) -> Plan:
     """Predict one `model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)`.
 
     `model`: a preset name (`presets.preset_names()`, ':tiny' for its tiny variant), a folder with a config.json,
@@ -380,11 +392,15 @@ def estimate(model: Any, *, dtype: str | torch.dtype | None = None, quantization
     layers' passing activations: `replay.fast_forward`). `max_memory` ({0: "20GiB", 1: "20GiB", "cpu": ...}): the
     model placed as `from_pretrained(device_map=..., max_memory=...)` places it (`devicemap`); the plan then says
     where each module went (`device_map`) and each device's weights and allocated peak (`devices`).
+    `int8_outliers` (INT8 on CUDA): the LLM.int8() outlier columns of each quantized linear's input, which depend on
+    the activations' values: None takes every column (an upper bound); a fraction from 0 to 1 of each input's
+    columns, or the counts `outliers.calibrate_int8_outliers` measures on the real model (or a JSON file of them),
+    replay that many (`outliers.OutlierColumns`).
     """
     start = time.perf_counter()
     call = check_call(model, dtype=dtype, quantization=quantization, attn=attn, batch=batch,
                       prompt_tokens=prompt_tokens, new_tokens=new_tokens, image_size=image_size, device=device,
-                      card=card, max_memory=max_memory)
+                      card=card, max_memory=max_memory, int8_outliers=int8_outliers)
     if not isinstance(exact_decode, bool):
         raise TypeError(f"exact_decode={exact_decode!r}; pass True or False.")
     return run_plan(call, start, exact_decode)
@@ -422,7 +438,7 @@ def run_plan(call: Call, began: float, exact_decode: bool = False) -> Plan:
     int8 = bnb is not None and bnb.load_in_8bit
     outliers = contextlib.nullcontext()
     if cuda and int8:
-        outliers = Int8Outliers()
+        outliers = Int8Outliers(call.int8_outliers, lambda: acc.phase)
         for module in fake.modules():
             if hasattr(module, "state") and hasattr(module.state, "threshold"):
                 module.state.threshold = bnb.llm_int8_threshold  # as from_pretrained sets it (the replay set 0)
@@ -471,9 +487,12 @@ def plan_notes(call: Call, exact_decode: bool) -> tuple[str, ...]:
     if not exact_decode and call.new_tokens > 3:
         notes.append(f"Decode steps 2 to {call.new_tokens - 2} fast-forwarded: the cache grown token by token, the "
                      "layers' passing activations skipped (exact_decode=True runs them).")
-    if call.quantization == "int8":
+    if call.quantization == "int8" and call.int8_outliers is None:
         notes.append("LLM.int8() outlier columns (inputs reaching 6.0) depend on the values: every column is taken "
                      "as one, so the allocated peak is an upper bound (exact when the inputs hold that many).")
+    elif call.quantization == "int8":
+        notes.append(f"LLM.int8() outlier columns (inputs reaching 6.0): {call.int8_outliers}; the allocated peak "
+                     "holds for inputs with that many.")
     if call.max_memory is not None:
         notes.append("Device map: allocated memory per device, with the copies of tensors that cross devices; "
                      "offloaded weights brought to a GPU are not counted, reserved is the call on one card.")

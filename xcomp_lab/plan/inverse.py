@@ -123,7 +123,9 @@ def cheapest_recipe(model: Any, *, card: str | Card, show_progress: bool = True,
     for quantization, attn in tqdm(RECIPES, desc="cheapest recipe", unit="estimate", disable=not show_progress):
         if attn == "sdpa" and not supports_sdpa(source.config):
             continue
-        plan = estimate(source, **{**settings, "quantization": quantization, "attn": attn}, device="cuda", card=card)
+        outliers = settings.get("int8_outliers") if quantization == "int8" else None  # LLM.int8()'s only
+        plan = estimate(source, **{**settings, "quantization": quantization, "attn": attn, "int8_outliers": outliers},
+                        device="cuda", card=card)
         if plan.fits:
             return plan
     return None

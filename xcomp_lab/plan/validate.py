@@ -10,6 +10,13 @@ estimates the same call (`estimate`, for CUDA where it was measured on CUDA) and
 accelerate's weights-only figure for the call's dtype against the measured allocated peak. `matrix_summary`
 groups the rows (by architecture, quantization, ...): the median and worst errors, the under-predictions over
 1%, the prediction time; `matrix_table` and `matrix_markdown` print it; `bars` says which of issue 17's bars hold.
+
+INT8 calls are planned with every input column an LLM.int8() outlier (the bound a plan without data gives).
+`--int8-outliers mean` (or `largest`) predicts them instead with the outlier columns their own record counted
+(`int8_outliers`, through `outliers.from_counts`): what the planner predicts once the outliers are measured, e.g.
+by `outliers.calibrate_int8_outliers` on the real weights; those rows go to `compare-int8-<statistic>.jsonl`:
+
+    python -m xcomp_lab.plan.validate results/plan-matrix-h200 --quantizations int8 --int8-outliers mean
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import multiprocessing
 import statistics
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,7 @@ from tqdm.auto import tqdm
 from xcomp_lab.core.jsonl import append_jsonl, read_jsonl, write_jsonl
 from xcomp_lab.memory.measure import CUDA_KIND
 from xcomp_lab.plan.estimate import estimate
+from xcomp_lab.plan.outliers import STATISTICS, from_counts
 
 RECORDS = "records.jsonl"
 COMPARE = "compare.jsonl"
@@ -55,18 +64,23 @@ def settings_key(record: dict[str, Any]) -> str:
     return json.dumps([record.get(key) for key in SETTINGS])
 
 
-def predict_call(record: dict[str, Any]) -> dict[str, Any]:
+def predict_call(record: dict[str, Any], int8_outliers: str | None = None) -> dict[str, Any]:
     """The planner's figures for a measured call's settings: peaks, per phase too, and the time taken (or the error
-    of a call the planner cannot predict, as `prediction_error`)."""
+    of a call the planner cannot predict, as `prediction_error`). `int8_outliers` ("mean", "largest"): an INT8
+    call with its record's outlier columns (`outliers.from_counts`), not every column."""
+    outliers = None
+    if int8_outliers is not None and record["quantization"] == "int8" and record.get("int8_outliers"):
+        outliers = from_counts(record["int8_outliers"], int8_outliers)
     try:
         plan = estimate(record["preset"] + (":tiny" if record.get("tiny") else ""), dtype=record["dtype"],
                         quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
                         prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
                         image_size=record.get("image_size"),
-                        device="cuda" if record["kind"] == CUDA_KIND else "cpu")
+                        device="cuda" if record["kind"] == CUDA_KIND else "cpu", int8_outliers=outliers)
     except Exception as exc:  # noqa: BLE001 (a call the planner cannot predict is reported, not fatal)
         return {"settings": settings_key(record), "prediction_error": f"{type(exc).__name__}: {exc}"}
-    return {"settings": settings_key(record), "predicted_allocated": plan.peak_bytes,
+    return {"settings": settings_key(record), **({"int8_outliers": int8_outliers} if outliers else {}),
+            "predicted_allocated": plan.peak_bytes,
             "predicted_reserved": plan.reserved_peak_bytes, "predicted_weights": plan.weights_bytes,
             "predicted_image_tokens": plan.image_tokens, "predicted_where": plan.peak_where,
             "predict_s": round(plan.seconds, 2),
@@ -97,11 +111,12 @@ def compare_call(record: dict[str, Any], predicted: dict[str, Any],
     return row
 
 
-def predict_calls(records: Sequence[dict[str, Any]], workers: int = 1,
-                  out: Path | None = None) -> dict[str, dict[str, Any]]:
+def predict_calls(records: Sequence[dict[str, Any]], workers: int = 1, out: Path | None = None,
+                  int8_outliers: str | None = None) -> dict[str, dict[str, Any]]:
     """`predict_call` for each distinct setting of `records`, `workers` processes at a time: {settings key:
     prediction}; each also appended to `out` (JSON lines) as it is made, when given, to be reused by
-    `compare(predicted=)`."""
+    `compare(predicted=)`. `int8_outliers`: as `predict_call`'s."""
+    predict = partial(predict_call, int8_outliers=int8_outliers)
     todo = list({settings_key(r): r for r in records}.values())
     predictions = []
 
@@ -114,19 +129,20 @@ def predict_calls(records: Sequence[dict[str, Any]], workers: int = 1,
     with tqdm(total=len(todo), desc="predict the matrix", unit="call") as bar:
         if workers <= 1:
             for record in todo:
-                done(predict_call(record))
+                done(predict(record))
         else:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                for future in as_completed([pool.submit(predict_call, record) for record in todo]):
+                for future in as_completed([pool.submit(predict, record) for record in todo]):
                     done(future.result())
     return {p["settings"]: p for p in predictions}
 
 
 def compare(folder: Path, presets: Sequence[str] | None = None, batches: Sequence[int] | None = None,
-            text_tokens: Sequence[int] | None = None, workers: int = 1,
-            predicted: Path | None = None) -> list[dict[str, Any]]:
-    """Predict the measured calls of `folder/records.jsonl` (all, or those of the given presets, batch sizes and
-    text tokens), `workers` processes at a time, and write the rows to `folder/compare.jsonl`; the rows.
+            text_tokens: Sequence[int] | None = None, workers: int = 1, predicted: Path | None = None,
+            quantizations: Sequence[str] | None = None, int8_outliers: str | None = None) -> list[dict[str, Any]]:
+    """Predict the measured calls of `folder/records.jsonl` (all, or those of the given presets, batch sizes, text
+    tokens and quantizations), `workers` processes at a time, and write the rows to `folder/compare.jsonl`
+    (`compare-int8-<statistic>.jsonl` with `int8_outliers`, `predict_call`'s); the rows.
 
     `predicted`: the JSON lines `predict_calls` wrote for the same settings with this planner (e.g. on another
     machine, while the matrix was measured); a call found there is not predicted again.
@@ -134,14 +150,22 @@ def compare(folder: Path, presets: Sequence[str] | None = None, batches: Sequenc
     folder = Path(folder)
     measured = [r for r in measured_calls(read_jsonl(folder / RECORDS))
                 if (presets is None or r["preset"] in presets) and (batches is None or r["batch"] in batches)
-                and (text_tokens is None or r["text_tokens"] in text_tokens)]
+                and (text_tokens is None or r["text_tokens"] in text_tokens)
+                and (quantizations is None or r["quantization"] in quantizations)]
     anchors = {(r["preset"], r["accelerate_dtype"]): r["total_bytes"]
                for r in (read_jsonl(folder / ANCHORS) if (folder / ANCHORS).exists() else [])}
     known = {p["settings"]: p for p in read_jsonl(predicted)} if predicted is not None else {}
-    known.update(predict_calls([r for r in measured if settings_key(r) not in known], workers))
+    known.update(predict_calls([r for r in measured if settings_key(r) not in known], workers,
+                               int8_outliers=int8_outliers))
     rows = [compare_call(record, known[settings_key(record)], anchors) for record in measured]
-    write_jsonl(folder / COMPARE, rows)
+    write_jsonl(folder / compare_name(int8_outliers), rows)
     return rows
+
+
+def compare_name(int8_outliers: str | None = None) -> str:
+    """The comparison's file: `compare.jsonl`, or `compare-int8-<statistic>.jsonl` for INT8 calls planned with their
+    records' outlier columns."""
+    return COMPARE if int8_outliers is None else f"compare-int8-{int8_outliers}.jsonl"
 
 
 def _worst(errors: Sequence[float]) -> float:
@@ -233,13 +257,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="predictions made earlier by this planner (--predict-only's file): not made again")
     parser.add_argument("--predict-only", type=Path, default=None,
                         help="only predict the settings of the folder's records, into this JSON-lines file")
+    parser.add_argument("--quantizations", nargs="+", default=None, help="only the calls of these quantizations")
+    parser.add_argument("--int8-outliers", choices=STATISTICS, default=None,
+                        help="INT8 calls with the outlier columns their records counted (the mean or the largest "
+                             "per input), not every column; rows to compare-int8-<statistic>.jsonl")
     parser.add_argument("--by", nargs="+", default=["architecture", "quantization"],
                         help="the summaries printed: fields of compare.jsonl")
     args = parser.parse_args(argv)
     if args.predict_only is not None:
-        predict_calls(measured_calls(read_jsonl(args.folder / RECORDS)), args.workers, args.predict_only)
+        predict_calls([r for r in measured_calls(read_jsonl(args.folder / RECORDS))
+                       if args.quantizations is None or r["quantization"] in args.quantizations],
+                      args.workers, args.predict_only, args.int8_outliers)
         return
-    rows = compare(args.folder, workers=args.workers, predicted=args.predicted)
+    rows = compare(args.folder, workers=args.workers, predicted=args.predicted, quantizations=args.quantizations,
+                   int8_outliers=args.int8_outliers)
     for by in args.by:
         print(matrix_table(matrix_summary(rows, by), by))
     print(json.dumps(bars(rows)))

@@ -25,7 +25,7 @@ hooks (`run.call.phase_marks`), which read the peak of the phase that ends and r
 (`reset_peak_memory_stats` changes no allocation): "vision" from the vision encoder's start, "prefill" from the
 language model's first forward, "decode" from its second; the call's peak is the largest phase peak. For INT8
 the number of LLM.int8() outlier columns of every quantized linear's input is recorded (`int8_outliers`, by input
-width, prefill and decode apart), and for every build the segments the load leaves (`load_segments`).
+width, prefill and decode apart: `plan.outliers.count_outliers`), and for every build the segments the load leaves (`load_segments`).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import json
 import multiprocessing
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -66,6 +66,7 @@ from xcomp_lab.plan.build import (
 )
 from xcomp_lab.plan.estimate import supports_sdpa
 from xcomp_lab.plan.families import family_of
+from xcomp_lab.plan.outliers import count_outliers
 from xcomp_lab.plan.presets import Preset, get_preset, preset_names
 from xcomp_lab.run.call import phase_marks
 
@@ -180,31 +181,6 @@ def language_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_submodule(family_of(model.config).layers.rsplit(".", 1)[0])
 
 
-@contextmanager
-def int8_outlier_counts(counts: dict[str, dict[str, list[int]]], meter: PhaseMeter) -> Iterator[None]:
-    """Count LLM.int8()'s outlier columns: for every quantized linear's input, by the meter's phase and the input's
-    width, in `counts` {phase: {width: [inputs, outlier columns in all, inputs with every column an outlier]}}."""
-    import bitsandbytes.functional as bnb_f
-
-    quantize = bnb_f.int8_vectorwise_quant
-
-    def counting(a: torch.Tensor, threshold: float = 0.0) -> Any:
-        out = quantize(a, threshold)
-        if threshold > 0.0 and out[2] is not None:
-            width = a.shape[-1]
-            line = counts.setdefault(meter.phase, {}).setdefault(str(width), [0, 0, 0])
-            line[0] += 1
-            line[1] += out[2].numel()
-            line[2] += out[2].numel() == width
-        return out
-
-    bnb_f.int8_vectorwise_quant = counting
-    try:
-        yield
-    finally:
-        bnb_f.int8_vectorwise_quant = quantize
-
-
 @dataclass(frozen=True)
 class Grid:
     """The calls measured on each built model."""
@@ -222,7 +198,7 @@ def measure_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_to
     error = None
     outliers: dict[str, dict[str, list[int]]] = {}
     int8 = any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
-    counting = int8_outlier_counts(outliers, meter) if int8 else nullcontext()
+    counting = count_outliers(outliers, lambda: meter.phase) if int8 else nullcontext()
     try:
         with meter, phase_marks(model, meter, vision=vision_tower(model), decoder=language_model(model)), \
                 counting, torch.inference_mode():
