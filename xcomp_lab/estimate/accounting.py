@@ -154,25 +154,33 @@ def is_param(tensor: Any) -> bool:
 
 def bnb_cuda_scratch(func: Any, args: tuple, kwargs: dict) -> int:
     """Bytes a bitsandbytes op allocates and frees inside its CUDA kernel (CPU accounting cannot see them)."""
+    before, after = bnb_cuda_temporaries(func, args, kwargs)
+    return sum(before) + sum(after)
+
+
+def bnb_cuda_temporaries(func: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The temporaries a bitsandbytes op's CUDA code (bitsandbytes 0.50.2, `backends/cuda/ops.py`) allocates and
+    frees inside the op, each in its 512-byte blocks, in their order: (those made before the op's outputs, those
+    made after them). All are freed when the op returns."""
     named = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
     name = func._schema.name
     if name == "bitsandbytes::gemm_4bit":
         a, (n, k) = named["A"], named["shapeB"]
         if a.numel() // a.shape[-1] <= BNB_FUSED_MAX_ROWS:
-            return 0
-        scratch = round_cuda(n * k * a.element_size())  # the weight dequantized to the input's dtype
+            return (), ()
+        # `_dequant_linear_fallback`: the nested absmax decoded to FP32 and its offset added (two FP32 tensors),
+        # then the weight dequantized to the input's dtype; F.linear's output comes after them.
         nested = named.get("absmax_8bit")
-        if nested is not None:
-            scratch += 2 * round_cuda(nested.numel() * 4)  # the nested absmax decoded to FP32, plus its offset sum
-        return scratch
+        absmax = (round_cuda(nested.numel() * 4),) * 2 if nested is not None else ()
+        return (*absmax, round_cuda(n * k * a.element_size())), ()
     if name == "bitsandbytes::int8_scaled_mm":
         a, b = named["A"], named["B"]
-        return round_cuda(a.numel() // a.shape[-1] * b.shape[0] * 4)  # the int32 product before dequantizing
+        return (round_cuda(a.numel() // a.shape[-1] * b.shape[0] * 4),), ()  # the int32 product before dequantizing
     if name == "bitsandbytes::int8_vectorwise_quant":
         a = named["A"]
-        # With transformers' outlier threshold (6.0) the kernel builds |A| and the outlier mask.
-        return round_cuda(a.numel() * a.element_size()) + round_cuda(a.numel())
-    return 0
+        # With transformers' outlier threshold (6.0), after the outputs: |A|, then the outlier mask.
+        return (), (round_cuda(a.numel() * a.element_size()), round_cuda(a.numel()))
+    return (), ()
 
 
 class CudaSoftmax(TorchFunctionMode):

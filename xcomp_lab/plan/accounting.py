@@ -4,8 +4,9 @@ passed to the simulated caching allocator (`allocator.CachingAllocator`), whose 
 `torch.cuda.max_memory_allocated` and `max_memory_reserved` report.
 
 For CUDA it also adds what CUDA kernels allocate inside one op, which CPU kernels do not: bitsandbytes' CUDA
-temporaries (`estimate.accounting.bnb_cuda_scratch`, and `int8_mm_dequant`'s FP16 result before its cast) and the
-auxiliary outputs of CUDA's attention kernels (`cuda_kernels`).
+temporaries (`estimate.accounting.bnb_cuda_temporaries`, and `int8_mm_dequant`'s FP16 result before its cast), each
+a block of its own, made before or after the op's outputs as the CUDA code makes them (the caching allocator places
+blocks by that order), and the auxiliary outputs of CUDA's attention kernels (`cuda_kernels`).
 
 LLM.int8() (bitsandbytes 0.50.2, `MatMul8bitLt.forward` with transformers' threshold 6.0) keeps in higher precision
 the input columns where any row reaches the threshold: which columns depends on the activations' values, which a
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from xcomp_lab.estimate.accounting import bnb_cuda_scratch, round_cuda
+from xcomp_lab.estimate.accounting import bnb_cuda_temporaries, round_cuda
 from xcomp_lab.memory.measure import CpuAccounting
 from xcomp_lab.plan.allocator import BothOrders, CachingAllocator
 from xcomp_lab.plan.outliers import OutlierColumns
@@ -120,14 +121,21 @@ class PlanAccounting(CpuAccounting):
             self.device_bytes[device] -= size
         super().freed(key, nbytes, ref)
 
-    def transient(self, nbytes: int) -> None:
-        """Memory a kernel allocates and frees inside one op (CUDA only)."""
-        if self.allocator is not None and nbytes:
-            block = self.allocator.malloc(nbytes)
+    def hold(self, sizes: tuple[int, ...]) -> list[tuple[object, int]]:
+        """Allocate blocks of these sizes, in order, for memory a kernel makes inside one op (CUDA only)."""
+        held = []
+        for nbytes in sizes:
+            held.append((self.allocator.malloc(nbytes), nbytes))
             self.record()
-            self.allocator.free(block)
             if self.device is not None:
                 self._device_add(self.device, nbytes)
+        return held
+
+    def release(self, held: list[tuple[object, int]]) -> None:
+        """Free what `hold` allocated."""
+        for block, nbytes in held:
+            self.allocator.free(block)
+            if self.device is not None:
                 self.device_bytes[self.device] -= nbytes
 
     def record(self) -> None:
@@ -145,20 +153,24 @@ class PlanAccounting(CpuAccounting):
             self.peaks[group] = PhasePeak(known.allocated, reserved, known.where)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.allocator is None or func.namespace != "bitsandbytes":
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        kwargs = kwargs or {}
+        before, after = bnb_cuda_temporaries(func, args, kwargs)
+        held = self.hold(before + int8_dequant_scratch(func, args, kwargs))
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        if self.allocator is not None and func.namespace == "bitsandbytes":
-            self.transient(bnb_cuda_scratch(func, args, kwargs or {}) + int8_dequant_scratch(func, args, kwargs or {}))
+        self.release(held + self.hold(after))
         return out
 
 
-def int8_dequant_scratch(func: Any, args: tuple, kwargs: dict) -> int:
-    """`bitsandbytes::int8_mm_dequant` on CUDA writes FP16 and casts to the asked dtype: the FP16 result is a
-    temporary of the output's size when the dtype is not FP16 (BF16 models)."""
+def int8_dequant_scratch(func: Any, args: tuple, kwargs: dict) -> tuple[int, ...]:
+    """`bitsandbytes::int8_mm_dequant` on CUDA writes FP16, then casts to the asked dtype: when that is not FP16
+    (BF16 models), the FP16 result is a temporary of the output's size, made before the output."""
     if func._schema.name != "bitsandbytes::int8_mm_dequant":
-        return 0
+        return ()
     named = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
     a, dtype = named["A"], named.get("dtype")
-    return 0 if dtype in (None, torch.float16) else round_cuda(a.numel() * 2)
+    return () if dtype in (None, torch.float16) else (round_cuda(a.numel() * 2),)
 
 
 # bitsandbytes ops whose fake kernel hides the tensors their real (composite) kernel makes: run the composite.

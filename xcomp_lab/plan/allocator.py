@@ -94,6 +94,12 @@ class CachingAllocator:
         self.peak_allocated = 0
         self.peak_reserved = 0
         self.segments_made = 0
+        self.events: list[list] | None = None  # a list: every action appended, as a CUDA trace names it (`log`)
+
+    def log(self, action: str, size: int) -> None:
+        """Note an action ("alloc", "free_completed", "segment_alloc", "segment_free") when `events` is a list."""
+        if self.events is not None:
+            self.events.append([action, size])
 
     # ----- the pools -----
 
@@ -128,6 +134,7 @@ class CachingAllocator:
             address = self.next_address
             self.next_address += total
         self.segments[address] = total
+        self.log("segment_alloc", total)
         self.segments_made += 1
         self.reserved += total
         self.peak_reserved = max(self.peak_reserved, self.reserved)
@@ -148,6 +155,7 @@ class CachingAllocator:
             block.next, block.size = tail, size
             self._insert(tail)
         block.allocated = True
+        self.log("alloc", block.size)
         self.allocated += block.size
         self.peak_allocated = max(self.peak_allocated, self.allocated)
         return block
@@ -155,6 +163,7 @@ class CachingAllocator:
     def free(self, block: Block) -> None:
         """Return a block to its pool, merged with its free neighbours."""
         block.allocated = False
+        self.log("free_completed", block.size)
         self.allocated -= block.size
         for neighbour in (block.prev, block.next):
             if neighbour is None or neighbour.allocated:
@@ -181,6 +190,7 @@ class CachingAllocator:
         for key in [k for k, b in self.free_blocks.items() if b.prev is None and b.next is None]:
             block = self.free_blocks[key]
             self._remove(block)
+            self.log("segment_free", self.segments[block.segment])
             self.reserved -= self.segments.pop(block.segment)
 
     def reset_peaks(self) -> None:

@@ -406,7 +406,9 @@ def estimate(model: Any, *, dtype: str | torch.dtype | None = None, quantization
     return run_plan(call, start, exact_decode)
 
 
-def run_plan(call: Call, began: float, exact_decode: bool = False) -> Plan:
+def run_plan(call: Call, began: float, exact_decode: bool = False, events: list[list] | None = None) -> Plan:
+    """The plan of a checked call; on CUDA, `events` (a list) receives the simulated allocator's actions from the
+    call's start (the inputs on the card), as a CUDA allocator trace names them (`CachingAllocator.log`)."""
     from xcomp_lab.plan.build import quantization_config
 
     source, cuda = call.source, call.device == "cuda"
@@ -428,6 +430,7 @@ def run_plan(call: Call, began: float, exact_decode: bool = False) -> Plan:
             allocator.malloc(t.untyped_storage().nbytes())
         inputs_bytes = sum(round_size(t.untyped_storage().nbytes()) for t in inputs.values())
         allocator.reset_peaks()
+        allocator.events = events
         workspace = cublas_workspace(call.card)
         allocator.malloc(workspace)  # made at the prefill's first product and kept: present at every peak
     else:

@@ -17,6 +17,10 @@ INT8 calls are planned with every input column an LLM.int8() outlier (the bound 
 by `outliers.calibrate_int8_outliers` on the real weights; those rows go to `compare-int8-<statistic>.jsonl`:
 
     python -m xcomp_lab.plan.validate results/plan-matrix-h200 --quantizations int8 --int8-outliers mean
+
+Where a reserved peak differs while the allocated one matches, the order of allocations differs: `tools.plan_matrix
+--trace` records a measured call's allocator history on the GPU, `planned_events` gives the planner's simulated
+one for the same call, and `first_divergence` finds where their large-pool allocations first part.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from tqdm.auto import tqdm
 
 from xcomp_lab.core.jsonl import append_jsonl, read_jsonl, write_jsonl
 from xcomp_lab.memory.measure import CUDA_KIND
-from xcomp_lab.plan.estimate import estimate
+from xcomp_lab.plan.allocator import SMALL_SIZE
+from xcomp_lab.plan.estimate import check_call, estimate, run_plan
 from xcomp_lab.plan.outliers import STATISTICS, from_counts
 
 RECORDS = "records.jsonl"
@@ -85,6 +90,36 @@ def predict_call(record: dict[str, Any], int8_outliers: str | None = None) -> di
             "predicted_image_tokens": plan.image_tokens, "predicted_where": plan.peak_where,
             "predict_s": round(plan.seconds, 2),
             "predicted_phases": {k: [v.allocated, v.reserved] for k, v in plan.phases.items()}}
+
+
+def planned_events(record: dict[str, Any], int8_outliers: str | None = None) -> list[list]:
+    """The simulated allocator's actions over a measured call's prediction, from the call's start ([action, size]:
+    "alloc", "free_completed", "segment_alloc", "segment_free"), to set against its CUDA trace."""
+    outliers = None
+    if int8_outliers is not None and record.get("int8_outliers"):
+        outliers = from_counts(record["int8_outliers"], int8_outliers)
+    call = check_call(record["preset"] + (":tiny" if record.get("tiny") else ""), dtype=record["dtype"],
+                      quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
+                      prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
+                      image_size=record.get("image_size"), device="cuda", card=None, int8_outliers=outliers)
+    events: list[list] = []
+    run_plan(call, 0.0, events=events)
+    return events
+
+
+def first_divergence(measured: Sequence[Sequence[Any]], planned: Sequence[Sequence[Any]],
+                     context: int = 5) -> dict[str, Any] | None:
+    """Where the large-pool allocations (over 1 MiB) of a CUDA trace's events (`tools.plan_matrix.trace_call`:
+    [action, address, size, lines]) and the planner's (`planned_events`: [action, size]) first differ in size:
+    the index among them, and `context` allocations before and after on each side (a measured one with the lines
+    that made it); None when one stream is the other's beginning."""
+    real = [(e[2], e[3] if len(e) > 3 else []) for e in measured if e[0] == "alloc" and e[2] > SMALL_SIZE]
+    plan = [e[1] for e in planned if e[0] == "alloc" and e[1] > SMALL_SIZE]
+    index = next((i for i, (r, p) in enumerate(zip(real, plan)) if r[0] != p), None)
+    if index is None:
+        return None
+    low = max(index - context, 0)
+    return {"index": index, "measured": real[low:index + context + 1], "planned": plan[low:index + context + 1]}
 
 
 def compare_call(record: dict[str, Any], predicted: dict[str, Any],

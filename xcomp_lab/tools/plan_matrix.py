@@ -4,6 +4,8 @@
     python -m xcomp_lab.tools.plan_matrix --device cpu --tiny --out /tmp/matrix         # tiny presets, on the CPU
     python -m xcomp_lab.tools.plan_matrix --accelerate --out results/plan-matrix-h200   # accelerate's anchors (CPU)
     python -m xcomp_lab.tools.plan_matrix --compare --out results/plan-matrix-h200      # the planner against them
+    python -m xcomp_lab.tools.plan_matrix --device cuda --out /tmp/t --presets llava-1.5-7b --quantizations nf4 \
+        --attns eager --batches 1 4 --text-tokens 512 --trace    # those calls' allocator histories (--trace)
 
 (`--compare` is `plan.validate.compare`, the one comparison, plus the chart `compare.png`.)
 
@@ -37,9 +39,9 @@ import json
 import multiprocessing
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -188,19 +190,22 @@ class Grid:
     batches: tuple[int, ...]
     text_tokens: tuple[int, ...]
     new_tokens: int
+    trace: str | None = None  # a folder: each call's CUDA allocator history written there (`trace_call`)
 
 
 def measure_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int,
-                 device: torch.device) -> dict[str, Any]:
-    """One greedy generate call of exactly `new_tokens` tokens, measured per phase."""
+                 device: torch.device, trace: Path | None = None) -> dict[str, Any]:
+    """One greedy generate call of exactly `new_tokens` tokens, measured per phase; with `trace` (a path without
+    its suffix, CUDA only), the caching allocator's history of the call written there (`trace_call`)."""
     inputs = {key: value.to(device) for key, value in inputs.items()}
+    tracing = trace_call(trace, device) if trace is not None and device.type == "cuda" else nullcontext()
     meter = PhaseMeter(device, model)
     error = None
     outliers: dict[str, dict[str, list[int]]] = {}
     int8 = any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
     counting = count_outliers(outliers, lambda: meter.phase) if int8 else nullcontext()
     try:
-        with meter, phase_marks(model, meter, vision=vision_tower(model), decoder=language_model(model)), \
+        with tracing, meter, phase_marks(model, meter, vision=vision_tower(model), decoder=language_model(model)), \
                 counting, torch.inference_mode():
             model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            pad_token_id=model.generation_config.eos_token_id)
@@ -211,6 +216,41 @@ def measure_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_to
             "allocated_peak": meter.peak("allocated"), "reserved_peak": meter.peak("reserved"),
             "phases": meter.phases, "seconds": round(meter.seconds, 4), "oom": error is not None, "error": error,
             **({"int8_outliers": outliers} if outliers else {})}
+
+
+TRACE_ENTRIES = 1_000_000  # allocator events kept by a trace (a call of the matrix makes some 10^4 to 10^5)
+TRACE_PACKAGES = ("transformers/", "bitsandbytes/", "torch/nn/")  # where a trace names the line that allocated
+
+
+@contextmanager
+def trace_call(stem: Path, device: torch.device) -> Iterator[None]:
+    """Record the CUDA caching allocator's history of a block (`torch.cuda.memory._record_memory_history`, from
+    before the call's `empty_cache`) and write it to `<stem>.json.gz`: the segments at the start ([address, size,
+    allocated]) and every event in order ([action, address, size, the innermost transformers, bitsandbytes or
+    torch.nn lines that made it]), to set against the planner's simulated stream (`plan.allocator`)."""
+    import gzip
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    start = [[seg["address"], seg["total_size"], seg["allocated_size"]] for seg in torch.cuda.memory_snapshot()
+             if seg["device"] == index]
+    torch.cuda.memory._record_memory_history(max_entries=TRACE_ENTRIES, stacks="python")
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        events = [[e["action"], e.get("addr"), e["size"], _trace_lines(e.get("frames", []))]
+                  for e in snapshot["device_traces"][index]]
+        with gzip.open(stem.with_suffix(".json.gz"), "wt") as out:
+            json.dump({"segments_at_start": start, "events": events}, out)
+
+
+def _trace_lines(frames: Sequence[dict[str, Any]], count: int = 3) -> list[str]:
+    """The innermost `count` frames of the packages that allocate, each as file:line function."""
+    return [f"{f['filename'].rsplit('site-packages/', 1)[-1]}:{f['line']} {f['name']}" for f in frames
+            if any(package in f["filename"] for package in TRACE_PACKAGES)][:count]
 
 
 def _pad_token(model: torch.nn.Module) -> None:
@@ -271,10 +311,18 @@ def measure_build(name: str, quantization: str, attns: Sequence[str], grid: Grid
                 records.append({**base, "attn": attn, "batch": batch, "prompt_tokens": inputs["input_ids"].shape[1],
                                 "image_tokens": _image_count(preset, tiny, inputs["input_ids"][0]),
                                 "image_size": image_size, "text_tokens": text_tokens, **load,
-                                **measure_call(model, inputs, grid.new_tokens, device)})
+                                **measure_call(model, inputs, grid.new_tokens, device, trace_stem(
+                                    grid, name, quantization, attn, batch, text_tokens))})
     del model
     gc.collect()
     return records
+
+
+def trace_stem(grid: Grid, name: str, quantization: str, attn: str, batch: int, text_tokens: int) -> Path | None:
+    """Where a call's allocator trace goes (without its suffix), or None when the grid traces nothing."""
+    if grid.trace is None:
+        return None
+    return Path(grid.trace) / f"{name}-{quantization}-{attn}-b{batch}-t{text_tokens}"
 
 
 def _image_count(preset: Preset, tiny: bool, input_ids: torch.Tensor) -> int:
@@ -408,6 +456,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "with --compare, calls predicted at once")
     parser.add_argument("--skip-done", type=Path, default=None,
                         help="an earlier run's records.jsonl: the builds it measured are left out")
+    parser.add_argument("--trace", action="store_true",
+                        help="CUDA: write each call's caching-allocator history to <out>/traces (restrict the grid "
+                             "with --presets, --quantizations, --attns, --batches, --text-tokens to the calls wanted)")
     parser.add_argument("--compare", action="store_true",
                         help="predict the calls in --out's records.jsonl (those of --presets, --batches and --text-tokens "
                              "given): compare.jsonl, compare.png, a summary per architecture")
@@ -431,7 +482,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--device cuda: no GPU is visible here; use --device cpu --tiny")
     grid = Grid(batches=tuple(args.batches or ((1, 2) if args.tiny else (1, 4))),
                 text_tokens=tuple(args.text_tokens or ((16, 48) if args.tiny else (512, 2048))),
-                new_tokens=args.new_tokens or (4 if args.tiny else 8))
+                new_tokens=args.new_tokens or (4 if args.tiny else 8),
+                trace=str(args.out / "traces") if args.trace else None)
     done = [] if args.skip_done is None else \
         [(r["preset"], r["quantization"]) for r in read_jsonl(args.skip_done) if "skipped" not in r]
     run_matrix(args.presets, args.quantizations, args.attns, grid, device, args.tiny, args.out, args.deadline_s,

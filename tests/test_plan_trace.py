@@ -1,0 +1,29 @@
+"""The planner's simulated allocator stream set against a CUDA allocator trace (`plan.validate.planned_events`,
+`first_divergence`; the trace itself is recorded on a GPU by `tools.plan_matrix --trace`)."""
+
+from __future__ import annotations
+
+from xcomp_lab.plan.estimate import CUBLAS_WORKSPACE_SM90
+from xcomp_lab.plan.validate import first_divergence, planned_events
+
+MIB = 1 << 20
+
+
+def test_planned_events_follow_the_call_from_its_start() -> None:
+    record = {"preset": "llama-3-8b", "tiny": True, "dtype": "bf16", "quantization": "nf4", "attn": "sdpa",
+              "batch": 2, "prompt_tokens": 16, "new_tokens": 3, "image_size": None}
+    events = planned_events(record)
+    allocs = [size for action, size in events if action == "alloc"]
+    assert allocs[0] == CUBLAS_WORKSPACE_SM90  # the workspace, taken at the first product
+    assert {action for action, _ in events} <= {"alloc", "free_completed", "segment_alloc", "segment_free"}
+    assert sum(s for a, s in events if a == "alloc") >= sum(s for a, s in events if a == "free_completed")
+
+
+def test_first_divergence_names_the_first_large_allocation_that_differs() -> None:
+    measured = [["segment_free", 1, 40 * MIB, []], ["alloc", 2, 32 * MIB, ["ws"]], ["alloc", 3, 512, ["small"]],
+                ["alloc", 4, 8 * MIB, ["a"]], ["free_completed", 4, 8 * MIB, []], ["alloc", 5, 6 * MIB, ["b"]]]
+    planned = [["alloc", 32 * MIB], ["alloc", 1024], ["alloc", 8 * MIB], ["alloc", 7 * MIB]]
+    found = first_divergence(measured, planned, context=1)
+    assert found["index"] == 2 and found["measured"] == [(8 * MIB, ["a"]), (6 * MIB, ["b"])]
+    assert found["planned"] == [8 * MIB, 7 * MIB]
+    assert first_divergence(measured[:4], planned[:3]) is None
