@@ -413,12 +413,14 @@ ANSWERS: dict[str, tuple[Answer, ...]] = {
     ),
     "04": (
         Answer("At what prompt length would one layer's FP32 softmax of the full model (32 heads) reach 1 GiB, and "
-               "which image size gives that many tokens?",
+               "which image size (with the original's code: how many images) gives that many tokens?",
                "One layer's FP32 softmax is heads x T x T x {{ key.fp32_bytes }} bytes: with {{ key.heads }} heads "
                "it reaches a GiB at T = {{ key.softmax.tokens }} tokens. Beside the caption prompt's "
                "{{ key.softmax.text_tokens }} text tokens that takes {{ key.softmax.image_tokens }} image tokens or "
                "more: a {{ key.softmax.side }} px image ({{ key.softmax.patches }} x {{ key.softmax.patches }} patches of {{ key.patch }} px, "
-               "{{ key.softmax.patches ** 2 }} tokens).",
+               "{{ key.softmax.patches ** 2 }} tokens). The original's code resizes every image to its "
+               "{{ key.softmax.original_side }} px ({{ key.softmax.per_image }} tokens an image), so there it takes "
+               "{{ key.softmax.images }} images in one prompt.",
                "Step 3's token table and Step 1's scores line, with the full configuration's sizes."),
         Answer("Why does grouped-query attention shrink the KV cache but not the eager scores?",
                "The cache stores keys and values per KV head, and {{ key.heads }} query heads share {{ key.kv_heads }} "
@@ -1050,7 +1052,9 @@ def _key_figures(full: list[dict[str, Any]], tiny: list[dict[str, Any]], predict
         "grad_oom": grad["oom"], "grad_need": grad_need, "grad_ratio": grad_need / no_grad["peak_bytes"],
         "heads": heads, "kv_heads": config.num_key_value_heads, "patch": patch, "fp32_bytes": fp32_bytes,
         "softmax": {"tokens": softmax_tokens, "text_tokens": text_tokens,
-                    "image_tokens": softmax_tokens - text_tokens, "patches": patches, "side": patches * patch},
+                    "image_tokens": softmax_tokens - text_tokens, "patches": patches, "side": patches * patch,
+                    "original_side": config.vision_config.image_size, "per_image": image_tokens(config),
+                    "images": math.ceil((softmax_tokens - text_tokens) / image_tokens(config))},
         "full_tokens": full_tokens, "tiny_tokens": tiny_tokens,
         "full_scores": eager_scores_bytes(config, 1, full_tokens),
         "logits": {"full": logits_peak_bytes(config, 1, full_tokens), "last": logits_peak_bytes(config, 1, 1),
