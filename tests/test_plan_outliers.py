@@ -42,10 +42,10 @@ def test_outlier_columns_from_none_to_every_one() -> None:
 
 def test_counts_give_the_mean_or_the_largest_per_input() -> None:
     counts = {"prefill": {"64": [4, 100, 1, 64]}, "decode": {"64": [10, 35, 0]}}
-    mean, largest = from_counts(counts), from_counts(counts, "largest")
+    mean, largest = from_counts(counts, "mean"), from_counts(counts)
     assert mean.columns("prefill", 64) == 25 and mean.columns("decode step 3", 64) == 4
     assert largest.columns("prefill", 64) == 64 and largest.columns("decode", 64) == 4  # no 4th number, none all
-    assert from_counts({"prefill": {"64": [4, 100, 1]}}, "largest").columns("prefill", 64) == 64
+    assert from_counts({"prefill": {"64": [4, 100, 1]}}).columns("prefill", 64) == 64
     assert mean.columns("vision", 64) == 64 and mean.columns("prefill", 128) == 128  # unknown: every column
     assert OutlierColumns(fraction=0.1).columns("decode", 128) == 13
 
@@ -68,8 +68,9 @@ def test_bad_outlier_settings_say_what_to_do(tmp_path) -> None:
     with pytest.raises(ValueError, match="device='cuda'"):
         estimate(TINY, quantization="int8", device="cpu", int8_outliers=0.1)
     path = tmp_path / "counts.json"
-    path.write_text(json.dumps({"prefill": {"64": [2, 10, 0]}}))
-    assert check_int8_outliers(path).columns("prefill", 64) == 5
+    path.write_text(json.dumps({"prefill": {"64": [2, 10, 0, 8]}}))
+    assert check_int8_outliers(path).columns("prefill", 64) == 8
+    assert check_int8_outliers(path, "mean").columns("prefill", 64) == 5
 
 
 def test_calibration_counts_a_real_int8_call() -> None:

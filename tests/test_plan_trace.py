@@ -27,3 +27,34 @@ def test_first_divergence_names_the_first_large_allocation_that_differs() -> Non
     assert found["index"] == 2 and found["measured"] == [(8 * MIB, ["a"]), (6 * MIB, ["b"])]
     assert found["planned"] == [8 * MIB, 7 * MIB]
     assert first_divergence(measured[:4], planned[:3]) is None
+
+
+def test_traced_calls_are_found_by_name_and_compared(tmp_path, capsys) -> None:
+    """A --trace run's folder: the matrix tool names each trace as validate finds it (a preset name with dots
+    too), and a trace that is the planner's own stream does not part from it; one larger allocation does."""
+    import gzip
+    import json
+
+    from xcomp_lab.plan import validate
+    from xcomp_lab.tools.plan_matrix import Grid, trace_path
+
+    record = {"preset": "llama-3-8b", "tiny": True, "dtype": "bf16", "quantization": "nf4", "attn": "sdpa",
+              "batch": 2, "prompt_tokens": 16, "text_tokens": 16, "new_tokens": 3, "image_size": None,
+              "allocated_peak": 1, "reserved_peak": 1}
+    (tmp_path / validate.RECORDS).write_text(json.dumps(record) + "\n")
+    path = trace_path(Grid((2,), (16,), 3, trace=str(tmp_path / validate.TRACES)), "llama-3-8b", "nf4", "sdpa", 2, 16)
+    assert path.name == validate.trace_name("llama-3-8b", "nf4", "sdpa", 2, 16)
+    assert trace_path(Grid((1,), (8,), 2), "llava-1.5-7b", "nf4", "eager", 1, 8) is None
+    assert validate.trace_name("llava-1.5-7b", "nf4", "eager", 1, 8) == "llava-1.5-7b-nf4-eager-b1-t8.json.gz"
+    events = [[action, 0, size, []] for action, size in planned_events(record)]
+    path.parent.mkdir()
+    with gzip.open(path, "wt") as out:
+        json.dump({"segments_at_start": [], "events": events}, out)
+    validate.main([str(tmp_path), "--traces"])
+    assert json.loads(capsys.readouterr().out) == {"call": path.name, "divergence": None}
+    large = next(i for i, e in enumerate(events) if e[0] == "alloc" and e[2] > 2 * MIB)
+    events[large][2] += MIB
+    with gzip.open(path, "wt") as out:
+        json.dump({"segments_at_start": [], "events": events}, out)
+    (found,) = validate.trace_divergences(tmp_path)
+    assert found["divergence"]["index"] == sum(e[0] == "alloc" and e[2] > MIB for e in events[:large])

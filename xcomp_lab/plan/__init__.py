@@ -11,13 +11,16 @@ is counted, and for CUDA passed through a simulation of PyTorch's caching alloca
 - `CachingAllocator`: the allocator simulation; `greedy_generate`: the planned call on a real model.
 - `estimate(..., max_memory={0: "20GiB", 1: "20GiB"})`: the model placed as `from_pretrained(device_map=...,
   max_memory=...)` places it, each device's weights and allocated peak (`Plan.devices`).
+- `estimate(..., quantization="int8", int8_outliers=...)`: LLM.int8()'s outlier columns where they are known (a
+  fraction, or the counts `outliers.calibrate_int8_outliers` measures on the real model); by default every column
+  (an upper bound).
 - `python -m xcomp_lab.plan --model <preset|dir> --card <name> ...`: the table and the inverse answers;
   `python -m xcomp_lab.plan.validate <matrix folder>`: the prediction of every measured call, its error, and the
   summary against issue 17's bars.
 
 Modules, one job each: `families` (the architectures known), `realvalues` (data kept real where code reads it),
-`replay` (the model and its generate call on fake tensors), `accounting` (the counting), `allocator` (the CUDA
-caching allocator), `estimate` (the API and `Plan`), `devicemap` (a device map's placement and per-device peaks),
+`replay` (the model and its generate call on fake tensors), `accounting` (the counting), `outliers` (LLM.int8()'s
+outlier columns: given, counted), `allocator` (the CUDA caching allocator), `estimate` (the API and `Plan`), `devicemap` (a device map's placement and per-device peaks),
 `inverse` (the searches), `validate` (against measurements);
 `presets` and `build` hold the published models and build them for real.
 """

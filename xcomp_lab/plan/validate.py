@@ -20,7 +20,9 @@ by `outliers.calibrate_int8_outliers` on the real weights; those rows go to `com
 
 Where a reserved peak differs while the allocated one matches, the order of allocations differs: `tools.plan_matrix
 --trace` records a measured call's allocator history on the GPU, `planned_events` gives the planner's simulated
-one for the same call, and `first_divergence` finds where their large-pool allocations first part.
+one for the same call, and `first_divergence` finds where their large-pool allocations first part:
+
+    python -m xcomp_lab.plan.validate <a --trace run's folder> --traces    # each traced call's first divergence
 """
 
 from __future__ import annotations
@@ -90,6 +92,31 @@ def predict_call(record: dict[str, Any], int8_outliers: str | None = None) -> di
             "predicted_image_tokens": plan.image_tokens, "predicted_where": plan.peak_where,
             "predict_s": round(plan.seconds, 2),
             "predicted_phases": {k: [v.allocated, v.reserved] for k, v in plan.phases.items()}}
+
+
+TRACES = "traces"
+
+
+def trace_name(preset: str, quantization: str, attn: str, batch: int, text_tokens: int) -> str:
+    """The file of a call's allocator trace in a matrix folder's `traces/` (`tools.plan_matrix --trace`)."""
+    return f"{preset}-{quantization}-{attn}-b{batch}-t{text_tokens}.json.gz"
+
+
+def trace_divergences(folder: Path) -> list[dict[str, Any]]:
+    """For each call of `folder/records.jsonl` with a trace in `folder/traces`, where the planner's allocations
+    first part from it (`first_divergence`; None: they do not): [{"call": trace name, "divergence": ...}]."""
+    import gzip
+
+    out = []
+    for record in measured_calls(read_jsonl(Path(folder) / RECORDS)):
+        name = trace_name(record["preset"], record["quantization"], record["attn"], record["batch"],
+                          record["text_tokens"])
+        path = Path(folder) / TRACES / name
+        if path.is_file():
+            with gzip.open(path, "rt") as trace:
+                events = json.load(trace)["events"]
+            out.append({"call": name, "divergence": first_divergence(events, planned_events(record))})
+    return out
 
 
 def planned_events(record: dict[str, Any], int8_outliers: str | None = None) -> list[list]:
@@ -296,9 +323,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--int8-outliers", choices=STATISTICS, default=None,
                         help="INT8 calls with the outlier columns their records counted (the mean or the largest "
                              "per input), not every column; rows to compare-int8-<statistic>.jsonl")
+    parser.add_argument("--traces", action="store_true",
+                        help="print where each traced call's allocations (tools.plan_matrix --trace) first part from "
+                             "the planner's")
     parser.add_argument("--by", nargs="+", default=["architecture", "quantization"],
                         help="the summaries printed: fields of compare.jsonl")
     args = parser.parse_args(argv)
+    if args.traces:
+        for line in trace_divergences(args.folder):
+            print(json.dumps(line))
+        return
     if args.predict_only is not None:
         predict_calls([r for r in measured_calls(read_jsonl(args.folder / RECORDS))
                        if args.quantizations is None or r["quantization"] in args.quantizations],

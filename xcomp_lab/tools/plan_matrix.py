@@ -195,8 +195,8 @@ class Grid:
 
 def measure_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int,
                  device: torch.device, trace: Path | None = None) -> dict[str, Any]:
-    """One greedy generate call of exactly `new_tokens` tokens, measured per phase; with `trace` (a path without
-    its suffix, CUDA only), the caching allocator's history of the call written there (`trace_call`)."""
+    """One greedy generate call of exactly `new_tokens` tokens, measured per phase; with `trace` (a .json.gz path,
+    CUDA only), the caching allocator's history of the call written there (`trace_call`)."""
     inputs = {key: value.to(device) for key, value in inputs.items()}
     tracing = trace_call(trace, device) if trace is not None and device.type == "cuda" else nullcontext()
     meter = PhaseMeter(device, model)
@@ -223,9 +223,9 @@ TRACE_PACKAGES = ("transformers/", "bitsandbytes/", "torch/nn/")  # where a trac
 
 
 @contextmanager
-def trace_call(stem: Path, device: torch.device) -> Iterator[None]:
+def trace_call(path: Path, device: torch.device) -> Iterator[None]:
     """Record the CUDA caching allocator's history of a block (`torch.cuda.memory._record_memory_history`, from
-    before the call's `empty_cache`) and write it to `<stem>.json.gz`: the segments at the start ([address, size,
+    before the call's `empty_cache`) and write it to `path` (gzipped JSON): the segments at the start ([address, size,
     allocated]) and every event in order ([action, address, size, the innermost transformers, bitsandbytes or
     torch.nn lines that made it]), to set against the planner's simulated stream (`plan.allocator`)."""
     import gzip
@@ -240,10 +240,10 @@ def trace_call(stem: Path, device: torch.device) -> Iterator[None]:
         torch.cuda.synchronize(device)
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-        stem.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         events = [[e["action"], e.get("addr"), e["size"], _trace_lines(e.get("frames", []))]
                   for e in snapshot["device_traces"][index]]
-        with gzip.open(stem.with_suffix(".json.gz"), "wt") as out:
+        with gzip.open(path, "wt") as out:
             json.dump({"segments_at_start": start, "events": events}, out)
 
 
@@ -311,18 +311,18 @@ def measure_build(name: str, quantization: str, attns: Sequence[str], grid: Grid
                 records.append({**base, "attn": attn, "batch": batch, "prompt_tokens": inputs["input_ids"].shape[1],
                                 "image_tokens": _image_count(preset, tiny, inputs["input_ids"][0]),
                                 "image_size": image_size, "text_tokens": text_tokens, **load,
-                                **measure_call(model, inputs, grid.new_tokens, device, trace_stem(
+                                **measure_call(model, inputs, grid.new_tokens, device, trace_path(
                                     grid, name, quantization, attn, batch, text_tokens))})
     del model
     gc.collect()
     return records
 
 
-def trace_stem(grid: Grid, name: str, quantization: str, attn: str, batch: int, text_tokens: int) -> Path | None:
-    """Where a call's allocator trace goes (without its suffix), or None when the grid traces nothing."""
+def trace_path(grid: Grid, name: str, quantization: str, attn: str, batch: int, text_tokens: int) -> Path | None:
+    """Where a call's allocator trace goes, or None when the grid traces nothing."""
     if grid.trace is None:
         return None
-    return Path(grid.trace) / f"{name}-{quantization}-{attn}-b{batch}-t{text_tokens}"
+    return Path(grid.trace) / validate.trace_name(name, quantization, attn, batch, text_tokens)
 
 
 def _image_count(preset: Preset, tiny: bool, input_ids: torch.Tensor) -> int:
@@ -483,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     grid = Grid(batches=tuple(args.batches or ((1, 2) if args.tiny else (1, 4))),
                 text_tokens=tuple(args.text_tokens or ((16, 48) if args.tiny else (512, 2048))),
                 new_tokens=args.new_tokens or (4 if args.tiny else 8),
-                trace=str(args.out / "traces") if args.trace else None)
+                trace=str(args.out / validate.TRACES) if args.trace else None)
     done = [] if args.skip_done is None else \
         [(r["preset"], r["quantization"]) for r in read_jsonl(args.skip_done) if "skipped" not in r]
     run_matrix(args.presets, args.quantizations, args.attns, grid, device, args.tiny, args.out, args.deadline_s,
