@@ -303,6 +303,22 @@ from xcomp_lab.lessons.plan_any import matrix_reading
 
 print(matrix_reading(summary, rows))
 
+# %% [markdown]
+# The INT8 bound is what a plan without data gives. Where the outlier columns are known, `estimate(...,
+# int8_outliers=...)` replays that many instead: a fraction of each input's columns, or the counts
+# `plan.outliers.calibrate_int8_outliers(model, inputs)` takes from one generate call of your own INT8 model on
+# your own prompts (`--int8-outliers counts.json` on the command line). The matrix recorded those counts for every
+# INT8 call; `plan.validate --int8-outliers largest` predicted each call again with its own counts (the most
+# columns one input held where the record shows it, else the mean per input). Both, per architecture, computed:
+
+# %%
+from xcomp_lab.core.jsonl import read_jsonl
+
+for statistic in ("largest", "mean"):
+    conditional = read_jsonl(matrix / f"compare-int8-{statistic}.jsonl")
+    print(f"INT8 with the records' outlier columns ({statistic} per input):")
+    print(matrix_table(matrix_summary(conditional)))
+
 # %% tags=["nbval-ignore-output"]
 from xcomp_lab.lessons.plan_any import matrix_chart
 
