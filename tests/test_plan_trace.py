@@ -58,3 +58,28 @@ def test_traced_calls_are_found_by_name_and_compared(tmp_path, capsys) -> None:
         json.dump({"segments_at_start": [], "events": events}, out)
     (found,) = validate.trace_divergences(tmp_path)
     assert found["divergence"]["index"] == sum(e[0] == "alloc" and e[2] > MIB for e in events[:large])
+
+
+def test_a_session_runs_a_builds_calls_one_after_the_other() -> None:
+    """As the matrix ran a build: the first call is the fresh-load plan; a later call keeps the workspace and starts
+    from what the first left; a session takes one model only."""
+    import time
+
+    import pytest
+
+    from xcomp_lab.plan.estimate import Session, check_call, run_plan
+
+    def call(batch: int, model: str = "llama-3-8b:tiny"):
+        return check_call(model, dtype="bf16", quantization="nf4", attn="sdpa", batch=batch, prompt_tokens=16,
+                          new_tokens=3, image_size=None, device="cuda", card=None)
+
+    session = Session()
+    first = run_plan(call(2), time.perf_counter(), session=session)
+    single = run_plan(call(2), time.perf_counter())
+    assert (first.peak_bytes, first.reserved_peak_bytes) == (single.peak_bytes, single.reserved_peak_bytes)
+    events: list[list] = []
+    second = run_plan(call(2), time.perf_counter(), events=events, session=session)
+    assert CUBLAS_WORKSPACE_SM90 not in [size for action, size in events if action == "alloc"]  # kept, not made
+    assert second.peak_bytes == first.peak_bytes  # the same call again: the same bytes allocated
+    with pytest.raises(ValueError, match="new Session"):
+        run_plan(call(2, "qwen2.5-7b:tiny"), time.perf_counter(), session=session)

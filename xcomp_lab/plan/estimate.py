@@ -12,6 +12,7 @@ inputs, with CUDA's kernels where they differ from the CPU's (`cuda_kernels`): t
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -406,33 +407,77 @@ def estimate(model: Any, *, dtype: str | torch.dtype | None = None, quantization
     return run_plan(call, start, exact_decode)
 
 
-def run_plan(call: Call, began: float, exact_decode: bool = False, events: list[list] | None = None) -> Plan:
+@dataclass
+class Session:
+    """One process that loads a model once and runs several CUDA calls on it, one after the other, as the validation
+    matrix measured each build (`run_plan(..., session=)`): what the calls share. A later call starts from what the
+    earlier ones left: its inputs are placed on the card before its `empty_cache` (in blocks the previous call left
+    cached, whose segments then stay), cuBLAS's workspace and the tensors kept on the model (LLM.int8()'s
+    `state.idx`) are there already."""
+
+    fake: torch.nn.Module | None = None
+    fake_mode: FakeTensorMode | None = None
+    allocator: CachingAllocator | None = None
+    acc: PlanAccounting | None = None
+    params_bytes: int = 0
+    stats: list[torch.Tensor] = field(default_factory=list)
+    load: PhasePeak | None = None
+    inputs: list[Any] = field(default_factory=list)  # the allocator's blocks of the current call's inputs
+    build: tuple[str, str, str] | None = None  # (model, dtype, quantization) of the session's calls
+
+
+def run_plan(call: Call, began: float, exact_decode: bool = False, events: list[list] | None = None,
+             session: Session | None = None) -> Plan:
     """The plan of a checked call; on CUDA, `events` (a list) receives the simulated allocator's actions from the
-    call's start (the inputs on the card), as a CUDA allocator trace names them (`CachingAllocator.log`)."""
+    call's start (the inputs on the card), as a CUDA allocator trace names them (`CachingAllocator.log`).
+    `session` (CUDA, same model and quantization): the call follows the session's earlier calls in one process."""
     from xcomp_lab.plan.build import quantization_config
 
     source, cuda = call.source, call.device == "cuda"
+    build = (source.name, str(call.dtype), call.quantization)
+    if session is not None and (not cuda or call.max_memory is not None or session.build not in (None, build)):
+        raise ValueError(f"a session runs the CUDA calls of one model on one card: {build} on {call.device} was "
+                         f"given to a session of {session.build}; start a new Session for another model.")
     inputs = call_inputs(call)
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True, static_shapes=True)
     bnb = quantization_config(call.quantization, call.dtype)
-    fake = build_fake_model(source.config, dtype=call.dtype, attn=call.attn, bnb_config=bnb, fake_mode=fake_mode)
-    weights, stats = weight_tensors(fake)
-    params_bytes = sum(t.untyped_storage().nbytes() for t in weights)
+    later = session is not None and session.fake is not None
+    if later:
+        fake, fake_mode, allocator, acc = session.fake, session.fake_mode, session.allocator, session.acc
+        params_bytes, stats, load = session.params_bytes, session.stats, session.load
+        if fake.config._attn_implementation != call.attn:
+            fake.set_attn_implementation(call.attn)
+    else:
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True, static_shapes=True)
+        fake = build_fake_model(source.config, dtype=call.dtype, attn=call.attn, bnb_config=bnb, fake_mode=fake_mode)
+        weights, stats = weight_tensors(fake)
+        params_bytes = sum(t.untyped_storage().nbytes() for t in weights)
+        allocator = CachingAllocator() if cuda else None
+        acc = PlanAccounting(params_bytes, allocator)
     stats_bytes = sum(t.untyped_storage().nbytes() for t in stats)
-    allocator = CachingAllocator() if cuda else None
-    acc = PlanAccounting(params_bytes, allocator)
     inputs_bytes = 0
     if cuda:
-        simulate_load(allocator, fake, call.dtype, acc)
-        load = acc.peaks.pop("load")
-        allocator.empty_cache()
-        for t in inputs.values():
-            allocator.malloc(t.untyped_storage().nbytes())
+        workspace = cublas_workspace(call.card)
+        if later:  # the earlier call's inputs and outputs freed, this call's inputs placed, then the cache emptied
+            for block in session.inputs:
+                allocator.free(block)
+            gc.collect()
+            session.inputs = [allocator.malloc(t.untyped_storage().nbytes()) for t in inputs.values()]
+            allocator.empty_cache()
+            acc.peaks = {}
+        else:
+            simulate_load(allocator, fake, call.dtype, acc)
+            load = acc.peaks.pop("load")
+            allocator.empty_cache()
+            placed = [allocator.malloc(t.untyped_storage().nbytes()) for t in inputs.values()]
         inputs_bytes = sum(round_size(t.untyped_storage().nbytes()) for t in inputs.values())
         allocator.reset_peaks()
         allocator.events = events
-        workspace = cublas_workspace(call.card)
-        allocator.malloc(workspace)  # made at the prefill's first product and kept: present at every peak
+        if not later:
+            allocator.malloc(workspace)  # made at the prefill's first product and kept: present at every peak
+            if session is not None:
+                session.fake, session.fake_mode, session.allocator, session.acc = fake, fake_mode, allocator, acc
+                session.params_bytes, session.stats, session.load, session.inputs = params_bytes, stats, load, placed
+                session.build = build
     else:
         load, workspace = PhasePeak(params_bytes, None, "load"), 0
     cache: list[int] = []
@@ -442,7 +487,7 @@ def run_plan(call: Call, began: float, exact_decode: bool = False, events: list[
     outliers = contextlib.nullcontext()
     if cuda and int8:
         outliers = Int8Outliers(call.int8_outliers, lambda: acc.phase)
-        for module in fake.modules():
+        for module in (() if later else fake.modules()):
             if hasattr(module, "state") and hasattr(module.state, "threshold"):
                 module.state.threshold = bnb.llm_int8_threshold  # as from_pretrained sets it (the replay set 0)
     skipping = contextlib.nullcontext() if exact_decode else fast_forward(fake, call.new_tokens)

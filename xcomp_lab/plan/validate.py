@@ -31,6 +31,7 @@ import argparse
 import json
 import multiprocessing
 import statistics
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import partial
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from xcomp_lab.core.jsonl import append_jsonl, read_jsonl, write_jsonl
 from xcomp_lab.memory.measure import CUDA_KIND
 from xcomp_lab.plan.allocator import SMALL_SIZE
-from xcomp_lab.plan.estimate import check_call, estimate, run_plan
+from xcomp_lab.plan.estimate import Session, check_call, estimate, run_plan
 from xcomp_lab.plan.outliers import STATISTICS, from_counts
 
 RECORDS = "records.jsonl"
@@ -86,7 +87,12 @@ def predict_call(record: dict[str, Any], int8_outliers: str | None = None) -> di
                         device="cuda" if record["kind"] == CUDA_KIND else "cpu", int8_outliers=outliers)
     except Exception as exc:  # noqa: BLE001 (a call the planner cannot predict is reported, not fatal)
         return {"settings": settings_key(record), "prediction_error": f"{type(exc).__name__}: {exc}"}
-    return {"settings": settings_key(record), **({"int8_outliers": int8_outliers} if outliers else {}),
+    return plan_row(record, plan, int8_outliers if outliers is not None else None)
+
+
+def plan_row(record: dict[str, Any], plan: Any, int8_outliers: str | None = None) -> dict[str, Any]:
+    """A prediction's line (`predicted.jsonl`): the plan's peaks, per phase too, for a measured call's settings."""
+    return {"settings": settings_key(record), **({"int8_outliers": int8_outliers} if int8_outliers else {}),
             "predicted_allocated": plan.peak_bytes,
             "predicted_reserved": plan.reserved_peak_bytes, "predicted_weights": plan.weights_bytes,
             "predicted_image_tokens": plan.image_tokens, "predicted_where": plan.peak_where,
@@ -116,6 +122,31 @@ def trace_divergences(folder: Path) -> list[dict[str, Any]]:
             with gzip.open(path, "rt") as trace:
                 events = json.load(trace)["events"]
             out.append({"call": name, "divergence": first_divergence(events, planned_events(record))})
+    return out
+
+
+def build_of(record: dict[str, Any]) -> tuple[Any, ...]:
+    """The build a measured call ran in: one process, one model loaded once (the matrix's run, preset and
+    quantization)."""
+    return (record.get("run"), record["preset"], record.get("tiny"), record["dtype"], record["quantization"])
+
+
+def predict_build(records: Sequence[dict[str, Any]], int8_outliers: str | None = None) -> list[dict[str, Any]]:
+    """`predict_call` for the CUDA calls of one build in their measured order, each after the ones before it in one
+    simulated process (`estimate.Session`), as the matrix ran them: a later call starts from what the earlier ones
+    left, not from a fresh load."""
+    session, out = Session(), []
+    for record in records:
+        outliers = None
+        if int8_outliers is not None and record.get("int8_outliers"):
+            outliers = from_counts(record["int8_outliers"], int8_outliers)
+        began = time.perf_counter()
+        call = check_call(record["preset"] + (":tiny" if record.get("tiny") else ""), dtype=record["dtype"],
+                          quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
+                          prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
+                          image_size=record.get("image_size"), device="cuda", card=None, int8_outliers=outliers)
+        out.append(plan_row(record, run_plan(call, began, session=session),
+                            int8_outliers if outliers is not None else None))
     return out
 
 
@@ -174,21 +205,29 @@ def compare_call(record: dict[str, Any], predicted: dict[str, Any],
 
 
 def predict_calls(records: Sequence[dict[str, Any]], workers: int = 1, out: Path | None = None,
-                  int8_outliers: str | None = None) -> dict[str, dict[str, Any]]:
+                  int8_outliers: str | None = None, as_built: bool = False) -> dict[str, dict[str, Any]]:
     """`predict_call` for each distinct setting of `records`, `workers` processes at a time: {settings key:
     prediction}; each also appended to `out` (JSON lines) as it is made, when given, to be reused by
-    `compare(predicted=)`. `int8_outliers`: as `predict_call`'s."""
-    predict = partial(predict_call, int8_outliers=int8_outliers)
-    todo = list({settings_key(r): r for r in records}.values())
+    `compare(predicted=)`. `int8_outliers`: as `predict_call`'s. `as_built`: each build's calls in one simulated
+    process, in their order (`predict_build`), a build per job."""
+    if as_built:
+        builds: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for record in records:
+            builds.setdefault(build_of(record), []).append(record)
+        predict, todo = partial(predict_build, int8_outliers=int8_outliers), list(builds.values())
+    else:
+        predict = partial(predict_call, int8_outliers=int8_outliers)
+        todo = list({settings_key(r): r for r in records}.values())
     predictions = []
 
-    def done(prediction: dict[str, Any]) -> None:
-        predictions.append(prediction)
-        if out is not None:
-            append_jsonl(out, prediction)
+    def done(prediction: dict[str, Any] | list[dict[str, Any]]) -> None:
+        for line in prediction if isinstance(prediction, list) else [prediction]:
+            predictions.append(line)
+            if out is not None:
+                append_jsonl(out, line)
         bar.update()
 
-    with tqdm(total=len(todo), desc="predict the matrix", unit="call") as bar:
+    with tqdm(total=len(todo), desc="predict the matrix", unit="build" if as_built else "call") as bar:
         if workers <= 1:
             for record in todo:
                 done(predict(record))
@@ -201,10 +240,11 @@ def predict_calls(records: Sequence[dict[str, Any]], workers: int = 1, out: Path
 
 def compare(folder: Path, presets: Sequence[str] | None = None, batches: Sequence[int] | None = None,
             text_tokens: Sequence[int] | None = None, workers: int = 1, predicted: Path | None = None,
-            quantizations: Sequence[str] | None = None, int8_outliers: str | None = None) -> list[dict[str, Any]]:
+            quantizations: Sequence[str] | None = None, int8_outliers: str | None = None,
+            as_built: bool = False) -> list[dict[str, Any]]:
     """Predict the measured calls of `folder/records.jsonl` (all, or those of the given presets, batch sizes, text
     tokens and quantizations), `workers` processes at a time, and write the rows to `folder/compare.jsonl`
-    (`compare-int8-<statistic>.jsonl` with `int8_outliers`, `predict_call`'s); the rows.
+    (`compare_name`: another file with `int8_outliers`, `predict_call`'s, or `as_built`, `predict_calls`'); the rows.
 
     `predicted`: the JSON lines `predict_calls` wrote for the same settings with this planner (e.g. on another
     machine, while the matrix was measured); a call found there is not predicted again.
@@ -217,17 +257,21 @@ def compare(folder: Path, presets: Sequence[str] | None = None, batches: Sequenc
     anchors = {(r["preset"], r["accelerate_dtype"]): r["total_bytes"]
                for r in (read_jsonl(folder / ANCHORS) if (folder / ANCHORS).exists() else [])}
     known = {p["settings"]: p for p in read_jsonl(predicted)} if predicted is not None else {}
-    known.update(predict_calls([r for r in measured if settings_key(r) not in known], workers,
-                               int8_outliers=int8_outliers))
+    todo = [r for r in measured if settings_key(r) not in known]
+    if as_built:  # a build's calls are predicted together, in order
+        builds = {build_of(r) for r in todo}
+        todo = [r for r in measured if build_of(r) in builds]
+    known.update(predict_calls(todo, workers, int8_outliers=int8_outliers, as_built=as_built))
     rows = [compare_call(record, known[settings_key(record)], anchors) for record in measured]
-    write_jsonl(folder / compare_name(int8_outliers), rows)
+    write_jsonl(folder / compare_name(int8_outliers, as_built), rows)
     return rows
 
 
-def compare_name(int8_outliers: str | None = None) -> str:
-    """The comparison's file: `compare.jsonl`, or `compare-int8-<statistic>.jsonl` for INT8 calls planned with their
-    records' outlier columns."""
-    return COMPARE if int8_outliers is None else f"compare-int8-{int8_outliers}.jsonl"
+def compare_name(int8_outliers: str | None = None, as_built: bool = False) -> str:
+    """The comparison's file: `compare.jsonl`; `compare-int8-<statistic>.jsonl` for INT8 calls planned with their
+    records' outlier columns; `-as-built` before `.jsonl` for calls planned as their builds ran them."""
+    name = COMPARE if int8_outliers is None else f"compare-int8-{int8_outliers}.jsonl"
+    return name.replace(".jsonl", "-as-built.jsonl") if as_built else name
 
 
 def _worst(errors: Sequence[float]) -> float:
@@ -323,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--int8-outliers", choices=STATISTICS, default=None,
                         help="INT8 calls with the outlier columns their records counted (the mean or the largest "
                              "per input), not every column; rows to compare-int8-<statistic>.jsonl")
+    parser.add_argument("--as-built", action="store_true",
+                        help="each build's calls in one simulated process, in their measured order (a later call "
+                             "starts from what the earlier ones left), not each from a fresh load")
     parser.add_argument("--traces", action="store_true",
                         help="print where each traced call's allocations (tools.plan_matrix --trace) first part from "
                              "the planner's")
@@ -336,10 +383,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.predict_only is not None:
         predict_calls([r for r in measured_calls(read_jsonl(args.folder / RECORDS))
                        if args.quantizations is None or r["quantization"] in args.quantizations],
-                      args.workers, args.predict_only, args.int8_outliers)
+                      args.workers, args.predict_only, args.int8_outliers, args.as_built)
         return
     rows = compare(args.folder, workers=args.workers, predicted=args.predicted, quantizations=args.quantizations,
-                   int8_outliers=args.int8_outliers)
+                   int8_outliers=args.int8_outliers, as_built=args.as_built)
     for by in args.by:
         print(matrix_table(matrix_summary(rows, by), by))
     print(json.dumps(bars(rows)))
