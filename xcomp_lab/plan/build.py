@@ -44,6 +44,7 @@ from transformers import (
 from transformers import logging as hf_logging
 
 from xcomp_lab.core.checks import check_choice, check_int
+from xcomp_lab.model.bnb_cpu import apply_cpu_path
 from xcomp_lab.plan.presets import Preset, get_preset
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -190,6 +191,9 @@ def build_model(model: str | Preset | PretrainedConfig, *, dtype: str | torch.dt
 
     `model` is a preset name, a preset (full size, or its tiny variant with `tiny=True`) or a config. Pass the
     same `checkpoint` (a `RandomCheckpoint` of this model and dtype) to several builds to draw its tensors once.
+    On a CPU an NF4 model takes the course's 4-bit CPU kernel (`model.bnb_cpu.apply_cpu_path`, portable by default),
+    as `load_model` gives every 4-bit model: bitsandbytes' own choice repacks the weights on CPUs with AVX512-BF16,
+    which adds their packed copies (a tiny Llama 3 in NF4: 296,168 bytes at its peak instead of 220,392).
     """
     torch_dtype = dtype_of(dtype)
     check_choice("attn", attn, ATTENTIONS, hint="the attention implementation")
@@ -204,9 +208,12 @@ def build_model(model: str | Preset | PretrainedConfig, *, dtype: str | torch.dt
                          f"and device={str(device)!r} were asked; pass a RandomCheckpoint made for them, or none.")
     torch.manual_seed(seed)  # the norms and biases `_init_weights` sets
     with _quiet_loading():
-        return skeleton_class.from_pretrained(None, config=config, state_dict=checkpoint, dtype=torch_dtype,
-                                              attn_implementation=attn, quantization_config=bnb,
-                                              device_map=str(device))
+        built = skeleton_class.from_pretrained(None, config=config, state_dict=checkpoint, dtype=torch_dtype,
+                                               attn_implementation=attn, quantization_config=bnb,
+                                               device_map=str(device))
+    if quantization == "nf4" and torch.device(device).type == "cpu":
+        apply_cpu_path(built)  # the course's 4-bit CPU kernel (XCOMP_LAB_BNB_CPU_PATH): the same bytes on every CPU
+    return built
 
 
 class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
