@@ -165,7 +165,7 @@ def test_scaled_budget_keeps_the_full_models_ratio():
 def test_budget_raises_out_of_memory_like_cuda():
     budget = Budget.scaled_to(4 * MIB)  # about 5.4 MiB allowed
     with pytest.raises(torch.OutOfMemoryError) as info, measure("cpu", budget=budget) as m:
-        keep = [torch.empty(MIB // FP32) for _ in range(10)]
+        [torch.empty(MIB // FP32) for _ in range(10)]  # the list holds each until the budget is exceeded
     message = str(info.value)
     assert message.startswith("CPU budget exceeded (emulating a 48 GB card): Tried to allocate 1.00 MiB in ")
     assert "aten.empty.memory_format -> shape (262144,) float32" in message
