@@ -1,10 +1,10 @@
-"""The planner's simulated allocator stream set against a CUDA allocator trace (`plan.validate.planned_events`,
-`first_divergence`; the trace itself is recorded on a GPU by `tools.plan_matrix --trace`)."""
+"""The planner's simulated allocator stream set against a CUDA allocator trace (`plan.trace.planned_events`,
+`trace_differences`; the trace itself is recorded on a GPU by `tools.plan_matrix --trace`)."""
 
 from __future__ import annotations
 
 from xcomp_lab.plan.estimate import CUBLAS_WORKSPACE_SM90
-from xcomp_lab.plan.validate import first_divergence, planned_events
+from xcomp_lab.plan.trace import planned_events, trace_differences
 
 MIB = 1 << 20
 
@@ -19,14 +19,20 @@ def test_planned_events_follow_the_call_from_its_start() -> None:
     assert sum(s for a, s in events if a == "alloc") >= sum(s for a, s in events if a == "free_completed")
 
 
-def test_first_divergence_names_the_first_large_allocation_that_differs() -> None:
-    measured = [["segment_free", 1, 40 * MIB, []], ["alloc", 2, 32 * MIB, ["ws"]], ["alloc", 3, 512, ["small"]],
-                ["alloc", 4, 8 * MIB, ["a"]], ["free_completed", 4, 8 * MIB, []], ["alloc", 5, 6 * MIB, ["b"]]]
-    planned = [["alloc", 32 * MIB], ["alloc", 1024], ["alloc", 8 * MIB], ["alloc", 7 * MIB]]
-    found = first_divergence(measured, planned, context=1)
-    assert found["index"] == 2 and found["measured"] == [(8 * MIB, ["a"]), (6 * MIB, ["b"])]
-    assert found["planned"] == [8 * MIB, 7 * MIB]
-    assert first_divergence(measured[:4], planned[:3]) is None
+def test_trace_differences_align_the_streams_and_name_what_each_side_alone_made() -> None:
+    """A CUDA trace names the bytes asked for; the GPU's extra allocations (a workspace) are grouped by the line that
+    made them, the plan's own by size; small allocations are left out."""
+    measured = [["segment_free", 1, 40 * MIB, []], ["alloc", 2, 8 * MIB - 100, ["a.py:1 f"]], ["alloc", 3, 512, ["s"]],
+                ["alloc", 4, 15 * MIB, ["conv.py:548 _conv_forward"]], ["free_completed", 4, 15 * MIB, []],
+                ["alloc", 5, 6 * MIB, ["b.py:2 g"]], ["alloc", 6, 3 * MIB, ["c.py:3 h"]]]
+    planned = [["alloc", 8 * MIB - 100], ["alloc", 1024], ["alloc", 6 * MIB], ["alloc", 5 * MIB], ["alloc", 5 * MIB]]
+    found = trace_differences(measured, planned)
+    assert (found["measured"], found["planned"], found["matched"]) == (4, 4, 2)
+    assert found["measured_only"] == [{"line": "conv.py:548 _conv_forward", "count": 1, "bytes": 15 * MIB, "first": 1},
+                                      {"line": "c.py:3 h", "count": 1, "bytes": 3 * MIB, "first": 3}]
+    assert found["planned_only"] == [{"size": 5 * MIB, "count": 2}]
+    same = trace_differences([["alloc", i, size, ["x"]] for i, (_, size) in enumerate(planned)], planned)
+    assert same["matched"] == same["planned"] == 4 and not same["measured_only"] and not same["planned_only"]
 
 
 def test_traced_calls_are_found_by_name_and_compared(tmp_path, capsys) -> None:
@@ -35,29 +41,35 @@ def test_traced_calls_are_found_by_name_and_compared(tmp_path, capsys) -> None:
     import gzip
     import json
 
-    from xcomp_lab.plan import validate
+    from xcomp_lab.plan import trace, validate
     from xcomp_lab.tools.plan_matrix import Grid, trace_path
 
     record = {"preset": "llama-3-8b", "tiny": True, "dtype": "bf16", "quantization": "nf4", "attn": "sdpa",
               "batch": 2, "prompt_tokens": 16, "text_tokens": 16, "new_tokens": 3, "image_size": None,
               "allocated_peak": 1, "reserved_peak": 1}
     (tmp_path / validate.RECORDS).write_text(json.dumps(record) + "\n")
-    path = trace_path(Grid((2,), (16,), 3, trace=str(tmp_path / validate.TRACES)), "llama-3-8b", "nf4", "sdpa", 2, 16)
-    assert path.name == validate.trace_name("llama-3-8b", "nf4", "sdpa", 2, 16)
+    path = trace_path(Grid((2,), (16,), 3, trace=str(tmp_path / trace.TRACES)), "llama-3-8b", "nf4", "sdpa", 2, 16)
+    assert path.name == trace.trace_name("llama-3-8b", "nf4", "sdpa", 2, 16)
     assert trace_path(Grid((1,), (8,), 2), "llava-1.5-7b", "nf4", "eager", 1, 8) is None
-    assert validate.trace_name("llava-1.5-7b", "nf4", "eager", 1, 8) == "llava-1.5-7b-nf4-eager-b1-t8.json.gz"
+    assert trace.trace_name("llava-1.5-7b", "nf4", "eager", 1, 8) == "llava-1.5-7b-nf4-eager-b1-t8.json.gz"
     events = [[action, 0, size, []] for action, size in planned_events(record)]
     path.parent.mkdir()
     with gzip.open(path, "wt") as out:
         json.dump({"segments_at_start": [], "events": events}, out)
-    validate.main([str(tmp_path), "--traces"])
-    assert json.loads(capsys.readouterr().out) == {"call": path.name, "divergence": None}
+    trace.main([str(tmp_path)])
+    (line,) = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
+    assert line["call"] == path.name and line["differences"]["matched"] == line["differences"]["planned"] > 0
+    assert not line["differences"]["measured_only"] and not line["differences"]["planned_only"]
     large = next(i for i, e in enumerate(events) if e[0] == "alloc" and e[2] > 2 * MIB)
     events[large][2] += MIB
+    events[large][3] = ["modeling_llama.py:1 forward"]
     with gzip.open(path, "wt") as out:
         json.dump({"segments_at_start": [], "events": events}, out)
-    (found,) = validate.trace_divergences(tmp_path)
-    assert found["divergence"]["index"] == sum(e[0] == "alloc" and e[2] > MIB for e in events[:large])
+    (found,) = trace.traced_calls(tmp_path)
+    index = sum(e[0] == "alloc" and e[2] > MIB for e in events[:large])
+    assert found["differences"]["measured_only"] == [{"line": "modeling_llama.py:1 forward", "count": 1,
+                                                      "bytes": events[large][2] + 511 & ~511, "first": index}]
+    assert found["differences"]["planned_only"] == [{"size": events[large][2] - MIB + 511 & ~511, "count": 1}]
 
 
 def test_a_session_runs_a_builds_calls_one_after_the_other() -> None:
@@ -83,3 +95,27 @@ def test_a_session_runs_a_builds_calls_one_after_the_other() -> None:
     assert second.peak_bytes == first.peak_bytes  # the same call again: the same bytes allocated
     with pytest.raises(ValueError, match="new Session"):
         run_plan(call(2, "qwen2.5-7b:tiny"), time.perf_counter(), session=session)
+
+
+def test_aten_kernels_internal_copies_seen_in_the_traces_are_planned() -> None:
+    """`masked_scatter` keeps an int64 prefix sum and a contiguous copy of its mask, both of the output's size (after
+    it); `native_layer_norm` copies a non-contiguous input first; a `sum` into another dtype copies its input to it,
+    except FP16/BF16 read into FP32; every other op adds nothing."""
+    import torch
+
+    from xcomp_lab.plan.accounting import aten_temporaries
+
+    aten = torch.ops.aten
+    embeds = torch.empty(2, 300, 64, dtype=torch.bfloat16, device="meta")
+    mask = torch.empty(2, 300, 1, dtype=torch.bool, device="meta")
+    n = 2 * 300 * 64
+    assert aten_temporaries(aten.masked_scatter.default, (embeds, mask, embeds), {}) == ((), (n * 8, n + 511 & ~511))
+    weight = torch.empty(64, dtype=torch.bfloat16, device="meta")
+    transposed = torch.empty(2, 64, 300, dtype=torch.bfloat16, device="meta").transpose(1, 2)
+    assert aten_temporaries(aten.native_layer_norm.default, (transposed, [64], weight, weight, 1e-6), {}) == ((n * 2,), ())
+    assert aten_temporaries(aten.native_layer_norm.default, (embeds, [64], weight, weight, 1e-6), {}) == ((), ())
+    flags = torch.empty(4, 17, 3, 364, 364, dtype=torch.bool, device="meta")
+    assert aten_temporaries(aten.sum.dim_IntList, (flags, [-1, -2, -3]), {}) == ((), (flags.numel() * 8,))
+    assert aten_temporaries(aten.sum.dim_IntList, (embeds, [-1]), {"dtype": torch.float32}) == ((), ())
+    assert aten_temporaries(aten.sum.default, (embeds,), {}) == ((), ())
+    assert aten_temporaries(aten.add.Tensor, (embeds, embeds), {}) == ((), ())

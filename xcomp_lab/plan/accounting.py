@@ -3,10 +3,11 @@ tensors, with the phase and the part of the model at each peak, and for CUDA eve
 passed to the simulated caching allocator (`allocator.CachingAllocator`), whose statistics are what
 `torch.cuda.max_memory_allocated` and `max_memory_reserved` report.
 
-For CUDA it also adds what CUDA kernels allocate inside one op, which CPU kernels do not: bitsandbytes' CUDA
-temporaries (`estimate.accounting.bnb_cuda_temporaries`, and `int8_mm_dequant`'s FP16 result before its cast), each
-a block of its own, made before or after the op's outputs as the CUDA code makes them (the caching allocator places
-blocks by that order), and the auxiliary outputs of CUDA's attention kernels (`cuda_kernels`).
+For CUDA it also adds what CUDA kernels allocate inside one op, which the fake kernels do not show: bitsandbytes'
+CUDA temporaries (`estimate.accounting.bnb_cuda_temporaries`, and `int8_mm_dequant`'s FP16 result before its cast)
+and three ATen kernels' (`aten_temporaries`), each a block of its own, made before or after the op's outputs as the
+CUDA code makes them (the caching allocator places blocks by that order), and the auxiliary outputs of CUDA's
+attention kernels (`cuda_kernels`).
 
 LLM.int8() (bitsandbytes 0.50.2, `MatMul8bitLt.forward` with transformers' threshold 6.0) keeps in higher precision
 the input columns where any row reaches the threshold: which columns depends on the activations' values, which a
@@ -153,14 +154,47 @@ class PlanAccounting(CpuAccounting):
             self.peaks[group] = PhasePeak(known.allocated, reserved, known.where)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.allocator is None or func.namespace != "bitsandbytes":
+        if self.allocator is None:
             return super().__torch_dispatch__(func, types, args, kwargs)
         kwargs = kwargs or {}
-        before, after = bnb_cuda_temporaries(func, args, kwargs)
-        held = self.hold(before + int8_dequant_scratch(func, args, kwargs))
+        if func.namespace == "bitsandbytes":
+            before, after = bnb_cuda_temporaries(func, args, kwargs)
+            before += int8_dequant_scratch(func, args, kwargs)
+        else:
+            before, after = aten_temporaries(func, args, kwargs)
+            if not before + after:
+                return super().__torch_dispatch__(func, types, args, kwargs)
+        held = self.hold(before)
         out = super().__torch_dispatch__(func, types, args, kwargs)
         self.release(held + self.hold(after))
         return out
+
+
+SUMS = (torch.ops.aten.sum.default, torch.ops.aten.sum.dim_IntList)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def aten_temporaries(func: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """What an ATen CUDA kernel allocates and frees inside itself, which its fake kernel does not show (in blocks,
+    in their order: those made before the op's outputs, those made after them), as the H200 traces show them
+    (results/plan-matrix-h200/traced): `masked_scatter` (how LLaVA, Qwen2-VL and Idefics3 put the image features
+    into the prompt) keeps an int64 prefix sum of the mask and a contiguous copy of it, both of the output's size;
+    `native_layer_norm` on a non-contiguous input first copies it to a contiguous one (`expect_contiguous`:
+    Idefics3's SigLIP, whose residual stream keeps the patch embedding's transposed strides); a `sum` into another
+    dtype copies its input to that dtype first (`make_reduction`'s `self.to(in_dtype)`, after the output; FP16/BF16
+    inputs of an FP32 sum are read as they are): Idefics3's padding-image test sums a boolean mask of every pixel
+    as int64."""
+    if func is torch.ops.aten.masked_scatter.default:
+        n = torch.Size(torch.broadcast_shapes(args[0].shape, args[1].shape)).numel()
+        return (), (round_cuda(n * 8), round_cuda(n))
+    if func is torch.ops.aten.native_layer_norm.default and not args[0].is_contiguous():
+        return (round_cuda(args[0].numel() * args[0].element_size()),), ()
+    if func in SUMS:
+        x = args[0]
+        out = kwargs.get("dtype") or (torch.int64 if not (x.is_floating_point() or x.is_complex()) else x.dtype)
+        if out != x.dtype and not (x.dtype in LOW_PRECISION and out == torch.float32):
+            return (), (round_cuda(x.numel() * dtype_bytes(out)),)
+    return (), ()
 
 
 def int8_dequant_scratch(func: Any, args: tuple, kwargs: dict) -> tuple[int, ...]:

@@ -71,6 +71,7 @@ class Block:
     small: bool
     segment: int  # the address of its segment
     allocated: bool = False
+    requested: int = 0  # the bytes asked for, while allocated
     prev: Block | None = field(default=None, repr=False)
     next: Block | None = field(default=None, repr=False)
 
@@ -97,7 +98,8 @@ class CachingAllocator:
         self.events: list[list] | None = None  # a list: every action appended, as a CUDA trace names it (`log`)
 
     def log(self, action: str, size: int) -> None:
-        """Note an action ("alloc", "free_completed", "segment_alloc", "segment_free") when `events` is a list."""
+        """Note an action ("alloc", "free_completed", "segment_alloc", "segment_free") when `events` is a list: for a
+        block, the bytes asked for (as a CUDA trace records them), for a segment its size."""
         if self.events is not None:
             self.events.append([action, size])
 
@@ -154,8 +156,8 @@ class CachingAllocator:
                 block.next.prev = tail
             block.next, block.size = tail, size
             self._insert(tail)
-        block.allocated = True
-        self.log("alloc", block.size)
+        block.allocated, block.requested = True, nbytes
+        self.log("alloc", nbytes)
         self.allocated += block.size
         self.peak_allocated = max(self.peak_allocated, self.allocated)
         return block
@@ -163,7 +165,7 @@ class CachingAllocator:
     def free(self, block: Block) -> None:
         """Return a block to its pool, merged with its free neighbours."""
         block.allocated = False
-        self.log("free_completed", block.size)
+        self.log("free_completed", block.requested)
         self.allocated -= block.size
         for neighbour in (block.prev, block.next):
             if neighbour is None or neighbour.allocated:

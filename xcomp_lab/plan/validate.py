@@ -18,11 +18,8 @@ by `outliers.calibrate_int8_outliers` on the real weights; those rows go to `com
 
     python -m xcomp_lab.plan.validate results/plan-matrix-h200 --quantizations int8 --int8-outliers mean
 
-Where a reserved peak differs while the allocated one matches, the order of allocations differs: `tools.plan_matrix
---trace` records a measured call's allocator history on the GPU, `planned_events` gives the planner's simulated
-one for the same call, and `first_divergence` finds where their large-pool allocations first part:
-
-    python -m xcomp_lab.plan.validate <a --trace run's folder> --traces    # each traced call's first divergence
+Where a reserved peak differs while the allocated one matches, `plan.trace` sets a call's CUDA allocator trace against
+the planner's simulated allocations.
 """
 
 from __future__ import annotations
@@ -42,7 +39,6 @@ from tqdm.auto import tqdm
 
 from xcomp_lab.core.jsonl import append_jsonl, read_jsonl, write_jsonl
 from xcomp_lab.memory.measure import CUDA_KIND
-from xcomp_lab.plan.allocator import SMALL_SIZE
 from xcomp_lab.plan.estimate import Session, check_call, estimate, run_plan
 from xcomp_lab.plan.outliers import STATISTICS, from_counts
 
@@ -100,31 +96,6 @@ def plan_row(record: dict[str, Any], plan: Any, int8_outliers: str | None = None
             "predicted_phases": {k: [v.allocated, v.reserved] for k, v in plan.phases.items()}}
 
 
-TRACES = "traces"
-
-
-def trace_name(preset: str, quantization: str, attn: str, batch: int, text_tokens: int) -> str:
-    """The file of a call's allocator trace in a matrix folder's `traces/` (`tools.plan_matrix --trace`)."""
-    return f"{preset}-{quantization}-{attn}-b{batch}-t{text_tokens}.json.gz"
-
-
-def trace_divergences(folder: Path) -> list[dict[str, Any]]:
-    """For each call of `folder/records.jsonl` with a trace in `folder/traces`, where the planner's allocations
-    first part from it (`first_divergence`; None: they do not): [{"call": trace name, "divergence": ...}]."""
-    import gzip
-
-    out = []
-    for record in measured_calls(read_jsonl(Path(folder) / RECORDS)):
-        name = trace_name(record["preset"], record["quantization"], record["attn"], record["batch"],
-                          record["text_tokens"])
-        path = Path(folder) / TRACES / name
-        if path.is_file():
-            with gzip.open(path, "rt") as trace:
-                events = json.load(trace)["events"]
-            out.append({"call": name, "divergence": first_divergence(events, planned_events(record))})
-    return out
-
-
 def build_of(record: dict[str, Any]) -> tuple[Any, ...]:
     """The build a measured call ran in: one process, one model loaded once (the matrix's run, preset and
     quantization)."""
@@ -148,36 +119,6 @@ def predict_build(records: Sequence[dict[str, Any]], int8_outliers: str | None =
         out.append(plan_row(record, run_plan(call, began, session=session),
                             int8_outliers if outliers is not None else None))
     return out
-
-
-def planned_events(record: dict[str, Any], int8_outliers: str | None = None) -> list[list]:
-    """The simulated allocator's actions over a measured call's prediction, from the call's start ([action, size]:
-    "alloc", "free_completed", "segment_alloc", "segment_free"), to set against its CUDA trace."""
-    outliers = None
-    if int8_outliers is not None and record.get("int8_outliers"):
-        outliers = from_counts(record["int8_outliers"], int8_outliers)
-    call = check_call(record["preset"] + (":tiny" if record.get("tiny") else ""), dtype=record["dtype"],
-                      quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
-                      prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
-                      image_size=record.get("image_size"), device="cuda", card=None, int8_outliers=outliers)
-    events: list[list] = []
-    run_plan(call, 0.0, events=events)
-    return events
-
-
-def first_divergence(measured: Sequence[Sequence[Any]], planned: Sequence[Sequence[Any]],
-                     context: int = 5) -> dict[str, Any] | None:
-    """Where the large-pool allocations (over 1 MiB) of a CUDA trace's events (`tools.plan_matrix.trace_call`:
-    [action, address, size, lines]) and the planner's (`planned_events`: [action, size]) first differ in size:
-    the index among them, and `context` allocations before and after on each side (a measured one with the lines
-    that made it); None when one stream is the other's beginning."""
-    real = [(e[2], e[3] if len(e) > 3 else []) for e in measured if e[0] == "alloc" and e[2] > SMALL_SIZE]
-    plan = [e[1] for e in planned if e[0] == "alloc" and e[1] > SMALL_SIZE]
-    index = next((i for i, (r, p) in enumerate(zip(real, plan)) if r[0] != p), None)
-    if index is None:
-        return None
-    low = max(index - context, 0)
-    return {"index": index, "measured": real[low:index + context + 1], "planned": plan[low:index + context + 1]}
 
 
 def compare_call(record: dict[str, Any], predicted: dict[str, Any],
@@ -370,16 +311,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--as-built", action="store_true",
                         help="each build's calls in one simulated process, in their measured order (a later call "
                              "starts from what the earlier ones left), not each from a fresh load")
-    parser.add_argument("--traces", action="store_true",
-                        help="print where each traced call's allocations (tools.plan_matrix --trace) first part from "
-                             "the planner's")
     parser.add_argument("--by", nargs="+", default=["architecture", "quantization"],
                         help="the summaries printed: fields of compare.jsonl")
     args = parser.parse_args(argv)
-    if args.traces:
-        for line in trace_divergences(args.folder):
-            print(json.dumps(line))
-        return
     if args.predict_only is not None:
         predict_calls([r for r in measured_calls(read_jsonl(args.folder / RECORDS))
                        if args.quantizations is None or r["quantization"] in args.quantizations],

@@ -70,6 +70,7 @@ from xcomp_lab.plan.estimate import supports_sdpa
 from xcomp_lab.plan.families import family_of
 from xcomp_lab.plan.outliers import count_outliers
 from xcomp_lab.plan.presets import Preset, get_preset, preset_names
+from xcomp_lab.plan.trace import TRACES, trace_name
 from xcomp_lab.run.call import phase_marks
 
 RECORDS = validate.RECORDS
@@ -322,7 +323,7 @@ def trace_path(grid: Grid, name: str, quantization: str, attn: str, batch: int, 
     """Where a call's allocator trace goes, or None when the grid traces nothing."""
     if grid.trace is None:
         return None
-    return Path(grid.trace) / validate.trace_name(name, quantization, attn, batch, text_tokens)
+    return Path(grid.trace) / trace_name(name, quantization, attn, batch, text_tokens)
 
 
 def _image_count(preset: Preset, tiny: bool, input_ids: torch.Tensor) -> int:
@@ -483,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     grid = Grid(batches=tuple(args.batches or ((1, 2) if args.tiny else (1, 4))),
                 text_tokens=tuple(args.text_tokens or ((16, 48) if args.tiny else (512, 2048))),
                 new_tokens=args.new_tokens or (4 if args.tiny else 8),
-                trace=str(args.out / validate.TRACES) if args.trace else None)
+                trace=str(args.out / TRACES) if args.trace else None)
     done = [] if args.skip_done is None else \
         [(r["preset"], r["quantization"]) for r in read_jsonl(args.skip_done) if "skipped" not in r]
     run_matrix(args.presets, args.quantizations, args.attns, grid, device, args.tiny, args.out, args.deadline_s,
