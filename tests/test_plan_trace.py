@@ -119,3 +119,20 @@ def test_aten_kernels_internal_copies_seen_in_the_traces_are_planned() -> None:
     assert aten_temporaries(aten.sum.dim_IntList, (embeds, [-1]), {"dtype": torch.float32}) == ((), ())
     assert aten_temporaries(aten.sum.default, (embeds,), {}) == ((), ())
     assert aten_temporaries(aten.add.Tensor, (embeds, embeds), {}) == ((), ())
+
+
+def test_sdpa_on_cuda_allocates_its_output_alone_in_the_fused_kernels_layout() -> None:
+    """The CPU's fused attention, which the fake tensors run, also returns an FP32 log-sum-exp; CUDA's fused kernels
+    without gradients return the output alone, laid out (batch, query, heads, head dim)."""
+    import torch
+
+    from xcomp_lab.plan.accounting import CudaSdpa
+
+    q = torch.randn(2, 8, 5, 16, dtype=torch.bfloat16)
+    k = v = torch.randn(2, 8, 5, 16, dtype=torch.bfloat16)
+    _, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    assert lse.shape == (2, 8, 5) and lse.dtype == torch.float32  # what the plan no longer counts on CUDA
+    with CudaSdpa():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.shape == (2, 8, 5, 16) and out.dtype == torch.bfloat16
+    assert out.transpose(1, 2).is_contiguous()

@@ -6,8 +6,8 @@ passed to the simulated caching allocator (`allocator.CachingAllocator`), whose 
 For CUDA it also adds what CUDA kernels allocate inside one op, which the fake kernels do not show: bitsandbytes'
 CUDA temporaries (`estimate.accounting.bnb_cuda_temporaries`, and `int8_mm_dequant`'s FP16 result before its cast)
 and three ATen kernels' (`aten_temporaries`), each a block of its own, made before or after the op's outputs as the
-CUDA code makes them (the caching allocator places blocks by that order), and the auxiliary outputs of CUDA's
-attention kernels (`cuda_kernels`).
+CUDA code makes them (the caching allocator places blocks by that order); and `scaled_dot_product_attention`
+allocates what CUDA's fused kernels allocate (`CudaSdpa`).
 
 LLM.int8() (bitsandbytes 0.50.2, `MatMul8bitLt.forward` with transformers' threshold 6.0) keeps in higher precision
 the input columns where any row reaches the threshold: which columns depends on the activations' values, which a
@@ -195,6 +195,23 @@ def aten_temporaries(func: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, .
         if out != x.dtype and not (x.dtype in LOW_PRECISION and out == torch.float32):
             return (), (round_cuda(x.numel() * dtype_bytes(out)),)
     return (), ()
+
+
+class CudaSdpa(TorchFunctionMode):
+    """`scaled_dot_product_attention` as CUDA's fused kernels run it without gradients: the output alone, laid out
+    (batch, query, heads, head dim) and returned as its (batch, heads, query, head dim) view, no log-sum-exp. The
+    CPU's fused kernel, which the fake tensors run, also returns an FP32 log-sum-exp of (batch, heads, query): in the
+    H200 traces LLaVA's batch-4 prefill made no such block, where the plan made one per layer (1.28 MiB at 2624
+    tokens, each needing a 20 MiB segment of its own)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        query = args[0] if args else kwargs["query"]
+        value = args[2] if len(args) > 2 else kwargs["value"]
+        *batch, heads, length, _ = query.shape
+        return torch.empty((*batch, length, heads, value.shape[-1]), dtype=query.dtype).transpose(-3, -2)
 
 
 def int8_dequant_scratch(func: Any, args: tuple, kwargs: dict) -> tuple[int, ...]:

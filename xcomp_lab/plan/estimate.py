@@ -4,7 +4,7 @@ The model's own code runs on fake tensors (`replay`), with the real inputs its p
 (`build.make_inputs`), under the CPU tensor accounting (`accounting`). On CPU the prediction is what
 `memory.measure("cpu")` reports for the real call. For CUDA the same stream of allocations and frees goes
 through a simulation of PyTorch's caching allocator (`allocator`), after the load of the weights and the
-inputs, with CUDA's kernels where they differ from the CPU's (`cuda_kernels`): the peak is what
+inputs, with CUDA's kernels where they differ from the CPU's (`accounting.CudaSdpa`, `estimate.accounting.CudaSoftmax`): the peak is what
 `torch.cuda.max_memory_allocated` and `max_memory_reserved` report for the call, measured as
 `memory.measure("cuda")` measures it (empty cache and peaks reset at its start, weights and inputs on the card).
 """
@@ -28,7 +28,7 @@ from xcomp_lab.estimate.accounting import CudaSoftmax
 from xcomp_lab.estimate.fake import quant_state_tensors
 from xcomp_lab.memory.cards import Card, card_named
 from xcomp_lab.memory.footprint import statistics
-from xcomp_lab.plan.accounting import Int8Outliers, PhasePeak, PlanAccounting, peak_of
+from xcomp_lab.plan.accounting import CudaSdpa, Int8Outliers, PhasePeak, PlanAccounting, peak_of
 from xcomp_lab.plan.allocator import BothOrders, CachingAllocator, round_size
 from xcomp_lab.plan.devicemap import (
     DevicePeak,
@@ -483,6 +483,7 @@ def run_plan(call: Call, began: float, exact_decode: bool = False, events: list[
     cache: list[int] = []
     token = int(inputs["input_ids"][0, 0])
     kernels = CudaSoftmax() if cuda else contextlib.nullcontext()
+    sdpa = CudaSdpa() if cuda else contextlib.nullcontext()
     int8 = bnb is not None and bnb.load_in_8bit
     outliers = contextlib.nullcontext()
     if cuda and int8:
@@ -502,7 +503,7 @@ def run_plan(call: Call, began: float, exact_decode: bool = False, events: list[
         for name in start:  # cuBLAS takes its workspace on each GPU that multiplies
             start[name] += workspace if name.startswith("cuda") else 0
         placing = follow_devices(fake, dmap, acc, start)
-    with quiet, fake_mode, RealValues(token), acc, kernels, outliers, skipping, marks, placing:
+    with quiet, fake_mode, RealValues(token), acc, kernels, sdpa, outliers, skipping, marks, placing:
         acc.mark("generate")
         greedy_generate(fake, inputs, call.new_tokens)
     peaks = {"load": load, **{k: v for k, v in acc.peaks.items() if k in PHASES}}
