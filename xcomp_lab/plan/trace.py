@@ -27,9 +27,9 @@ from typing import Any
 
 from xcomp_lab.core.jsonl import read_jsonl
 from xcomp_lab.plan.allocator import SMALL_SIZE, round_size
-from xcomp_lab.plan.estimate import Session, check_call, run_plan
-from xcomp_lab.plan.outliers import STATISTICS, from_counts
-from xcomp_lab.plan.validate import RECORDS, build_of, measured_calls
+from xcomp_lab.plan.estimate import Session, run_plan
+from xcomp_lab.plan.outliers import STATISTICS
+from xcomp_lab.plan.validate import RECORDS, build_of, cuda_call, measured_calls
 
 TRACES = "traces"
 LISTED = 8  # groups listed on each side
@@ -42,16 +42,10 @@ def trace_name(preset: str, quantization: str, attn: str, batch: int, text_token
 
 def planned_events(record: dict[str, Any], int8_outliers: str | None = None,
                    session: Session | None = None) -> list[list]:
-    """The simulated allocator's actions over a measured call's prediction, from the call's start ([action, size]:
-    "alloc", "free_completed", "segment_alloc", "segment_free"), to set against its CUDA trace; with `session`, the
-    call continues that simulated process (`estimate.Session`)."""
-    outliers = None
-    if int8_outliers is not None and record.get("int8_outliers"):
-        outliers = from_counts(record["int8_outliers"], int8_outliers)
-    call = check_call(record["preset"] + (":tiny" if record.get("tiny") else ""), dtype=record["dtype"],
-                      quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
-                      prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
-                      image_size=record.get("image_size"), device="cuda", card=None, int8_outliers=outliers)
+    """The simulated allocator's actions over a measured call's prediction, every decode step run, from the call's
+    start ([action, size]: "alloc", "free_completed", "segment_alloc", "segment_free"), to set against its CUDA
+    trace; with `session`, the call continues that simulated process (`estimate.Session`)."""
+    call = cuda_call(record, int8_outliers)
     events: list[list] = []
     run_plan(call, time.perf_counter(), exact_decode=True, events=events, session=session)
     return events

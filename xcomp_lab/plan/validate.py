@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from xcomp_lab.core.jsonl import append_jsonl, read_jsonl, write_jsonl
 from xcomp_lab.memory.measure import CUDA_KIND
-from xcomp_lab.plan.estimate import Session, check_call, estimate, run_plan
+from xcomp_lab.plan.estimate import Call, Session, check_call, estimate, run_plan
 from xcomp_lab.plan.outliers import STATISTICS, from_counts
 
 RECORDS = "records.jsonl"
@@ -102,22 +102,28 @@ def build_of(record: dict[str, Any]) -> tuple[Any, ...]:
     return (record.get("run"), record["preset"], record.get("tiny"), record["dtype"], record["quantization"])
 
 
+def cuda_call(record: dict[str, Any], int8_outliers: str | None = None) -> Call:
+    """The planner's checked CUDA call for a measured call's settings; `int8_outliers` ("mean", "largest"): an INT8
+    call with its record's outlier columns (`outliers.from_counts`), not every column."""
+    outliers = None
+    if int8_outliers is not None and record.get("int8_outliers"):
+        outliers = from_counts(record["int8_outliers"], int8_outliers)
+    return check_call(record["preset"] + (":tiny" if record.get("tiny") else ""), dtype=record["dtype"],
+                      quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
+                      prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
+                      image_size=record.get("image_size"), device="cuda", card=None, int8_outliers=outliers)
+
+
 def predict_build(records: Sequence[dict[str, Any]], int8_outliers: str | None = None) -> list[dict[str, Any]]:
     """`predict_call` for the CUDA calls of one build in their measured order, each after the ones before it in one
     simulated process (`estimate.Session`), as the matrix ran them: a later call starts from what the earlier ones
     left, not from a fresh load."""
     session, out = Session(), []
     for record in records:
-        outliers = None
-        if int8_outliers is not None and record.get("int8_outliers"):
-            outliers = from_counts(record["int8_outliers"], int8_outliers)
         began = time.perf_counter()
-        call = check_call(record["preset"] + (":tiny" if record.get("tiny") else ""), dtype=record["dtype"],
-                          quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
-                          prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
-                          image_size=record.get("image_size"), device="cuda", card=None, int8_outliers=outliers)
+        call = cuda_call(record, int8_outliers)
         out.append(plan_row(record, run_plan(call, began, session=session),
-                            int8_outliers if outliers is not None else None))
+                            int8_outliers if call.int8_outliers is not None else None))
     return out
 
 
