@@ -112,8 +112,9 @@ def test_aten_kernels_internal_copies_seen_in_the_traces_are_planned() -> None:
     assert aten_temporaries(aten.masked_scatter.default, (embeds, mask, embeds), {}) == ((), (n * 8, n + 511 & ~511))
     weight = torch.empty(64, dtype=torch.bfloat16, device="meta")
     transposed = torch.empty(2, 64, 300, dtype=torch.bfloat16, device="meta").transpose(1, 2)
-    assert aten_temporaries(aten.native_layer_norm.default, (transposed, [64], weight, weight, 1e-6), {}) == ((n * 2,), ())
-    assert aten_temporaries(aten.native_layer_norm.default, (embeds, [64], weight, weight, 1e-6), {}) == ((), ())
+    layer_norm = aten.native_layer_norm.default
+    assert aten_temporaries(layer_norm, (transposed, [64], weight, weight, 1e-6), {}) == ((n * 2,), ())
+    assert aten_temporaries(layer_norm, (embeds, [64], weight, weight, 1e-6), {}) == ((), ())
     flags = torch.empty(4, 17, 3, 364, 364, dtype=torch.bool, device="meta")
     assert aten_temporaries(aten.sum.dim_IntList, (flags, [-1, -2, -3]), {}) == ((), (flags.numel() * 8,))
     assert aten_temporaries(aten.sum.dim_IntList, (embeds, [-1]), {"dtype": torch.float32}) == ((), ())

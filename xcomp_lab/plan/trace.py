@@ -76,7 +76,8 @@ def trace_differences(measured: Sequence[Sequence[Any]], planned: Sequence[Seque
             ours[size] += 1
     measured_only = sorted(({"line": line, "count": c, "bytes": b, "first": f} for line, (c, b, f) in gpu.items()),
                            key=lambda g: -g["bytes"])
-    planned_only = sorted(({"size": size, "count": c} for size, c in ours.items()), key=lambda g: -g["size"] * g["count"])
+    planned_only = sorted(({"size": size, "count": c} for size, c in ours.items()),
+                          key=lambda g: -g["size"] * g["count"])
     return {"measured": len(real), "planned": len(plan), "matched": matched,
             "measured_only": measured_only[:LISTED], "planned_only": planned_only[:LISTED]}
 
