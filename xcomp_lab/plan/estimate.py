@@ -6,7 +6,8 @@ The model's own code runs on fake tensors (`replay`), with the real inputs its p
 through a simulation of PyTorch's caching allocator (`allocator`), after the load of the weights and the
 inputs, with CUDA's kernels where they differ from the CPU's (`accounting.CudaSdpa`, `accounting.aten_temporaries`,
 `estimate.accounting.CudaSoftmax`): the peak is what `torch.cuda.max_memory_allocated` and `max_memory_reserved`
-report for the call, measured as `memory.measure("cuda")` measures it (empty cache and peaks reset at its start, weights and inputs on the card).
+report for the call, measured as `memory.measure("cuda")` measures it (empty cache and peaks reset at its start,
+weights and inputs on the card).
 """
 
 from __future__ import annotations
