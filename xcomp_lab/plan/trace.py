@@ -29,7 +29,7 @@ from xcomp_lab.core.jsonl import read_jsonl
 from xcomp_lab.plan.allocator import SMALL_SIZE, round_size
 from xcomp_lab.plan.estimate import Session, run_plan
 from xcomp_lab.plan.outliers import STATISTICS
-from xcomp_lab.plan.validate import RECORDS, build_of, cuda_call, measured_calls
+from xcomp_lab.plan.validate import RECORDS, build_of, measured_calls, record_call
 
 TRACES = "traces"
 LISTED = 8  # groups listed on each side
@@ -45,7 +45,7 @@ def planned_events(record: dict[str, Any], int8_outliers: str | None = None,
     """The simulated allocator's actions over a measured call's prediction, every decode step run, from the call's
     start ([action, size]: "alloc", "free_completed", "segment_alloc", "segment_free"), to set against its CUDA
     trace; with `session`, the call continues that simulated process (`estimate.Session`)."""
-    call = cuda_call(record, int8_outliers)
+    call = record_call(record, int8_outliers)
     events: list[list] = []
     run_plan(call, time.perf_counter(), exact_decode=True, events=events, session=session)
     return events

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from xcomp_lab.core.jsonl import append_jsonl, read_jsonl, write_jsonl
 from xcomp_lab.memory.measure import CUDA_KIND
-from xcomp_lab.plan.estimate import Call, Session, check_call, estimate, run_plan
+from xcomp_lab.plan.estimate import Call, Session, check_call, run_plan
 from xcomp_lab.plan.outliers import STATISTICS, from_counts
 
 RECORDS = "records.jsonl"
@@ -70,20 +70,14 @@ def settings_key(record: dict[str, Any]) -> str:
 
 def predict_call(record: dict[str, Any], int8_outliers: str | None = None) -> dict[str, Any]:
     """The planner's figures for a measured call's settings: peaks, per phase too, and the time taken (or the error
-    of a call the planner cannot predict, as `prediction_error`). `int8_outliers` ("mean", "largest"): an INT8
-    call with its record's outlier columns (`outliers.from_counts`), not every column."""
-    outliers = None
-    if int8_outliers is not None and record["quantization"] == "int8" and record.get("int8_outliers"):
-        outliers = from_counts(record["int8_outliers"], int8_outliers)
+    of a call the planner cannot predict, as `prediction_error`). `int8_outliers`: as `record_call`'s."""
+    began = time.perf_counter()
     try:
-        plan = estimate(record["preset"] + (":tiny" if record.get("tiny") else ""), dtype=record["dtype"],
-                        quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
-                        prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
-                        image_size=record.get("image_size"),
-                        device="cuda" if record["kind"] == CUDA_KIND else "cpu", int8_outliers=outliers)
+        call = record_call(record, int8_outliers, "cuda" if record["kind"] == CUDA_KIND else "cpu")
+        plan = run_plan(call, began)
     except Exception as exc:  # noqa: BLE001 (a call the planner cannot predict is reported, not fatal)
         return {"settings": settings_key(record), "prediction_error": f"{type(exc).__name__}: {exc}"}
-    return plan_row(record, plan, int8_outliers if outliers is not None else None)
+    return plan_row(record, plan, int8_outliers if call.int8_outliers is not None else None)
 
 
 def plan_row(record: dict[str, Any], plan: Any, int8_outliers: str | None = None) -> dict[str, Any]:
@@ -102,16 +96,16 @@ def build_of(record: dict[str, Any]) -> tuple[Any, ...]:
     return (record.get("run"), record["preset"], record.get("tiny"), record["dtype"], record["quantization"])
 
 
-def cuda_call(record: dict[str, Any], int8_outliers: str | None = None) -> Call:
-    """The planner's checked CUDA call for a measured call's settings; `int8_outliers` ("mean", "largest"): an INT8
-    call with its record's outlier columns (`outliers.from_counts`), not every column."""
+def record_call(record: dict[str, Any], int8_outliers: str | None = None, device: str = "cuda") -> Call:
+    """The planner's checked call for a measured call's settings on `device`; `int8_outliers` ("mean", "largest"):
+    an INT8 call with its record's outlier columns (`outliers.from_counts`), not every column."""
     outliers = None
-    if int8_outliers is not None and record.get("int8_outliers"):
+    if int8_outliers is not None and record["quantization"] == "int8" and record.get("int8_outliers"):
         outliers = from_counts(record["int8_outliers"], int8_outliers)
     return check_call(record["preset"] + (":tiny" if record.get("tiny") else ""), dtype=record["dtype"],
                       quantization=record["quantization"], attn=record["attn"], batch=record["batch"],
                       prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
-                      image_size=record.get("image_size"), device="cuda", card=None, int8_outliers=outliers)
+                      image_size=record.get("image_size"), device=device, card=None, int8_outliers=outliers)
 
 
 def predict_build(records: Sequence[dict[str, Any]], int8_outliers: str | None = None) -> list[dict[str, Any]]:
@@ -121,7 +115,7 @@ def predict_build(records: Sequence[dict[str, Any]], int8_outliers: str | None =
     session, out = Session(), []
     for record in records:
         began = time.perf_counter()
-        call = cuda_call(record, int8_outliers)
+        call = record_call(record, int8_outliers)
         out.append(plan_row(record, run_plan(call, began, session=session),
                             int8_outliers if call.int8_outliers is not None else None))
     return out
