@@ -90,7 +90,7 @@ def test_calibration_counts_a_real_int8_call() -> None:
     counts = calibrate_int8_outliers(model, make_inputs("llama-3-8b", batch_size=2, prompt_tokens=16, tiny=True),
                                      new_tokens=3)
     layers, hidden = text.num_hidden_layers, str(text.hidden_size)
-    assert set(counts) == {"prefill", "decode"}
+    assert set(counts) == {"prefill", "decode", "layers"}
     # q, k, v, o, gate, up at the model's width; down at the MLP's; decode: two steps.
     assert counts["prefill"][hidden][0] == 6 * layers and counts["decode"][hidden][0] == 2 * 6 * layers
     assert counts["prefill"][str(text.intermediate_size)][0] == layers
@@ -112,3 +112,43 @@ def test_command_takes_outlier_columns(tmp_path, capsys) -> None:
     assert plan["peak_bytes"] < int8_plan(None)[0]
     assert main([*common, "--int8-outliers", "1.5"]) == 2
     assert "from 0 to 1" in capsys.readouterr().err
+
+
+def test_each_linear_gets_its_own_count() -> None:
+    """Per-linear counts ("layers") win over their width's; a linear they lack falls back to its width's count;
+    on the tiny model, the counts a real call records per linear give a plan at or below the one with the largest
+    of each width given to every linear."""
+    counts = {"prefill": {"64": [4, 100, 1, 64]},
+              "layers": {"prefill": {"model.layers.0.mlp.down_proj": [1, 5, 0, 5]}}}
+    given = from_counts(counts)
+    assert given.columns("prefill", 64, "model.layers.0.mlp.down_proj") == 5
+    assert given.columns("prefill", 64, "model.layers.1.mlp.down_proj") == 64
+    assert from_counts(counts, "mean").columns("prefill", 64, "model.layers.0.mlp.down_proj") == 5
+    with pytest.raises(ValueError, match="most in one input"):
+        from_counts({"layers": {"prefill": {"model.layers.0.mlp.down_proj": [1, 5, 0]}}})
+    with pytest.raises(ValueError, match="phase"):
+        from_counts({"layers": {"warmup": {}}})
+
+
+def test_calibration_counts_each_linear() -> None:
+    """The tiny INT8 model's real call: one line per quantized linear and phase, whose inputs add up to the widths'
+    lines; the plan with them is at most the plan with each width's largest."""
+    from xcomp_lab.plan.build import build_model, make_inputs
+    from xcomp_lab.plan.presets import get_preset
+
+    text = get_preset("llama-3-8b").config(tiny=True).get_text_config()
+    model = build_model("llama-3-8b", tiny=True, dtype="bf16", attn="sdpa", quantization="int8")
+    with torch.no_grad():
+        for index, layer in enumerate(model.model.layers):  # layers unlike each other: their outliers differ
+            layer.post_attention_layernorm.weight.mul_(20.0 * (index + 1))
+    counts = calibrate_int8_outliers(model, make_inputs("llama-3-8b", batch_size=2, prompt_tokens=16, tiny=True),
+                                     new_tokens=3)
+    layers = counts["layers"]
+    assert len(layers["prefill"]) == 7 * text.num_hidden_layers
+    for phase in ("prefill", "decode"):
+        assert sum(line[0] for line in layers[phase].values()) == sum(line[0] for line in counts[phase].values())
+        assert sum(line[1] for line in layers[phase].values()) == sum(line[1] for line in counts[phase].values())
+    down = [layers["prefill"][f"model.layers.{i}.mlp.down_proj"][3] for i in range(text.num_hidden_layers)]
+    assert len(set(down)) > 1, down
+    widths_only = {phase: lines for phase, lines in counts.items() if phase != "layers"}
+    assert int8_plan(counts)[0] < int8_plan(widths_only)[0] <= int8_plan(None)[0]

@@ -232,15 +232,16 @@ COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutogr
 class Int8Outliers(TorchFunctionMode):
     """LLM.int8()'s mixed-precision path with `columns` outlier columns in each input (see the module's docstring).
 
-    `int8_vectorwise_quant` with a threshold returns the indices of `columns.columns(phase(), width)` columns (every
-    column when `columns` is None); `int8_mixed_scaled_mm`, `int8_scaled_mm` and `int8_vectorwise_dequant` run
-    bitsandbytes' own composite kernels (those CUDA runs too) instead of their fake kernels, so that each tensor
-    they make is counted.
+    `int8_vectorwise_quant` with a threshold returns the indices of `columns.columns(phase(), width, layer())`
+    columns (every column when `columns` is None; `layer`: the linear running, `outliers.RunningInt8Linear`);
+    `int8_mixed_scaled_mm`, `int8_scaled_mm` and `int8_vectorwise_dequant` run bitsandbytes' own composite kernels
+    (those CUDA runs too) instead of their fake kernels, so that each tensor they make is counted.
     """
 
-    def __init__(self, columns: OutlierColumns | None = None, phase: Callable[[], str] = lambda: "prefill") -> None:
+    def __init__(self, columns: OutlierColumns | None = None, phase: Callable[[], str] = lambda: "prefill",
+                 layer: Callable[[], str | None] = lambda: None) -> None:
         super().__init__()
-        self.outliers, self.phase = columns, phase
+        self.outliers, self.phase, self.layer = columns, phase, layer
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -250,7 +251,8 @@ class Int8Outliers(TorchFunctionMode):
             named = dict(zip((a.name for a in op._schema.arguments), args)) | kwargs
             if named.get("threshold", 0.0) > 0.0:
                 width = named["A"].shape[-1]
-                count = width if self.outliers is None else self.outliers.columns(self.phase(), width)
+                given = self.outliers
+                count = width if given is None else given.columns(self.phase(), width, self.layer())
                 return outlier_columns(op, named["A"], count)
         elif name.startswith("bitsandbytes::") and name.split("::")[1] in INT8_COMPOSITES:
             with self:

@@ -41,7 +41,7 @@ from xcomp_lab.plan.devicemap import (
     weights_per_device,
 )
 from xcomp_lab.plan.families import Family, family_of
-from xcomp_lab.plan.outliers import OutlierColumns, check_int8_outliers
+from xcomp_lab.plan.outliers import OutlierColumns, RunningInt8Linear, check_int8_outliers
 from xcomp_lab.plan.realvalues import RealValues
 from xcomp_lab.plan.replay import (
     build_fake_model,
@@ -486,9 +486,10 @@ def run_plan(call: Call, began: float, exact_decode: bool = False, events: list[
     kernels = CudaSoftmax() if cuda else contextlib.nullcontext()
     sdpa = CudaSdpa() if cuda else contextlib.nullcontext()
     int8 = bnb is not None and bnb.load_in_8bit
-    outliers = contextlib.nullcontext()
+    outliers, naming = contextlib.nullcontext(), contextlib.nullcontext()
     if cuda and int8:
-        outliers = Int8Outliers(call.int8_outliers, lambda: acc.phase)
+        naming = RunningInt8Linear(fake)
+        outliers = Int8Outliers(call.int8_outliers, lambda: acc.phase, naming)
         for module in (() if later else fake.modules()):
             if hasattr(module, "state") and hasattr(module.state, "threshold"):
                 module.state.threshold = bnb.llm_int8_threshold  # as from_pretrained sets it (the replay set 0)
@@ -504,7 +505,7 @@ def run_plan(call: Call, began: float, exact_decode: bool = False, events: list[
         for name in start:  # cuBLAS takes its workspace on each GPU that multiplies
             start[name] += workspace if name.startswith("cuda") else 0
         placing = follow_devices(fake, dmap, acc, start)
-    with quiet, fake_mode, RealValues(token), acc, kernels, sdpa, outliers, skipping, marks, placing:
+    with quiet, fake_mode, RealValues(token), acc, kernels, sdpa, naming, outliers, skipping, marks, placing:
         acc.mark("generate")
         greedy_generate(fake, inputs, call.new_tokens)
     peaks = {"load": load, **{k: v for k, v in acc.peaks.items() if k in PHASES}}

@@ -27,7 +27,10 @@ hooks (`run.call.phase_marks`), which read the peak of the phase that ends and r
 (`reset_peak_memory_stats` changes no allocation): "vision" from the vision encoder's start, "prefill" from the
 language model's first forward, "decode" from its second; the call's peak is the largest phase peak. For INT8
 the number of LLM.int8() outlier columns of every quantized linear's input is recorded (`int8_outliers`, by input
-width, prefill and decode apart: `plan.outliers.count_outliers`), and for every build the segments the load leaves (`load_segments`).
+width and by linear, prefill and decode apart: `plan.outliers.count_outliers`), for every build the segments
+the load leaves (`load_segments`), and on CUDA the times a call's cudaMalloc failed and the allocator released its
+cached segments to retry (`alloc_retries`, from `torch.cuda.memory_stats`: builds side by side share the GPU, and a
+retry changes the reserved peak).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from xcomp_lab.plan.build import (
 )
 from xcomp_lab.plan.estimate import supports_sdpa
 from xcomp_lab.plan.families import family_of
-from xcomp_lab.plan.outliers import count_outliers
+from xcomp_lab.plan.outliers import RunningInt8Linear, count_outliers
 from xcomp_lab.plan.presets import Preset, get_preset, preset_names
 from xcomp_lab.plan.trace import TRACES, trace_name
 from xcomp_lab.run.call import phase_marks
@@ -199,15 +202,18 @@ def measure_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_to
     """One greedy generate call of exactly `new_tokens` tokens, measured per phase; with `trace` (a .json.gz path,
     CUDA only), the caching allocator's history of the call written there (`trace_call`)."""
     inputs = {key: value.to(device) for key, value in inputs.items()}
-    tracing = trace_call(trace, device) if trace is not None and device.type == "cuda" else nullcontext()
+    cuda = device.type == "cuda"
+    tracing = trace_call(trace, device) if trace is not None and cuda else nullcontext()
     meter = PhaseMeter(device, model)
     error = None
     outliers: dict[str, dict[str, list[int]]] = {}
     int8 = any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
-    counting = count_outliers(outliers, lambda: meter.phase) if int8 else nullcontext()
+    retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if cuda else 0
+    naming = RunningInt8Linear(model) if int8 else nullcontext()
+    counting = count_outliers(outliers, lambda: meter.phase, naming) if int8 else nullcontext()
     try:
         with tracing, meter, phase_marks(model, meter, vision=vision_tower(model), decoder=language_model(model)), \
-                counting, torch.inference_mode():
+                naming, counting, torch.inference_mode():
             model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            pad_token_id=model.generation_config.eos_token_id)
     except torch.OutOfMemoryError as exc:
@@ -216,6 +222,7 @@ def measure_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_to
     return {"start_allocated": meter.start["allocated"], "start_reserved": meter.start["reserved"],
             "allocated_peak": meter.peak("allocated"), "reserved_peak": meter.peak("reserved"),
             "phases": meter.phases, "seconds": round(meter.seconds, 4), "oom": error is not None, "error": error,
+            **({"alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries} if cuda else {}),
             **({"int8_outliers": outliers} if outliers else {})}
 
 

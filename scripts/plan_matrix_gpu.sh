@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs of the planner's validation matrix (python -m xcomp_lab.tools.plan_matrix) side by side on a GPU machine:
+# one command there, after one preparation here.
+#
+#   mkdir -p .cache/plan-wheels && cp .whl/{transformers,tokenizers,huggingface_hub,accelerate,bitsandbytes,hf_xet}-*.whl \
+#     .whl/{httpx2,httpcore2,h11,truststore,anyio,typer,annotated_doc,shellingham,filelock}-*.whl \
+#     .cache/plan-wheels/              # here, after scripts/device_wheels.sh: transformers 5.24 and what its hub
+#                                      # client needs beyond the GPU image (26 MB)
+#   scripts/plan_matrix_gpu.sh 'int8: --quantizations int8 --workers 5' 'llava: --presets llava-1.5-7b --attns sdpa'
+#                                      # on the GPU machine (carry .cache/plan-wheels; SITE: a folder already holding
+#                                      # the course's other wheels, /tmp/site by default)
+#
+# Each argument is NAME: the matrix tool's arguments (--device cuda and --out are added: $WORK/NAME, with its log
+# $WORK/NAME.log); every run has the DEADLINE_S deadline (seconds, 240 by default). Each build runs in a fresh
+# process whatever runs beside it (the caching allocator is per process). Writes $OUT/$ARCHIVE.tgz (ARCHIVE:
+# plan-matrix by default), split into $OUT/$ARCHIVE.tgz.part-aa, -ab, ... of 15 MB where it is larger.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder the results go to (the device machine sets it)}"
+[ $# -gt 0 ] || { echo "usage: $0 'NAME: plan_matrix arguments' ..." >&2; exit 2; }
+SITE=${SITE:-/tmp/site} WORK=${WORK:-/tmp/plan-matrix} DEADLINE_S=${DEADLINE_S:-240} ARCHIVE=${ARCHIVE:-plan-matrix}
+python3 -m pip install -q --no-index --no-deps --target /tmp/plan-site .cache/plan-wheels/*.whl
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=/tmp/plan-site:$SITE:$PWD
+rm -rf "$WORK" && mkdir -p "$WORK"
+pids=()
+for job in "$@"; do
+  name=${job%%:*} args=${job#*:}
+  # shellcheck disable=SC2086  # the job's arguments are words
+  python3 -m xcomp_lab.tools.plan_matrix --device cuda --out "$WORK/$name" --deadline-s "$DEADLINE_S" $args \
+    > "$WORK/$name.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+tail -n 3 "$WORK"/*.log
+du -sh "$WORK"/*
+tar czf "$OUT/$ARCHIVE.tgz" -C "$WORK" .
+if [ "$(stat -c %s "$OUT/$ARCHIVE.tgz")" -gt 15000000 ]; then
+  split -b 15000000 "$OUT/$ARCHIVE.tgz" "$OUT/$ARCHIVE.tgz.part-" && rm "$OUT/$ARCHIVE.tgz"
+fi
+exit $status
