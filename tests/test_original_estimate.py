@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The quick start (autocast's FP16 weight copies, PLoRA's image-token scatter), autocast inside inference_mode and
-# `.half()` after an FP32 load.
-STEPS = ("fp32-quickstart", "fp32-inference-mode", "fp16-half")
+# The quick start (autocast's FP16 weight copies, PLoRA's image-token scatter), autocast inside inference_mode,
+# `.half()` after an FP32 load, and BF16 at load (no autocast: chat() gets the image as a BF16 tensor).
+STEPS = ("fp32-quickstart", "fp32-inference-mode", "fp16-half", "bf16")
 NEW_TOKENS = 2  # the prefill and the first decode step, where the original's peaks fall
 
 

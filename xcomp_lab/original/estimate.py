@@ -72,6 +72,7 @@ from xcomp_lab.estimate.fake import double_quant_map, quantize_fake_linear
 from xcomp_lab.memory.footprint import resident_bytes
 from xcomp_lab.memory.oom import model_frame
 from xcomp_lab.model.original import IMAGE_GRID
+from xcomp_lab.original.prompts import model_image
 from xcomp_lab.original.quantize import QuantizedPLoRA, is_plora, plora_base_layer
 from xcomp_lab.original.steps import (
     QUERY,
@@ -394,8 +395,9 @@ def estimate_original(step: str | OriginalStep, files: str | Path, *, scale: str
                         grad_mode(step.step.grad), autocast("cpu", step.step.use_autocast),
                         chat_phases(model, acc, cache)):
             stack.enter_context(context)
-        try:
-            model.chat(tokenizer, QUERY, image=str(image), history=[], do_sample=False, max_new_tokens=max_new_tokens)
+        try:  # the image as `steps.chat_once` gives it: the file, or preprocessed inside the call (BF16 at load)
+            given = model_image(model, str(image)) if step.image == "tensor" else str(image)
+            model.chat(tokenizer, QUERY, image=given, history=[], do_sample=False, max_new_tokens=max_new_tokens)
         except OutOfMemory:
             if acc.failure is None:
                 raise
