@@ -162,3 +162,23 @@ def test_the_guide_answers_every_question_the_notebook_asks() -> None:
     paths = guide.guide_paths()
     (key,) = guide.answer_key(paths.sources, ["09-plan-your-own-model"], guide.guide_context(paths))
     assert len(key["questions"]) == len(guide.ANSWERS["09"]) >= 2 and len(guide.GOALS["09"].goals) >= 2
+
+
+def test_repeated_calls_are_read_beside_their_plan(tmp_path) -> None:
+    """`reserved_repeats`: runs that reserved the same bytes are counted, a call whose runs differ or whose plan is
+    more than 1% off is listed with every run; no repeat at all is said so."""
+    import json
+
+    def record(batch: int, reserved: int) -> dict:
+        return {"preset": "p", "quantization": "none", "attn": "sdpa", "batch": batch, "prompt_tokens": 8,
+                "reserved_peak": reserved, "allocated_peak": 100}
+
+    (tmp_path / "records.jsonl").write_text("\n".join(json.dumps(record(b, r)) for b, r in ((1, 200), (4, 400))))
+    plans = [{**record(1, 0), "predicted_reserved": 200}, {**record(4, 0), "predicted_reserved": 400}]
+    assert plan_any.reserved_repeats(tmp_path, plans).startswith("No call")
+    (tmp_path / "repeats" / "a").mkdir(parents=True)
+    (tmp_path / "repeats" / "a" / "records.jsonl").write_text(
+        json.dumps(record(1, 200)) + "\n" + json.dumps(record(4, 500)) + "\n")
+    lines = plan_any.reserved_repeats(tmp_path, plans).splitlines()
+    assert lines[0].startswith("2 calls measured 2 times: 1 reserved the same bytes every time, 1 did not")
+    assert len(lines) == 2 and "batch 4" in lines[1] and "(25.0% apart)" in lines[1] and "+0.00%, -20.00%" in lines[1]

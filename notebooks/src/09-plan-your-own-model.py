@@ -307,17 +307,31 @@ print(matrix_reading(summary, rows))
 # The INT8 bound is what a plan without data gives. Where the outlier columns are known, `estimate(...,
 # int8_outliers=...)` replays that many instead: a fraction of each input's columns, or the counts
 # `plan.outliers.calibrate_int8_outliers(model, inputs)` takes from one generate call of your own INT8 model on
-# your own prompts (`--int8-outliers counts.json` on the command line). The matrix recorded those counts for every
-# INT8 call; `plan.validate --int8-outliers largest` predicted each call again with its own counts (the most
-# columns one input held where the record shows it, else the mean per input). Both, per architecture, computed:
+# your own prompts (`--int8-outliers counts.json` on the command line): per input width and per quantized linear.
+# The matrix's INT8 calls were measured again with those counts recorded, and `plan.validate --int8-outliers
+# largest` predicted each call with its own: first with each linear's own count (`int8-layers/`), then with the
+# most columns one input of each width held given to every linear of that width (`int8-outliers/`, a run that
+# recorded no per-linear counts). Computed:
 
 # %%
 from xcomp_lab.core.jsonl import read_jsonl
 
-for statistic in ("largest", "mean"):
-    conditional = read_jsonl(matrix / f"compare-int8-{statistic}.jsonl")
-    print(f"INT8 with the records' outlier columns ({statistic} per input):")
+for folder, how in (("int8-layers", "each linear's own count"),
+                    ("int8-outliers", "the most of each width, given to every linear of that width")):
+    conditional = read_jsonl(matrix / folder / "compare-int8-largest.jsonl")
+    print(f"INT8 with the measured outlier columns, {how} ({folder}/):")
     print(matrix_table(matrix_summary(conditional)))
+
+# %% [markdown]
+# What is left on the reserved peak? The caching allocator reserves segments as the blocks it frees and reuses
+# allow, and which of two equal free blocks it picks depends on their addresses, which the driver hands out. One
+# build of the matrix (LLaVA 1.5, unquantized and NF4) was measured twice more, each time in a fresh process on the
+# same GPU; each call's three runs beside the plan, computed:
+
+# %%
+from xcomp_lab.lessons.plan_any import reserved_repeats
+
+print(reserved_repeats(matrix, rows))
 
 # %% tags=["nbval-ignore-output"]
 from xcomp_lab.lessons.plan_any import matrix_chart

@@ -213,6 +213,40 @@ def matrix_reading(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
     return "\n".join(text)
 
 
+def reserved_repeats(folder: str | Path, rows: Sequence[dict[str, Any]]) -> str:
+    """The calls measured again in fresh processes (`<folder>/repeats/*/records.jsonl`) beside the matrix's own
+    measurement and the plan of each (`rows`, compare.jsonl): how many runs reproduced their reserved peak to the
+    byte, then one line for each call whose runs differ or whose plan is more than 1% off: every run's reserved
+    peak, how far apart, and the planned one."""
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["preset"], r["quantization"], r["attn"], r["batch"], r["prompt_tokens"]
+
+    runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for path in [Path(folder) / "records.jsonl", *sorted(Path(folder).glob("repeats/*/records.jsonl"))]:
+        for line in path.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("reserved_peak") is not None:
+                runs.setdefault(key(r), []).append(r)
+    planned = {key(r): r for r in rows if r.get("predicted_reserved") is not None}
+    repeated = {k: [r["reserved_peak"] for r in measured] for k, measured in runs.items()
+                if len(measured) > 1 and k in planned}
+    if not repeated:
+        return f"No call in {folder} was measured more than once."
+    same = sum(len(set(reserved)) == 1 for reserved in repeated.values())
+    lines = [f"{len(repeated)} calls measured {max(map(len, repeated.values()))} times: {same} reserved the same "
+             f"bytes every time, {len(repeated) - same} did not; the allocated peak was the same to the byte in "
+             f"{sum(len({r['allocated_peak'] for r in runs[k]}) == 1 for k in repeated)}."]
+    for k, reserved in repeated.items():
+        plan = planned[k]["predicted_reserved"]
+        off = [plan / b - 1 for b in reserved]
+        if len(set(reserved)) == 1 and abs(off[0]) <= 0.01:
+            continue
+        lines.append(f"- {k[0]} {k[1]} {k[2]} batch {k[3]}, {k[4]} tokens: reserved "
+                     f"{' / '.join(fmt_bytes(b) for b in reserved)} ({max(reserved) / min(reserved) - 1:.1%} apart); "
+                     f"planned {fmt_bytes(plan)} ({', '.join(f'{e:+.2%}' for e in off)})")
+    return "\n".join(lines)
+
+
 def matrix_chart(rows: Sequence[dict[str, Any]]) -> Figure:
     """Measured against predicted peaks (GiB), allocated and reserved, one colour per architecture; accelerate's
     weights-only figure as grey crosses on the allocated side; the diagonal is a perfect prediction."""
