@@ -35,7 +35,7 @@ from xcomp_lab.plan import Plan, estimate
 from xcomp_lab.plan.estimate import ATTENTIONS, DTYPES, PHASES, QUANTIZATIONS
 from xcomp_lab.plan.inverse import LIMITS, bisect_largest
 from xcomp_lab.plan.presets import get_preset, preset_names
-from xcomp_lab.plan.validate import bars
+from xcomp_lab.plan.validate import bars, settings_key
 
 SCALES = ("tiny", "full")
 OFF_CHART = 4  # a card more than this many times the tallest bar is named in the title, not drawn
@@ -218,16 +218,13 @@ def reserved_repeats(folder: str | Path, rows: Sequence[dict[str, Any]]) -> str:
     measurement and the plan of each (`rows`, compare.jsonl): how many runs reproduced their reserved peak to the
     byte, then one line for each call whose runs differ or whose plan is more than 1% off: every run's reserved
     peak, how far apart, and the planned one."""
-    def key(r: dict[str, Any]) -> tuple[Any, ...]:
-        return r["preset"], r["quantization"], r["attn"], r["batch"], r["prompt_tokens"]
-
-    runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     for path in [Path(folder) / "records.jsonl", *sorted(Path(folder).glob("repeats/*/records.jsonl"))]:
         for line in path.read_text().splitlines():
             r = json.loads(line) if line.strip() else {}
             if r.get("reserved_peak") is not None:
-                runs.setdefault(key(r), []).append(r)
-    planned = {key(r): r for r in rows if r.get("predicted_reserved") is not None}
+                runs.setdefault(settings_key(r), []).append(r)
+    planned = {r["settings"]: r for r in rows if r.get("predicted_reserved") is not None}
     repeated = {k: [r["reserved_peak"] for r in measured] for k, measured in runs.items()
                 if len(measured) > 1 and k in planned}
     if not repeated:
@@ -237,13 +234,13 @@ def reserved_repeats(folder: str | Path, rows: Sequence[dict[str, Any]]) -> str:
              f"bytes every time, {len(repeated) - same} did not; the allocated peak was the same to the byte in "
              f"{sum(len({r['allocated_peak'] for r in runs[k]}) == 1 for k in repeated)}."]
     for k, reserved in repeated.items():
-        plan = planned[k]["predicted_reserved"]
+        plan, r = planned[k]["predicted_reserved"], runs[k][0]
         off = [plan / b - 1 for b in reserved]
         if len(set(reserved)) == 1 and abs(off[0]) <= 0.01:
             continue
-        lines.append(f"- {k[0]} {k[1]} {k[2]} batch {k[3]}, {k[4]} tokens: reserved "
-                     f"{' / '.join(fmt_bytes(b) for b in reserved)} ({max(reserved) / min(reserved) - 1:.1%} apart); "
-                     f"planned {fmt_bytes(plan)} ({', '.join(f'{e:+.2%}' for e in off)})")
+        lines.append(f"- {r['preset']} {r['quantization']} {r['attn']} batch {r['batch']}, {r['prompt_tokens']} tokens: "
+                     f"reserved {' / '.join(fmt_bytes(b) for b in reserved)} ({max(reserved) / min(reserved) - 1:.1%} "
+                     f"apart); planned {fmt_bytes(plan)} ({', '.join(f'{e:+.2%}' for e in off)})")
     return "\n".join(lines)
 
 
