@@ -12,8 +12,8 @@ is counted, and for CUDA passed through a simulation of PyTorch's caching alloca
 - `estimate(..., max_memory={0: "20GiB", 1: "20GiB"})`: the model placed as `from_pretrained(device_map=...,
   max_memory=...)` places it, each device's weights and allocated peak (`Plan.devices`).
 - `estimate(..., quantization="int8", int8_outliers=...)`: LLM.int8()'s outlier columns where they are known (a
-  fraction, or the counts `outliers.calibrate_int8_outliers` measures on the real model); by default every column
-  (an upper bound).
+  fraction, or the counts `outliers.calibrate_int8_outliers` measures on the real model, per input width and per
+  linear); by default every column (an upper bound).
 - `python -m xcomp_lab.plan --model <preset|dir> --card <name> ...`: the table and the inverse answers;
   `python -m xcomp_lab.plan.validate <matrix folder>`: the prediction of every measured call, its error, and the
   summary against issue 17's bars.

@@ -50,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
                         "a JSON file of counts (plan.outliers.calibrate_int8_outliers on the real model); default: "
                         "every column (an upper bound)")
     p.add_argument("--int8-statistic", choices=STATISTICS, default="largest",
-                   help="with a counts file: the most columns one input held (default), or the mean per input")
+                   help="with a counts file: the most columns one input held (default), or the mean per input; "
+                        "each linear the file counts gets its own, the others their width's")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--max-memory", nargs="+", metavar="DEVICE=SIZE", type=max_memory_entry,
                    help="a device map, as from_pretrained(max_memory=...): e.g. 0=20GiB 1=20GiB cpu=64GiB; the plan "
