@@ -174,7 +174,8 @@ def test_repeated_calls_are_read_beside_their_plan(tmp_path) -> None:
                 "reserved_peak": reserved, "allocated_peak": 100}
 
     (tmp_path / "records.jsonl").write_text("\n".join(json.dumps(record(b, r)) for b, r in ((1, 200), (4, 400))))
-    plans = [{"settings": validate.settings_key(record(b, 0)), "predicted_reserved": r} for b, r in ((1, 200), (4, 400))]
+    plans = [{"settings": validate.settings_key(record(b, 0)), "predicted_reserved": r}
+             for b, r in ((1, 200), (4, 400))]
     assert plan_any.reserved_repeats(tmp_path, plans).startswith("No call")
     (tmp_path / "repeats" / "a").mkdir(parents=True)
     (tmp_path / "repeats" / "a" / "records.jsonl").write_text(

@@ -230,7 +230,9 @@ def reserved_repeats(folder: str | Path, rows: Sequence[dict[str, Any]]) -> str:
     if not repeated:
         return f"No call in {folder} was measured more than once."
     same = sum(len(set(reserved)) == 1 for reserved in repeated.values())
-    lines = [f"{len(repeated)} calls measured {max(map(len, repeated.values()))} times: {same} reserved the same "
+    runs_per_call = sorted({len(reserved) for reserved in repeated.values()})
+    span = " to ".join(str(n) for n in dict.fromkeys((runs_per_call[0], runs_per_call[-1])))
+    lines = [f"{len(repeated)} calls measured {span} times: {same} reserved the same "
              f"bytes every time, {len(repeated) - same} did not; the allocated peak was the same to the byte in "
              f"{sum(len({r['allocated_peak'] for r in runs[k]}) == 1 for k in repeated)}."]
     for k, reserved in repeated.items():
@@ -238,9 +240,10 @@ def reserved_repeats(folder: str | Path, rows: Sequence[dict[str, Any]]) -> str:
         off = [plan / b - 1 for b in reserved]
         if len(set(reserved)) == 1 and abs(off[0]) <= 0.01:
             continue
-        lines.append(f"- {r['preset']} {r['quantization']} {r['attn']} batch {r['batch']}, {r['prompt_tokens']} tokens: "
-                     f"reserved {' / '.join(fmt_bytes(b) for b in reserved)} ({max(reserved) / min(reserved) - 1:.1%} "
-                     f"apart); planned {fmt_bytes(plan)} ({', '.join(f'{e:+.2%}' for e in off)})")
+        lines.append(f"- {r['preset']} {r['quantization']} {r['attn']} batch {r['batch']}, {r['prompt_tokens']} "
+                     f"tokens: reserved {' / '.join(fmt_bytes(b) for b in reserved)} "
+                     f"({max(reserved) / min(reserved) - 1:.1%} apart); planned {fmt_bytes(plan)} "
+                     f"({', '.join(f'{e:+.2%}' for e in off)})")
     return "\n".join(lines)
 
 
