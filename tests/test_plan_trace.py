@@ -137,3 +137,61 @@ def test_sdpa_on_cuda_allocates_its_output_alone_in_the_fused_kernels_layout() -
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert out.shape == (2, 8, 5, 16) and out.dtype == torch.bfloat16
     assert out.transpose(1, 2).is_contiguous()
+
+
+def test_segments_go_where_they_are_placed_and_move_with_their_blocks() -> None:
+    """`CachingAllocator.placement` puts a new segment at the address it returns (None: the allocator's own order);
+    `move_segment` takes a segment's blocks, allocated and free, along, so best fit and merging go on there."""
+    import pytest
+
+    from xcomp_lab.plan.allocator import CachingAllocator
+
+    alloc = CachingAllocator()
+    wanted = {40 * MIB: 1 << 40}
+    alloc.placement = wanted.get
+    a = alloc.malloc(40 * MIB)
+    assert a.address == 1 << 40 and alloc.segments == {1 << 40: 40 * MIB}
+    b, c = alloc.malloc(12 * MIB), alloc.malloc(12 * MIB)  # a 12 MiB segment each, in the allocator's own order
+    assert b.address != 1 << 40 and c.address < b.address
+    alloc.free(a)
+    alloc.move_segment(1 << 40, 1 << 41)
+    d = alloc.malloc(30 * MIB)  # best fit: the moved segment's free block
+    assert d.address == 1 << 41 and d.segment == 1 << 41
+    alloc.free(b)
+    alloc.move_segment(b.segment, 1 << 42)  # its only block freed before the move
+    alloc.move_segment(c.segment, 1 << 43)  # every block allocated: moved with it
+    assert c.address == 1 << 43
+    alloc.free(c)
+    alloc.free(d)
+    alloc.empty_cache()
+    assert alloc.reserved == 0 and alloc.segments == {} and alloc.members == {}
+    with pytest.raises(ValueError, match="no segment at"):
+        alloc.move_segment(1 << 44, 0)
+
+
+def test_gpu_placement_moves_the_kept_segments_and_hands_out_the_traces_addresses() -> None:
+    """A trace's segments left at the call's start (not released by its opening empty_cache) are matched by size,
+    largest first; new segments take the trace's addresses of their size in order; a trace without segments leaves
+    the plan as it is."""
+    from xcomp_lab.plan.allocator import CachingAllocator
+    from xcomp_lab.plan.estimate import run_plan
+    from xcomp_lab.plan.trace import gpu_placement, planned_on_gpu_addresses
+    from xcomp_lab.plan.validate import record_call
+
+    trace = {"segments_at_start": [[1 << 40, 100 * MIB, 90 * MIB], [1 << 41, 20 * MIB, 0]],
+             "events": [["segment_free", 1 << 41, 20 * MIB], ["alloc", 5, 512],
+                        ["segment_alloc", 3 << 40, 20 * MIB], ["segment_alloc", 4 << 40, 20 * MIB],
+                        ["segment_alloc", 5 << 40, 16 * MIB]]}
+    at_start, unused = gpu_placement(trace)
+    alloc = CachingAllocator()
+    kept = alloc.malloc(100 * MIB - 512)  # the weights' segment (segments of 2 MiB and less are not matched)
+    at_start(alloc)
+    assert kept.segment == 1 << 40
+    assert alloc.malloc(5 * MIB).segment == 3 << 40 and alloc.malloc(16 * MIB).segment == 5 << 40
+    assert unused == [(20 * MIB, 4 << 40)]
+    record = {"preset": "llama-3-8b", "tiny": True, "dtype": "bf16", "quantization": "nf4", "attn": "sdpa",
+              "batch": 2, "prompt_tokens": 16, "text_tokens": 16, "new_tokens": 3, "image_size": None,
+              "allocated_peak": 1, "reserved_peak": 1}
+    plain = planned_on_gpu_addresses(record, {"segments_at_start": [], "events": []})
+    default = run_plan(record_call(record), 0.0, exact_decode=True)
+    assert plain["planned_reserved"] == default.reserved_peak_bytes and plain["gpu_segments_unused"] == []

@@ -25,12 +25,15 @@ Llama 3 8B calls), and a model built later in the same process what segments pla
 calls at 2048 tokens: 0.5 and 2 GiB apart between the two orders). `BothOrders` runs the simulation with both
 and reports the larger figures, so that the order never makes the reserved peak an under-prediction. The planner
 (`plan.estimate`) predicts a model loaded in a fresh process, as the matrix now measures every build, and so uses
-the downward order alone (`CachingAllocator()`).
+the downward order alone (`CachingAllocator()`). `placement` and `move_segment` put segments at given addresses
+instead: `plan.trace --gpu-addresses` gives a call the addresses its CUDA trace recorded, and with them the
+simulation reserves what the GPU reserved (results/plan-matrix-h200/README.md).
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MIN_BLOCK = 512  # kMinBlockSize
@@ -89,6 +92,7 @@ class CachingAllocator:
         self.pools: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # free blocks, sorted by (size, address)
         self.free_blocks: dict[tuple[int, int], Block] = {}
         self.segments: dict[int, int] = {}  # segment address -> size
+        self.members: dict[int, Block] = {}  # segment address -> one of its blocks (they are linked to each other)
         self.next_address = TOP_ADDRESS if downward else 0
         self.allocated = 0  # memory_allocated(): the sizes of the blocks handed out
         self.reserved = 0  # memory_reserved(): the sizes of the segments
@@ -96,6 +100,8 @@ class CachingAllocator:
         self.peak_reserved = 0
         self.segments_made = 0
         self.events: list[list] | None = None  # a list: every action appended, as a CUDA trace names it (`log`)
+        # Where a new segment goes: given its size, an address (None: the next one in this allocator's order).
+        self.placement: Callable[[int], int | None] | None = None
 
     def log(self, action: str, size: int) -> None:
         """Note an action ("alloc", "free_completed", "segment_alloc", "segment_free") when `events` is a list: for a
@@ -129,10 +135,11 @@ class CachingAllocator:
             self.empty_cache()
             if self.reserved + total > self.limit:
                 raise OutOfMemory(size, self.reserved, self.allocated, self.limit)
-        if self.downward:
+        address = self.placement(total) if self.placement is not None else None
+        if address is None and self.downward:
             self.next_address -= total
             address = self.next_address
-        else:
+        elif address is None:
             address = self.next_address
             self.next_address += total
         self.segments[address] = total
@@ -140,7 +147,8 @@ class CachingAllocator:
         self.segments_made += 1
         self.reserved += total
         self.peak_reserved = max(self.peak_reserved, self.reserved)
-        return Block(address, total, small, address)
+        block = self.members[address] = Block(address, total, small, address)
+        return block
 
     # ----- the API -----
 
@@ -180,6 +188,7 @@ class CachingAllocator:
                 if neighbour.next is not None:
                     neighbour.next.prev = block
             block.size += neighbour.size
+        self.members[block.segment] = block  # a merged neighbour may have been the one kept
         self._insert(block)
 
     def transient(self, nbytes: int) -> None:
@@ -194,10 +203,30 @@ class CachingAllocator:
             self._remove(block)
             self.log("segment_free", self.segments[block.segment])
             self.reserved -= self.segments.pop(block.segment)
+            del self.members[block.segment]
 
     def reset_peaks(self) -> None:
         """`torch.cuda.reset_peak_memory_stats()`: the peaks restart from the current figures."""
         self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
+
+    def move_segment(self, address: int, to: int) -> None:
+        """Put the segment at `address` at `to`, its blocks (free and allocated) with it."""
+        if address not in self.segments:
+            raise ValueError(f"no segment at {address:#x}: the segments are at "
+                             f"{', '.join(f'{a:#x}' for a in sorted(self.segments))}.")
+        block = self.members.pop(address)
+        while block.prev is not None:
+            block = block.prev
+        self.members[to] = block
+        delta = to - address
+        while block is not None:
+            if not block.allocated:
+                self._remove(block)
+            block.address, block.segment = block.address + delta, to
+            if not block.allocated:
+                self._insert(block)
+            block = block.next
+        self.segments[to] = self.segments.pop(address)
 
 
 class BothOrders:

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -428,10 +429,13 @@ class Session:
 
 
 def run_plan(call: Call, began: float, exact_decode: bool = False, events: list[list] | None = None,
-             session: Session | None = None) -> Plan:
+             session: Session | None = None,
+             at_start: Callable[[CachingAllocator], None] | None = None) -> Plan:
     """The plan of a checked call; on CUDA, `events` (a list) receives the simulated allocator's actions from the
     call's start (the inputs on the card), as a CUDA allocator trace names them (`CachingAllocator.log`).
-    `session` (CUDA, same model and quantization): the call follows the session's earlier calls in one process."""
+    `session` (CUDA, same model and quantization): the call follows the session's earlier calls in one process.
+    `at_start` (CUDA): called with the simulated allocator at the call's start, the inputs placed and the cache
+    emptied (`plan.trace` puts the segments where a CUDA trace saw them)."""
     from xcomp_lab.plan.build import quantization_config
 
     source, cuda = call.source, call.device == "cuda"
@@ -471,6 +475,8 @@ def run_plan(call: Call, began: float, exact_decode: bool = False, events: list[
             allocator.empty_cache()
             placed = [allocator.malloc(t.untyped_storage().nbytes()) for t in inputs.values()]
         inputs_bytes = sum(round_size(t.untyped_storage().nbytes()) for t in inputs.values())
+        if at_start is not None:
+            at_start(allocator)
         allocator.reset_peaks()
         allocator.events = events
         if not later:
