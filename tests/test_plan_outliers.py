@@ -68,9 +68,10 @@ def test_bad_outlier_settings_say_what_to_do(tmp_path) -> None:
     with pytest.raises(ValueError, match="device='cuda'"):
         estimate(TINY, quantization="int8", device="cpu", int8_outliers=0.1)
     path = tmp_path / "counts.json"
-    path.write_text(json.dumps({"prefill": {"64": [2, 10, 0, 8]}}))
+    path.write_text(json.dumps({"prefill": {"64": [2, 10, 0, 8]}, "layers": {"prefill": {"l.0": [1, 3, 0, 3]}}}))
     assert check_int8_outliers(path).columns("prefill", 64) == 8
     assert check_int8_outliers(path, "mean").columns("prefill", 64) == 5
+    assert check_int8_outliers(path).columns("prefill", 64, "l.0") == 3  # a file's per-linear counts kept
 
 
 def test_calibration_counts_a_real_int8_call() -> None:

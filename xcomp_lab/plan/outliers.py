@@ -26,7 +26,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from numbers import Real
 from pathlib import Path
@@ -135,7 +135,7 @@ def check_int8_outliers(value: Any, statistic: str = "largest") -> OutlierColumn
             raise ValueError(f"int8_outliers={str(value)!r} is not a file; pass a fraction from 0 to 1 or a JSON "
                              "file of counts (calibrate_int8_outliers' result, json.dump'ed).")
         counts = from_counts(json.loads(path.read_text()), statistic)
-        return OutlierColumns(table=counts.table, source=f"the {statistic} columns per input in {path.name}")
+        return replace(counts, source=f"the {statistic} columns per input in {path.name}")
     if isinstance(value, Mapping):
         return from_counts(value, statistic)
     raise TypeError(f"int8_outliers={value!r}; pass None (every column an outlier: the bound), a fraction from 0 "
