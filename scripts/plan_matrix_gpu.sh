@@ -5,7 +5,9 @@
 #   mkdir -p .cache/plan-wheels && cp .whl/{transformers,tokenizers,huggingface_hub,accelerate,bitsandbytes,hf_xet}-*.whl \
 #     .whl/{httpx2,httpcore2,h11,truststore,anyio,typer,annotated_doc,shellingham,filelock}-*.whl \
 #     .cache/plan-wheels/              # here, after scripts/device_wheels.sh: transformers 5.24 and what its hub
-#                                      # client needs beyond the GPU image (26 MB)
+#                                      # client needs beyond the GPU image (26 MB); on the image of 2026-12 the
+#                                      # transformers and bitsandbytes wheels alone (17 MB) ran it (its hub 1.33,
+#                                      # tokenizers 0.23.2 and accelerate 1.15.0 meet transformers 5.24's pins)
 #   scripts/plan_matrix_gpu.sh 'int8: --quantizations int8 --workers 5' 'llava: --presets llava-1.5-7b --attns sdpa'
 #                                      # on the GPU machine (carry .cache/plan-wheels; SITE: a folder already holding
 #                                      # the course's other wheels, /tmp/site by default)
