@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from xcomp_lab.core.checks import check_choice, check_int, check_number
+from xcomp_lab.core.jsonl import read_jsonl
 from xcomp_lab.core.units import GIB, MIB, fmt_bytes
 from xcomp_lab.memory.cards import CARDS, CONTEXT_BYTES, Card, card_named, machine_card
 from xcomp_lab.memory.measure import MemoryResult, measure
@@ -220,8 +221,7 @@ def reserved_repeats(folder: str | Path, rows: Sequence[dict[str, Any]]) -> str:
     peak, how far apart, and the planned one."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for path in [Path(folder) / "records.jsonl", *sorted(Path(folder).glob("repeats/*/records.jsonl"))]:
-        for line in path.read_text().splitlines():
-            r = json.loads(line) if line.strip() else {}
+        for r in read_jsonl(path):
             if r.get("reserved_peak") is not None:
                 runs.setdefault(settings_key(r), []).append(r)
     planned = {r["settings"]: r for r in rows if r.get("predicted_reserved") is not None}

@@ -88,11 +88,11 @@ def from_counts(counts: Mapping[str, Mapping[Any, Any]], statistic: str = "large
     for phase, widths in counts.items():
         if phase == LAYERS:
             for layer_phase, lines in widths.items():
-                check_choice("phase", layer_phase, OUTLIER_PHASES, f"the phases of the per-linear counts ({widths!r})")
+                check_choice("phase", layer_phase, OUTLIER_PHASES, f"the phases of the per-linear counts ({list(widths)})")
                 layers[layer_phase] = {name: _columns(f"[{LAYERS!r}][{layer_phase!r}][{name!r}]", line, None,
                                                       statistic) for name, line in lines.items()}
             continue
-        check_choice("phase", phase, OUTLIER_PHASES, f"the phases of INT8 outlier counts ({dict(counts)!r})")
+        check_choice("phase", phase, OUTLIER_PHASES, f"the phases of INT8 outlier counts ({list(counts)})")
         for width, line in widths.items():
             if not str(width).isdigit():
                 raise ValueError(f"int8_outliers[{phase!r}][{width!r}]: an input width is a whole number of columns, "

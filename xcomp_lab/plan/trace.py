@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from xcomp_lab.core.jsonl import read_jsonl
-from xcomp_lab.plan.allocator import SMALL_SIZE, CachingAllocator, round_size
+from xcomp_lab.plan.allocator import SMALL_BUFFER, SMALL_SIZE, CachingAllocator, round_size
 from xcomp_lab.plan.estimate import Session, run_plan
 from xcomp_lab.plan.outliers import STATISTICS
 from xcomp_lab.plan.validate import RECORDS, build_of, measured_calls, record_call
@@ -102,14 +102,14 @@ def gpu_placement(trace: dict[str, Any]) -> tuple[Callable[[CachingAllocator], N
         elif action == "segment_alloc" and started:
             new.append((size, address))
     kept = sorted(((size, address) for address, size, _ in trace["segments_at_start"]
-                   if address not in released and size > 2 * SMALL_SIZE), reverse=True)
+                   if address not in released and size > SMALL_BUFFER), reverse=True)
 
     def next_address(size: int) -> int | None:
         index = next((i for i, (s, _) in enumerate(new) if s == size), None)
         return None if index is None else new.pop(index)[1]
 
     def at_start(allocator: CachingAllocator) -> None:
-        ours = sorted(((size, address) for address, size in allocator.segments.items() if size > 2 * SMALL_SIZE),
+        ours = sorted(((size, address) for address, size in allocator.segments.items() if size > SMALL_BUFFER),
                       reverse=True)
         for (size, address), (gpu_size, gpu_address) in zip(ours, kept):
             if size == gpu_size:
