@@ -39,7 +39,6 @@ print(params)
 
 # %%
 from xcomp_lab.core.units import fmt_bytes
-from xcomp_lab.course.notebook import record
 
 if params.original_code:
     from xcomp_lab.lessons.device_map import cut_modules, original_meta_model, plan_original

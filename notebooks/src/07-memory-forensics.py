@@ -125,7 +125,7 @@ else:
     print(f"  allocated at start {fmt_bytes(m.start_bytes)} (the model's parameters and buffers)")
     print(f"  allocated peak     {fmt_bytes(m.peak_bytes)}")
     print(f"  allocated at end   {fmt_bytes(m.end_bytes)}")
-    print(f"  reserved           (none: the C allocator's free lists are invisible to PyTorch)")
+    print("  reserved           (none: the C allocator's free lists are invisible to PyTorch)")
 
 # %% [markdown]
 # Does a freed block stay reserved? One plain experiment: a tensor as large as what the call added to the weights,

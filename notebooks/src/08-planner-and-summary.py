@@ -36,11 +36,16 @@ print(params)
 
 # %% tags=["nbval-ignore-output"]
 from xcomp_lab.course.results import latest_by_step, read_results
-from xcomp_lab.course.steps import STEPS
 from xcomp_lab.core.units import fmt_bytes
 
+if params.original_code:  # the original's own steps (xcomp_lab.original.steps), not the replica's
+    from xcomp_lab.original.steps import ORIGINAL_STEPS as step_table
+else:
+    from xcomp_lab.course.steps import STEPS as step_table
+
 measured = latest_by_step(read_results(params.results_path)) if params.results_path.exists() else {}
-course = []
+course = [dict(measured[name], predicted_peak_bytes=None, predicted_oom=None) for name in step_table
+          if measured.get(name, {}).get("peak_bytes") is not None]  # every step of the table that ran
 if params.original_code:  # the original's own estimator: its model.chat replayed on fake tensors
     import tempfile
 
@@ -50,37 +55,31 @@ if params.original_code:  # the original's own estimator: its model.chat replaye
     with tempfile.TemporaryDirectory(prefix="xcomp-lab-08-") as folder:
         image_file = f"{folder}/image.png"
         batch_of_images(params)[0].save(image_file)
-        measured_ok = {name: r for name, r in measured.items() if r.get("peak_bytes") is not None}
         # Each replay of the full model takes minutes on one core: at full size, FP32 without autocast (the call
         # DESIGN.md section 6 traces to decode step 1) and FP16 at load (notebook 07's call).
         chosen = None if params.scale == "small" else ("fp32-no-autocast", "fp16")
-        predictions = predict_original_steps(measured_ok, params.model_name_or_path, scale=params.scale,
-                                             device=params.device, image=image_file,
+        predictions = predict_original_steps({r["step"]: r for r in course}, params.model_name_or_path,
+                                             scale=params.scale, device=params.device, image=image_file,
                                              max_new_tokens=params.max_new_tokens, names=chosen)
-    for name, p in predictions.items():
-        r = dict(measured_ok[name])
+    for r in course:
+        p = predictions[r["step"]]
         status = "OOM " if r["oom"] else "fits"
         if p.peak_bytes is None:
-            print(f"{name:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} | no estimate: {p.reason}")
+            print(f"{r['step']:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} | no estimate: {p.reason}")
             continue
         r["predicted_peak_bytes"], r["predicted_oom"] = p.peak_bytes, p.oom
-        course.append(r)
         phase = (r.get("extra") or {}).get("peak_phase")
-        print(f"{name:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} in {phase} | predicted "
+        print(f"{r['step']:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} in {phase} | predicted "
               f"{fmt_bytes(p.peak_bytes):>10} in {p.peak_phase} ({'OOM' if p.oom else 'fits'}) | "
               f"x{r['peak_bytes'] / p.peak_bytes:.4f} | replayed in {p.seconds:.0f} s")
 else:  # the replica's estimator
     from xcomp_lab.estimate import estimate_step
 
-    for name, step in STEPS.items():
-        if name not in measured:
-            continue
-        r = dict(measured[name])
-        predicted = estimate_step(step, params)
+    for r in course:
+        predicted = estimate_step(step_table[r["step"]], params)
         r["predicted_peak_bytes"], r["predicted_oom"] = predicted.peak_bytes, predicted.oom
-        course.append(r)
         status = "OOM " if r["oom"] else "fits"
-        print(f"{name:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} | predicted "
+        print(f"{r['step']:20s} {status} | measured {fmt_bytes(r['peak_bytes']):>10} | predicted "
               f"{fmt_bytes(r['predicted_peak_bytes']):>10} ({'OOM' if predicted.oom else 'fits'}) | "
               f"x{r['peak_bytes'] / r['predicted_peak_bytes']:.2f}")
 if not course:
@@ -88,8 +87,9 @@ if not course:
           f"in order); the planner below works without them.")
 
 # %% [markdown]
-# How close were the predictions? The largest gap on the steps that fitted, and the verdict on those that did not;
-# then the budget the records were measured under, against the budget the course's card of `budget_gb` gives now.
+# How close were the predictions? The largest gap on the predicted steps that fitted, and the verdict on those that
+# did not; then the budget the records were measured under, against the budget the course's card of `budget_gb` gives
+# now.
 
 # %% tags=["nbval-ignore-output"]
 from xcomp_lab.memory.budget import card_bytes, card_limit_bytes
@@ -97,14 +97,21 @@ from xcomp_lab.memory.budget import card_bytes, card_limit_bytes
 if not params.original_code:  # the replica's parameter count (the original's budget comes from its own rule)
     from xcomp_lab.model.inventory import parameter_count
 
-fitted = [(abs(r["peak_bytes"] / r["predicted_peak_bytes"] - 1), r["step"]) for r in course if not r["oom"]]
-if fitted:
-    worst = max(fitted)
-    print(f"Steps that fitted: {len(fitted)}; the estimator's largest error {worst[0]:.1%} ({worst[1]}).")
+fitted = [r for r in course if not r["oom"]]
+errors = [(abs(r["peak_bytes"] / r["predicted_peak_bytes"] - 1), r["step"]) for r in fitted
+          if r["predicted_peak_bytes"] is not None]
+if course:
+    line = f"Course steps measured: {len(course)}, {len(fitted)} of them fitted"
+    if errors:
+        worst = max(errors)
+        line += (f"; the estimator predicted {len(errors)} of those {len(fitted)}, its largest error {worst[0]:.1%} "
+                 f"({worst[1]})")
+    print(line + ".")
 for r in course:
     if r["oom"]:
-        print(f"{r['step']} ran out of memory; the estimator predicted "
-              f"{'an OOM too' if r['predicted_oom'] else 'that it fits: they disagree'}.")
+        verdict = ("not predicted here" if r["predicted_oom"] is None else
+                   "the estimator predicted " + ("an OOM too" if r["predicted_oom"] else "that it fits: they disagree"))
+        print(f"{r['step']} ran out of memory; {verdict}.")
 if params.original_code:
     from xcomp_lab.course.steps import course_budget
 
@@ -225,7 +232,6 @@ else:
 # %%
 if not params.original_code:  # the planner predicts the replica
     from xcomp_lab.lessons.planner import plan, planner
-    from xcomp_lab.memory.cards import machine_card
     from xcomp_lab.memory.cards import cards_of_class
 
     setting = dict(scale=params.scale, device=params.device, new_tokens=params.max_new_tokens)
@@ -259,6 +265,8 @@ if not params.original_code:  # the planner predicts the replica
                        card=batch_search.card.name)
 
 # %% tags=["nbval-ignore-output"]
+from IPython.display import display
+
 if not params.original_code:  # the planner predicts the replica; display() shows a widget made inside a block
     display(planner(scale=params.scale, device=params.device, card_gb=params.budget_gb))
 
@@ -280,8 +288,9 @@ if "fp32-no-autocast" in by_name and "nf4" in by_name:
     fp32, nf4 = by_name["fp32-no-autocast"], by_name["nf4"]
     print(f"- Weights: FP32 {fmt_bytes(fp32['weights_bytes'])}, NF4 {fmt_bytes(nf4['weights_bytes'])} "
           f"({fp32['weights_bytes'] / nf4['weights_bytes']:.1f}x smaller).")
-if fitted:
-    print(f"- The estimator's largest error on a step that fitted: {worst[0]:.1%} ({worst[1]}).")
+if errors:
+    print(f"- The estimator's largest error on the {len(errors)} predicted step(s) that fitted: {worst[0]:.1%} "
+          f"({worst[1]}).")
 if not params.original_code:
     print(f"- On the {batch_search.card.name}, the planner fits {batch_search.largest}"
           f"{' or more' if batch_search.capped else ''} FP16 image(s) at once; across the 24 GB class the spare memory "
