@@ -14,26 +14,32 @@
 #
 # Each argument is NAME: the matrix tool's arguments (--device cuda and --out are added: $WORK/NAME, with its log
 # $WORK/NAME.log); every run has the DEADLINE_S deadline (seconds, 240 by default). Each build runs in a fresh
-# process whatever runs beside it (the caching allocator is per process). Writes $OUT/$ARCHIVE.tgz (ARCHIVE:
+# process whatever runs beside it (the caching allocator is per process). JOBS_FILE: a file of more such jobs, one
+# per line; PARALLEL: how many jobs run at once (all by default; each holds its model's weights in pinned host memory
+# while it loads, so six 8B builds at once is what a 128 GiB host took). Writes $OUT/$ARCHIVE.tgz (ARCHIVE:
 # plan-matrix by default), split into $OUT/$ARCHIVE.tgz.part-aa, -ab, ... of 15 MB where it is larger.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to (the device machine sets it)}"
-[ $# -gt 0 ] || { echo "usage: $0 'NAME: plan_matrix arguments' ..." >&2; exit 2; }
+joblist=("$@")
+if [ -n "${JOBS_FILE:-}" ]; then
+  while IFS= read -r line; do [ -n "$line" ] && joblist+=("$line"); done < "$JOBS_FILE"
+fi
+[ ${#joblist[@]} -gt 0 ] || { echo "usage: $0 'NAME: plan_matrix arguments' ... (or JOBS_FILE=file)" >&2; exit 2; }
 SITE=${SITE:-/tmp/site} WORK=${WORK:-/tmp/plan-matrix} DEADLINE_S=${DEADLINE_S:-240} ARCHIVE=${ARCHIVE:-plan-matrix}
+PARALLEL=${PARALLEL:-${#joblist[@]}}
 python3 -m pip install -q --no-index --no-deps --target /tmp/plan-site .cache/plan-wheels/*.whl
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=/tmp/plan-site:$SITE:$PWD
 rm -rf "$WORK" && mkdir -p "$WORK"
-pids=()
-for job in "$@"; do
+status=0
+for job in "${joblist[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do wait -n || status=$?; done
   name=${job%%:*} args=${job#*:}
   # shellcheck disable=SC2086  # the job's arguments are words
   python3 -m xcomp_lab.tools.plan_matrix --device cuda --out "$WORK/$name" --deadline-s "$DEADLINE_S" $args \
     > "$WORK/$name.log" 2>&1 &
-  pids+=($!)
 done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || status=$?; done
 tail -n 3 "$WORK"/*.log
 du -sh "$WORK"/*
 tar czf "$OUT/$ARCHIVE.tgz" -C "$WORK" .
