@@ -183,3 +183,26 @@ def test_repeated_calls_are_read_beside_their_plan(tmp_path) -> None:
     lines = plan_any.reserved_repeats(tmp_path, plans).splitlines()
     assert lines[0].startswith("2 calls measured 2 times: 1 reserved the same bytes every time, 1 did not")
     assert len(lines) == 2 and "batch 4" in lines[1] and "(25.0% apart)" in lines[1] and "+0.00%, -20.00%" in lines[1]
+
+
+def test_calls_measured_alone_are_set_beside_the_matrix() -> None:
+    """`reserved_alone`: each call measured alone is paired with the same call in the matrix; the tallies count the
+    calls within 3% and under by more than 1% on each side, and only calls the matrix puts more than 1% off get a
+    line; a call the matrix lacks is left out, and none at all is said so."""
+    def row(batch: int, error: float, measured: int = 1000) -> dict:
+        return {"settings": f"[{batch}]", "preset": "p", "quantization": "nf4", "attn": "sdpa", "batch": batch,
+                "prompt_tokens": 8, "error_reserved": error, "measured_reserved": measured,
+                "measured_allocated": 500, "error_allocated": 0.0, "architecture": "a", "predict_s": 1.0}
+
+    matrix = [row(1, -0.05, 1100), row(2, 0.004), row(4, 0.002)]
+    alone = [row(1, 0.001, 1048), row(2, -0.002), row(8, 0.5)]
+    lines = plan_any.reserved_alone(matrix, alone).splitlines()
+    assert lines[0].startswith("The 2 calls the matrix put furthest from the plan on the reserved peak (|error| 0.40%")
+    assert lines[1] == ("- against the matrix's run: within 3% on 1, under-predicted by more than 1% on 1, largest "
+                        "error -5.00% (p nf4 sdpa batch 1, 8 tokens)")
+    assert lines[2].startswith("- against the call alone:   within 3% on 2, under-predicted by more than 1% on 0")
+    assert "at most 0.000% apart" in lines[3]
+    assert len(lines) == 6 and "batch 1" in lines[4] and "(plan -5.00%)" in lines[4] and "(+0.10%)" in lines[4]
+    assert lines[5].startswith("The matrix's 3 calls with these 2 as measured alone") and "holds" in lines[5]
+    assert plan_any.reserved_alone(matrix, [row(8, 0.5)]).startswith("No call measured alone")
+    assert plan_any.reserved_alone([*matrix, row(8, 0.2)], alone[:2]).startswith("2 calls of the matrix, each")

@@ -265,8 +265,9 @@ else:
 # A planner is only as good as its record against real GPUs. `python -m xcomp_lab.tools.plan_matrix` measured
 # eight architectures that transformers ships (Llama 3 8B, Qwen2.5 7B, Mistral 7B, Gemma 2 9B, Phi-3 mini,
 # Qwen2-VL 7B, LLaVA 1.5 7B, Idefics3 8B) at full size with random weights, in their published dtype, INT8 and
-# NF4, eager and sdpa, batch 1 and 4, two prompt lengths, on an NVIDIA H200, each model loaded in a fresh process
-# (so that a call's reserved memory depends on nothing that ran before); the planner predicted every call on a CPU
+# NF4, eager and sdpa, batch 1 and 4, two prompt lengths, on an NVIDIA H200, each build (model x quantization)
+# loaded in a fresh process and its eight calls made there one after the other, `torch.cuda.empty_cache()` between
+# them (what that does to the reserved peak is read further down); the planner predicted every call on a CPU
 # (`plan.validate`), and `--compare` wrote its figures, and accelerate's `estimate-memory` figure for the same
 # call, beside the measured ones. The committed files are read back here, per architecture and per quantization:
 
@@ -324,13 +325,22 @@ for folder, how in (("int8-layers", "each linear's own count"),
 
 # %% [markdown]
 # What is left on the reserved peak? The caching allocator reserves segments as the blocks it frees and reuses
-# allow, and which of two equal free blocks it picks depends on their addresses, which the driver hands out. One
-# build of the matrix (LLaVA 1.5, unquantized and NF4) was measured twice more, each time in a fresh process on the
-# same GPU; each call's three runs beside the plan, computed:
+# allow, and which of two equal free blocks it picks depends on their addresses, which the driver hands out. A plan
+# is one call after a fresh load. In the matrix a call followed its build's earlier calls, whose segments
+# `empty_cache()` gave back to the driver, and the driver puts new segments into the address ranges freed ones
+# left (the allocator traces show it): where a call's blocks land then depends on the calls before it. So the calls
+# the matrix put furthest from the plan were measured again alone, each in a fresh process that loads the model and
+# makes that one call (`alone/`), and one build (LLaVA 1.5, unquantized and NF4) twice more as in the matrix
+# (`repeats/`). The INT8 calls are planned with each linear's own outlier columns. Computed:
 
 # %%
-from xcomp_lab.lessons.plan_any import reserved_repeats
+from xcomp_lab.lessons.plan_any import reserved_alone, reserved_repeats
 
+calibrated = ([r for r in rows if r["quantization"] != "int8"]
+              + read_jsonl(matrix / "int8-layers" / "compare-int8-largest.jsonl"))
+alone = read_jsonl(matrix / "alone" / "compare.jsonl") + read_jsonl(matrix / "alone" / "compare-int8-largest.jsonl")
+print(reserved_alone(calibrated, alone))
+print(matrix_table(matrix_summary(alone)))
 print(reserved_repeats(matrix, rows))
 
 # %% tags=["nbval-ignore-output"]

@@ -9,7 +9,8 @@
 - `batch_search`: the largest batch that fits, by the planner's own bisection (`plan.inverse.bisect_largest`)
   with every plan it made kept for the chart (`search_chart`).
 - `read_matrix`, `matrix_reading`, `matrix_chart`: the measured validation matrix (`results/plan-matrix-h200`,
-  `tools.plan_matrix`) read back, what it says against issue 17's bars, and its chart; the summary per
+  `tools.plan_matrix`) read back, what it says against issue 17's bars, and its chart; `reserved_repeats` and
+  `reserved_alone`: its calls measured again, in a fresh process as in the matrix and alone; the summary per
   architecture or quantization is `plan.validate`'s (`matrix_summary`, `matrix_table`, `matrix_markdown`,
   `measured_calls`, `bars`), which the notebook imports from there.
 - `plan_chart` and `plan_widget`: one plan's phases as bars against the card, and the planner in ipywidgets.
@@ -36,7 +37,7 @@ from xcomp_lab.plan import Plan, estimate
 from xcomp_lab.plan.estimate import ATTENTIONS, DTYPES, PHASES, QUANTIZATIONS
 from xcomp_lab.plan.inverse import LIMITS, bisect_largest
 from xcomp_lab.plan.presets import get_preset, preset_names
-from xcomp_lab.plan.validate import bars, settings_key
+from xcomp_lab.plan.validate import BARS, UNDER_TOLERANCE, bars, settings_key
 
 SCALES = ("tiny", "full")
 OFF_CHART = 4  # a card more than this many times the tallest bar is named in the title, not drawn
@@ -245,6 +246,55 @@ def reserved_repeats(folder: str | Path, rows: Sequence[dict[str, Any]]) -> str:
                      f"({max(reserved) / min(reserved) - 1:.1%} apart); planned {fmt_bytes(plan)} "
                      f"({', '.join(f'{e:+.2%}' for e in off)})")
     return "\n".join(lines)
+
+
+def reserved_alone(matrix_rows: Sequence[dict[str, Any]], alone_rows: Sequence[dict[str, Any]]) -> str:
+    """The calls measured again alone (`alone_rows`: each in a fresh process that loads the model and makes that one
+    call, the call a plan predicts) beside the same calls in the matrix (`matrix_rows`: each build's calls made one
+    after the other in one process, `empty_cache()` between them): the plan's reserved error against each, how many
+    are within 3% and under-predicted by more than 1%, then one line per call the matrix puts more than 1% off."""
+    in_matrix = {r["settings"]: r for r in matrix_rows if r.get("error_reserved") is not None}
+    pairs = [(in_matrix[r["settings"]], r) for r in alone_rows
+             if r.get("error_reserved") is not None and r["settings"] in in_matrix]
+    if not pairs:
+        return "No call measured alone has a prediction and a matrix measurement to set it beside."
+    n = len(pairs)
+    furthest = sorted(in_matrix.values(), key=lambda r: -abs(r["error_reserved"]))[:n]
+    if {r["settings"] for r in furthest} == {m["settings"] for m, _ in pairs}:
+        smallest = min(abs(m["error_reserved"]) for m, _ in pairs)
+        chosen = (f"The {n} calls the matrix put furthest from the plan on the reserved peak (|error| {smallest:.2%} "
+                  "and more)")
+    else:
+        chosen = f"{n} calls of the matrix"
+
+    def tally(rows: list[dict[str, Any]]) -> str:
+        within = sum(abs(r["error_reserved"]) <= BARS["worst reserved <= 3%"] for r in rows)
+        under = sum(r["error_reserved"] < -UNDER_TOLERANCE for r in rows)
+        worst = max(rows, key=lambda r: abs(r["error_reserved"]))
+        return (f"within 3% on {within}, under-predicted by more than 1% on {under}, largest error "
+                f"{worst['error_reserved']:+.2%} ({_call(worst)})")
+
+    allocated_apart = max(abs(a["measured_allocated"] / m["measured_allocated"] - 1) for m, a in pairs)
+    lines = [f"{chosen}, each measured again alone. The plan's reserved peak:",
+             f"- against the matrix's run: {tally([m for m, _ in pairs])}",
+             f"- against the call alone:   {tally([a for _, a in pairs])}",
+             f"The allocated peaks of the two runs are at most {allocated_apart:.3%} apart. The calls the matrix "
+             f"under-predicts by more than 1%:"]
+    for m, a in sorted(pairs, key=lambda p: p[0]["error_reserved"]):
+        if m["error_reserved"] < -UNDER_TOLERANCE:
+            lines.append(f"- {_call(m)}: reserved {fmt_bytes(m['measured_reserved'])} in the matrix (plan "
+                         f"{m['error_reserved']:+.2%}), {fmt_bytes(a['measured_reserved'])} alone "
+                         f"({a['error_reserved']:+.2%})")
+    measured_alone = {a["settings"] for _, a in pairs}
+    merged = [a for _, a in pairs] + [r for k, r in in_matrix.items() if k not in measured_alone]
+    verdicts = "; ".join(f"{bar}: {'holds' if held else 'does not hold'}" for bar, held in bars(merged).items())
+    lines.append(f"The matrix's {len(merged)} calls with these {n} as measured alone, against issue 17's bars: "
+                 f"{verdicts}.")
+    return "\n".join(lines)
+
+
+def _call(row: dict[str, Any]) -> str:
+    return f"{row['preset']} {row['quantization']} {row['attn']} batch {row['batch']}, {row['prompt_tokens']} tokens"
 
 
 def matrix_chart(rows: Sequence[dict[str, Any]]) -> Figure:
