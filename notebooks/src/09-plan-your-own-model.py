@@ -330,8 +330,9 @@ for folder, how in (("int8-layers", "each linear's own count"),
 # `empty_cache()` gave back to the driver, and the driver puts new segments into the address ranges freed ones
 # left (the allocator traces show it): where a call's blocks land then depends on the calls before it. So the calls
 # the matrix put furthest from the plan were measured again alone, each in a fresh process that loads the model and
-# makes that one call (`alone/`), and one build (LLaVA 1.5, unquantized and NF4) twice more as in the matrix
-# (`repeats/`). The INT8 calls are planned with each linear's own outlier columns. Computed:
+# makes that call (`alone/`; LLaVA's two unquantized calls shared one, the shorter prompt first), and one build
+# (LLaVA 1.5, unquantized and NF4) twice more as in the matrix (`repeats/`). The INT8 calls are planned with each
+# linear's own outlier columns. Computed:
 
 # %%
 from xcomp_lab.lessons.plan_any import reserved_alone, reserved_repeats

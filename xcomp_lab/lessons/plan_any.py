@@ -249,8 +249,8 @@ def reserved_repeats(folder: str | Path, rows: Sequence[dict[str, Any]]) -> str:
 
 
 def reserved_alone(matrix_rows: Sequence[dict[str, Any]], alone_rows: Sequence[dict[str, Any]]) -> str:
-    """The calls measured again alone (`alone_rows`: each in a fresh process that loads the model and makes that one
-    call, the call a plan predicts) beside the same calls in the matrix (`matrix_rows`: each build's calls made one
+    """The calls measured again alone (`alone_rows`: each in a fresh process that loads the model and makes that call,
+    the call a plan predicts; a folder's env.json gives each process's command) beside the same calls in the matrix (`matrix_rows`: each build's calls made one
     after the other in one process, `empty_cache()` between them): the plan's reserved error against each, how many
     are within 3% and under-predicted by more than 1%, then one line per call the matrix puts more than 1% off."""
     in_matrix = {r["settings"]: r for r in matrix_rows if r.get("error_reserved") is not None}
