@@ -10,6 +10,7 @@ import pytest
 from xcomp_lab.course.editions import (
     METADATA_KEY,
     editions,
+    refresh_prose,
     rerun_command,
     source_digest,
     stale_copies,
@@ -30,7 +31,9 @@ def test_the_tiny_copies_were_built_from_the_current_sources():
 @pytest.mark.parametrize("edition", FULL_EDITIONS, ids=lambda p: p.parent.name)
 def test_the_full_scale_copies_were_executed_from_the_current_sources(edition: Path):
     stale = stale_copies(edition, SOURCES)
-    assert not stale, (f"re-execute with `{rerun_command(edition.relative_to(REPO))}`:\n" + "\n".join(map(str, stale)))
+    assert not stale, (f"re-execute with `{rerun_command(edition.relative_to(REPO))}` (where only prose changed, "
+                       f"`python -m xcomp_lab.tools.refresh_prose {edition.relative_to(REPO)}` carries it over):\n"
+                       + "\n".join(map(str, stale)))
 
 
 def test_a_changed_source_makes_its_copy_stale(tmp_path: Path):
@@ -65,3 +68,34 @@ def test_editions_list_the_replicas_and_the_originals(tmp_path: Path):
     nbformat.write(notebook, found[1] / "00-demo.ipynb")
     assert rerun_command(found[1]) == (f"python -m xcomp_lab.tools.course --scale small --device cpu "
                                        f"--model-name-or-path /ckpt --edition {found[1].parent}")
+
+
+def test_a_prose_change_is_carried_into_a_copy_and_a_code_change_is_refused(tmp_path: Path):
+    """`refresh_prose`: a markdown-only change replaces the copy's markdown and moves its stamp (the executed digest
+    kept), leaving code and outputs; a code change, or a copy without a stamp, is refused with the rerun command."""
+    import jupytext
+
+    sources, executed = tmp_path / "src", tmp_path / "full-demo" / "notebooks"
+    sources.mkdir(), executed.mkdir(parents=True)
+    source = sources / "00-demo.py"
+    source.write_text("# %% [markdown]\n# Old prose.\n\n# %%\nprint(1)\n")
+    notebook = jupytext.read(source, fmt="py:percent")
+    notebook.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+    copy = executed / "00-demo.ipynb"
+    nbformat.write(stamp(notebook, source, {"scale": "full", "device": "cuda"}), copy)
+    first = source_digest(source)
+    assert refresh_prose(copy, source) is False
+    source.write_text("# %% [markdown]\n# New prose.\n\n# %%\nprint(1)\n")
+    assert refresh_prose(copy, source) is True and stale_copies(executed, sources) == []
+    refreshed = nbformat.read(copy, as_version=4)
+    assert refreshed.cells[0].source == "New prose." and refreshed.cells[1].outputs[0]["text"] == "1\n"
+    assert refreshed.metadata[METADATA_KEY]["executed_source_sha256"] == first
+    source.write_text("# %% [markdown]\n# New prose.\n\n# %%\nprint(2)\n")
+    with pytest.raises(ValueError, match="code cells \\[1\\].*--scale full --device cuda"):
+        refresh_prose(copy, source)
+    source.write_text("# %%\nprint(1)\n")
+    with pytest.raises(ValueError, match="do not pair"):
+        refresh_prose(copy, source)
+    nbformat.write(nbformat.v4.new_notebook(), copy)
+    with pytest.raises(ValueError, match="records no source digest"):
+        refresh_prose(copy, source)

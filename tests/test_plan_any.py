@@ -204,5 +204,6 @@ def test_calls_measured_alone_are_set_beside_the_matrix() -> None:
     assert "at most 0.000% apart" in lines[3]
     assert len(lines) == 6 and "batch 1" in lines[4] and "(plan -5.00%)" in lines[4] and "(+0.10%)" in lines[4]
     assert lines[5].startswith("The matrix's 3 calls with these 2 as measured alone") and "holds" in lines[5]
+    assert [r["error_reserved"] for r in plan_any.merge_alone(matrix, alone)] == [0.001, -0.002, 0.002]
     assert plan_any.reserved_alone(matrix, [row(8, 0.5)]).startswith("No call measured alone")
     assert plan_any.reserved_alone([*matrix, row(8, 0.2)], alone[:2]).startswith("2 calls of the matrix, each")

@@ -3,7 +3,9 @@
 Every executed notebook (the tiny copies in `notebooks/`, the full-scale GPU copies under `results/full-*/`)
 carries in its metadata the SHA-256 of the jupytext source it was built from (`notebooks/src/NN-name.py`) and
 the parameters it ran with. `stale_copies()` lists the copies whose source has changed since; the test suite
-fails on any, naming the command that regenerates them (`rerun_command`). `editions()` lists the repository's
+fails on any, naming the command that regenerates them (`rerun_command`); a change to the prose alone is carried into
+a copy by `refresh_prose` (`python -m xcomp_lab.tools.refresh_prose`), which keeps its code and outputs and records
+the digest it was executed from. `editions()` lists the repository's
 executed editions: `results/full-*` (the replica at full scale on a GPU) and `results/original-*` (the original
 model's own code: `original-small-cpu` on a CPU, `original-full-h200` on a GPU).
 """
@@ -59,6 +61,42 @@ def stale_copies(folder: Path, sources: Path) -> list[StaleCopy]:
         elif recorded != source_digest(source):
             stale.append(StaleCopy(notebook, source, f"{source.name} changed after it was executed"))
     return stale
+
+
+def refresh_prose(notebook_path: Path, source: Path) -> bool:
+    """Carry a prose-only change of `source` into the executed copy at `notebook_path`: its markdown cells become
+    the source's and its digest the source's; its code cells, outputs and parameters stay, and the digest it was
+    executed from is kept as `executed_source_sha256`. Returns whether anything changed. Raises ValueError where the
+    code cells differ or the cells do not pair one for one (papermill's injected-parameters cell aside): re-execute
+    that copy instead (`rerun_command`)."""
+    import jupytext
+
+    notebook = nbformat.read(notebook_path, as_version=4)
+    recorded = notebook.metadata.get(METADATA_KEY, {})
+    if recorded.get("source_sha256") is None:
+        raise ValueError(f"{notebook_path} records no source digest, so what it ran from is unknown: re-execute it "
+                         f"with `{rerun_command(Path(notebook_path).parent)}`.")
+    if recorded["source_sha256"] == source_digest(source):
+        return False
+    executed = [c for c in notebook.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    current = jupytext.read(source, fmt="py:percent").cells
+    kinds = ([c.cell_type for c in executed], [c.cell_type for c in current])
+    if kinds[0] != kinds[1]:
+        raise ValueError(f"{notebook_path}: its {len(executed)} cells do not pair with the {len(current)} of {source} "
+                         f"(a cell was added, removed or changed kind): re-execute it with "
+                         f"`{rerun_command(Path(notebook_path).parent)}`.")
+    changed_code = [i for i, (a, b) in enumerate(zip(executed, current)) if a.cell_type == "code" and a.source != b.source]
+    if changed_code:
+        raise ValueError(f"{notebook_path}: code cells {changed_code} (counted from 0, markdown included) differ from "
+                         f"{source}; only prose can be carried over: re-execute it with "
+                         f"`{rerun_command(Path(notebook_path).parent)}`.")
+    for cell, new in zip(executed, current):
+        if cell.cell_type == "markdown":
+            cell.source = new.source
+    recorded.setdefault("executed_source_sha256", recorded.get("source_sha256"))
+    recorded["source_sha256"] = source_digest(source)
+    nbformat.write(notebook, notebook_path)
+    return True
 
 
 def editions(results: Path) -> list[Path]:

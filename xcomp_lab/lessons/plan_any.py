@@ -10,7 +10,8 @@
   with every plan it made kept for the chart (`search_chart`).
 - `read_matrix`, `matrix_reading`, `matrix_chart`: the measured validation matrix (`results/plan-matrix-h200`,
   `tools.plan_matrix`) read back, what it says against issue 17's bars, and its chart; `reserved_repeats` and
-  `reserved_alone`: its calls measured again, in a fresh process as in the matrix and alone; the summary per
+  `reserved_alone`: its calls measured again, in a fresh process as in the matrix and alone (`merge_alone`: the
+  matrix with those in place of its rows); the summary per
   architecture or quantization is `plan.validate`'s (`matrix_summary`, `matrix_table`, `matrix_markdown`,
   `measured_calls`, `bars`), which the notebook imports from there.
 - `plan_chart` and `plan_widget`: one plan's phases as bars against the card, and the planner in ipywidgets.
@@ -285,12 +286,17 @@ def reserved_alone(matrix_rows: Sequence[dict[str, Any]], alone_rows: Sequence[d
             lines.append(f"- {_call(m)}: reserved {fmt_bytes(m['measured_reserved'])} in the matrix (plan "
                          f"{m['error_reserved']:+.2%}), {fmt_bytes(a['measured_reserved'])} alone "
                          f"({a['error_reserved']:+.2%})")
-    measured_alone = {a["settings"] for _, a in pairs}
-    merged = [a for _, a in pairs] + [r for k, r in in_matrix.items() if k not in measured_alone]
+    merged = merge_alone(list(in_matrix.values()), [a for _, a in pairs])
     verdicts = "; ".join(f"{bar}: {'holds' if held else 'does not hold'}" for bar, held in bars(merged).items())
     lines.append(f"The matrix's {len(merged)} calls with these {n} as measured alone, against issue 17's bars: "
                  f"{verdicts}.")
     return "\n".join(lines)
+
+
+def merge_alone(matrix_rows: Sequence[dict[str, Any]], alone_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The matrix's rows with each call measured alone (`alone_rows`, the same settings) in place of its own row."""
+    alone = {r["settings"]: r for r in alone_rows}
+    return [alone.get(r["settings"], r) for r in matrix_rows]
 
 
 def _call(row: dict[str, Any]) -> str:
