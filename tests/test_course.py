@@ -64,12 +64,23 @@ def test_weight_footprints_order_as_the_dtypes_predict(default_run):
         (dict(results_path="/proc/x.jsonl"), r"results_path='/proc/x.jsonl' cannot be written"),
     ],
 )
-def test_bad_parameters_fail_in_the_first_cell_with_a_clear_message(tmp_path: Path, parameters, words):
+def test_bad_parameters_fail_in_start_with_a_clear_message(parameters, words):
+    """Every notebook's first cell passes its parameters to `start()`, which checks them before anything runs."""
+    from xcomp_lab.course.notebook import start
+
+    with pytest.raises(ValueError, match=words):
+        start(**parameters)
+
+
+def test_a_bad_parameter_fails_the_notebooks_first_cell(tmp_path: Path):
+    """The same check seen through papermill: the run stops in the first cell with `start()`'s message (one case;
+    the others are checked on `start()` itself above, without a kernel each)."""
     first = notebooks()[0]
-    with pytest.raises(papermill.PapermillExecutionError, match=words):
-        papermill.execute_notebook(
-            str(first), str(tmp_path / first.name), parameters=parameters, cwd=str(first.parent), progress_bar=False
-        )
+    with pytest.raises(papermill.PapermillExecutionError, match="Unknown scale 'huge'") as failure:
+        papermill.execute_notebook(str(first), str(tmp_path / first.name), parameters=dict(scale="huge"),
+                                   cwd=str(first.parent), progress_bar=False)
+    # executed third, after the parameters and papermill's injected parameters: the first cell of the lesson
+    assert failure.value.exec_count == 3 and "params = start(" in failure.value.source
 
 
 def test_quantized_footprints_match_the_analytic_bytes(default_run):
