@@ -242,8 +242,7 @@ def reserved_repeats(folder: str | Path, rows: Sequence[dict[str, Any]]) -> str:
         off = [plan / b - 1 for b in reserved]
         if len(set(reserved)) == 1 and abs(off[0]) <= 0.01:
             continue
-        lines.append(f"- {r['preset']} {r['quantization']} {r['attn']} batch {r['batch']}, {r['prompt_tokens']} "
-                     f"tokens: reserved {' / '.join(fmt_bytes(b) for b in reserved)} "
+        lines.append(f"- {_call(r)}: reserved {' / '.join(fmt_bytes(b) for b in reserved)} "
                      f"({max(reserved) / min(reserved) - 1:.1%} apart); planned {fmt_bytes(plan)} "
                      f"({', '.join(f'{e:+.2%}' for e in off)})")
     return "\n".join(lines)
@@ -251,9 +250,11 @@ def reserved_repeats(folder: str | Path, rows: Sequence[dict[str, Any]]) -> str:
 
 def reserved_alone(matrix_rows: Sequence[dict[str, Any]], alone_rows: Sequence[dict[str, Any]]) -> str:
     """The calls measured again alone (`alone_rows`: each in a fresh process that loads the model and makes that call,
-    the call a plan predicts; a folder's env.json gives each process's command) beside the same calls in the matrix (`matrix_rows`: each build's calls made one
-    after the other in one process, `empty_cache()` between them): the plan's reserved error against each, how many
-    are within 3% and under-predicted by more than 1%, then one line per call the matrix puts more than 1% off."""
+    the call a plan predicts; a folder's env.json gives each process's command) beside the same calls in the matrix
+    (`matrix_rows`: each build's calls made one after the other in one process, `empty_cache()` between them): the
+    plan's reserved error against each, how many are within 3% and under-predicted by more than 1%, one line per call
+    the matrix under-predicts by more than 1%, and issue 17's bars over the matrix with these calls as measured
+    alone (`merge_alone`)."""
     in_matrix = {r["settings"]: r for r in matrix_rows if r.get("error_reserved") is not None}
     pairs = [(in_matrix[r["settings"]], r) for r in alone_rows
              if r.get("error_reserved") is not None and r["settings"] in in_matrix]

@@ -29,12 +29,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{folder} is not a folder; give an edition's notebooks/ folder, e.g. results/full-h200/notebooks")
         for stale in stale_copies(folder, args.sources):
             try:
-                refreshed = refresh_prose(stale.notebook, stale.source)
+                refresh_prose(stale.notebook, stale.source)
             except (ValueError, FileNotFoundError) as error:
                 print(f"not refreshed: {error}")
                 status = 1
-                continue
-            print(f"{'refreshed' if refreshed else 'unchanged'}: {stale.notebook} (prose of {stale.source.name})")
+            else:
+                print(f"refreshed: {stale.notebook} (prose of {stale.source.name})")
     return status
 
 
